@@ -1,0 +1,249 @@
+"""Command line: argument parsing, exit codes and one-line errors; the work lives elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import date
+from typing import Any, NoReturn, TextIO
+from urllib.parse import urlsplit
+
+from aggregator import __version__, storage
+from aggregator.config import ConfigError, Settings, load_settings, read_environment
+from aggregator.dates import DateError, parse_day, resolve_window, today_in
+from aggregator.logs import configure_logging
+from aggregator.pipeline import ALL_SOURCES, RunOutcome, RunRequest, UsageError, run_job
+
+EXIT_OK, EXIT_PARTIAL, EXIT_UNUSABLE = 0, 1, 2
+COMMANDS = ("run", "migrate")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit 2, as the contract asks."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_UNUSABLE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="aggregator",
+        description=(
+            "Fetch daily Matomo visits and Google Search Console performance for every active, "
+            "deployed site and upsert one row per site per day into daily_analytics."
+        ),
+        epilog=(
+            "Configuration comes from the environment or a .env file: DATABASE_URL, MATOMO_URL, "
+            "MATOMO_TOKEN, GOOGLE_CLIENT_ID, GOOGLE_CLIENT_SECRET (see README). Exit status: "
+            "0 all stored, 1 partial (some site, source or account failed), 2 nothing could run."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"aggregator {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = commands.add_parser(
+        "run",
+        help="fetch and upsert a window of days (the default command)",
+        description="Fetch and upsert a window of days. With no dates: the last --lookback "
+        "full days ending yesterday, reaching back further for GSC days still provisional.",
+    )
+    when = run.add_argument_group("window (default: --lookback 4)")
+    when.add_argument("--from", dest="date_from", metavar="YYYY-MM-DD", help="first day")
+    when.add_argument("--to", dest="date_to", metavar="YYYY-MM-DD", help="last day (inclusive)")
+    when.add_argument("--date", metavar="YYYY-MM-DD", help="a single day")
+    when.add_argument(
+        "--lookback",
+        type=int,
+        metavar="N",
+        help="the last N full days ending yesterday in AGGREGATOR_TIMEZONE (default 4)",
+    )
+    run.add_argument(
+        "--site",
+        dest="sites",
+        action="append",
+        default=[],
+        metavar="DOMAIN",
+        help="only this site (repeatable)",
+    )
+    run.add_argument(
+        "--source",
+        dest="sources",
+        action="append",
+        choices=ALL_SOURCES,
+        default=[],
+        help="only this source (repeatable; default: both)",
+    )
+    run.add_argument(
+        "--dry-run", action="store_true", help="fetch and print the rows; write nothing"
+    )
+    run.add_argument(
+        "--gsc-final-only",
+        action="store_true",
+        help="ask Search Console for final data only (no provisional days)",
+    )
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    migrate = commands.add_parser(
+        "migrate", help="apply sql/ migrations to DATABASE_URL (idempotent)"
+    )
+    migrate.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def _with_default_command(argv: Sequence[str]) -> list[str]:
+    """`aggregator --lookback 2` means `aggregator run --lookback 2`: cron lines stay short."""
+    args = list(argv)
+    if not args or (args[0].startswith("-") and args[0] not in ("-h", "--help", "--version")):
+        return ["run", *args]
+    return args
+
+
+def _secrets_of(settings: Settings) -> list[str]:
+    secrets = [s.reveal() for s in settings.gsc_refresh_tokens.values()]
+    for secret in (settings.matomo_token, settings.google_client_secret):
+        if secret is not None:
+            secrets.append(secret.reveal())
+    if settings.database_url is not None:
+        password = urlsplit(settings.database_url.reveal()).password
+        if password:
+            secrets.append(password)
+    return secrets
+
+
+def _fail(message: str, stream: TextIO) -> int:
+    print(f"aggregator: error: {message}", file=stream)
+    return EXIT_UNUSABLE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(_with_default_command(sys.argv[1:] if argv is None else argv))
+    try:
+        settings = load_settings(read_environment())
+    except ConfigError as exc:
+        return _fail(str(exc), sys.stderr)
+    configure_logging(secrets=_secrets_of(settings), verbose=getattr(args, "verbose", False))
+    handlers: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
+        "run": _run_command,
+        "migrate": _migrate_command,
+    }
+    try:
+        return handlers[args.command](args, settings)
+    except (ConfigError, DateError, UsageError, storage.StorageError) as exc:
+        return _fail(str(exc), sys.stderr)
+
+
+def _run_async(coro_factory: Callable[[asyncio.Event], Coroutine[Any, Any, int]]) -> int:
+    """Run with SIGTERM/SIGINT turned into a graceful stop: fetching ends, fetched data is kept."""
+
+    async def runner() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await coro_factory(stop)
+
+    return asyncio.run(runner())
+
+
+def _run_command(args: argparse.Namespace, settings: Settings) -> int:
+    def day(value: str | None, flag: str) -> date | None:
+        return parse_day(value, flag) if value is not None else None
+
+    window = resolve_window(
+        today_in(settings.timezone),
+        start=day(args.date_from, "--from"),
+        end=day(args.date_to, "--to"),
+        day=day(args.date, "--date"),
+        lookback=args.lookback,
+    )
+    request = RunRequest(
+        window=window,
+        sources=tuple(dict.fromkeys(args.sources)) or ALL_SOURCES,
+        domains=tuple(args.sites),
+        dry_run=args.dry_run,
+        final_only=args.gsc_final_only,
+    )
+    settings.require_database()
+    outcome = _run_async(lambda stop: run_job(settings, request, stop=stop))
+    if request.dry_run:
+        print_rows(outcome, sys.stdout)
+    print_summary(outcome, sys.stdout)
+    return outcome.exit_code
+
+
+def print_rows(outcome: RunOutcome, out: TextIO) -> None:
+    """The rows a dry run would write; '-' marks a source whose columns would be left alone."""
+    header = (
+        "site",
+        "date",
+        "visits",
+        "actions",
+        "clicks",
+        "impressions",
+        "ctr",
+        "position",
+        "final",
+    )
+    lines = [header]
+    for row in sorted(outcome.rows, key=lambda r: (outcome.sites.get(r.site_id, ""), r.day)):
+        visits, actions = row.matomo or ("-", "-")
+        clicks, impressions, ctr, position, final = row.gsc or ("-",) * 5
+        lines.append(
+            (
+                outcome.sites.get(row.site_id, str(row.site_id)),
+                row.day.isoformat(),
+                str(visits),
+                str(actions),
+                str(clicks),
+                str(impressions),
+                _number(ctr, 4),
+                _number(position, 1),
+                {True: "yes", False: "no"}.get(final, "-") if row.gsc else "-",
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)), file=out
+        )
+
+
+def _number(value: object, digits: int) -> str:
+    return (
+        f"{value:.{digits}f}" if isinstance(value, float) else str("-" if value is None else value)
+    )
+
+
+def print_summary(outcome: RunOutcome, out: TextIO) -> None:
+    verb = "would write" if not outcome.rows_upserted and outcome.rows else "stored"
+    count = outcome.rows_upserted or len(outcome.rows)
+    windows = ", ".join(f"{name} {a}..{b}" for name, (a, b) in outcome.windows.items()) or "none"
+    print(
+        f"{outcome.status}: {outcome.sites_total} sites, {verb} {count} rows, "
+        f"{len(outcome.errors)} errors in {outcome.seconds:.1f}s ({windows})",
+        file=out,
+    )
+    for error in outcome.errors:
+        print(f"  {error.source:<8} {error.site}: {error.error}", file=out)
+
+
+def _migrate_command(args: argparse.Namespace, settings: Settings) -> int:
+    async def migrate(_stop: asyncio.Event) -> int:
+        pool = await storage.connect(settings.database_url)
+        try:
+            async with pool.acquire() as conn:
+                applied = await storage.apply_migrations(conn)
+        finally:
+            await pool.close()
+        where = storage.describe_dsn(settings.database_url.reveal())
+        if applied:
+            print(f"applied {', '.join(applied)} to {where}")
+        else:
+            print(f"schema of {where} is up to date")
+        return EXIT_OK
+
+    settings.require_database()
+    return _run_async(migrate)

@@ -1,0 +1,75 @@
+"""The run's date window: pure functions over `today`, so every edge case is testable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+DEFAULT_LOOKBACK_DAYS = 4
+
+
+class DateError(ValueError):
+    """The requested window is not valid; the message says what to change."""
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """An inclusive range of calendar days. `explicit` is False for the default lookback."""
+
+    start: date
+    end: date
+    explicit: bool = True
+
+    def days(self) -> list[date]:
+        return [self.start + timedelta(days=n) for n in range((self.end - self.start).days + 1)]
+
+    def __len__(self) -> int:
+        return (self.end - self.start).days + 1
+
+
+def parse_day(text: str, flag: str) -> date:
+    """Parse a strict YYYY-MM-DD (no times, no week dates) for the CLI flag named `flag`."""
+    try:
+        if len(text) != 10:
+            raise ValueError
+        return date.fromisoformat(text)
+    except ValueError:
+        raise DateError(f"{flag} {text!r} is not a date: use YYYY-MM-DD") from None
+
+
+def today_in(zone: ZoneInfo, now: datetime | None = None) -> date:
+    """Today's date in `zone`: 'yesterday' is a local notion, not a UTC one."""
+    return (now or datetime.now(tz=zone)).astimezone(zone).date()
+
+
+def resolve_window(
+    today: date,
+    *,
+    start: date | None = None,
+    end: date | None = None,
+    day: date | None = None,
+    lookback: int | None = None,
+) -> Window:
+    """Turn --from/--to, --date or --lookback into a window, or explain why it is invalid."""
+    if day is not None and (start is not None or end is not None):
+        raise DateError("--date cannot be combined with --from/--to")
+    if lookback is not None and (day is not None or start is not None or end is not None):
+        raise DateError("--lookback cannot be combined with --date or --from/--to")
+    if day is not None:
+        start = end = day
+    if end is not None and start is None:
+        raise DateError("--to needs --from")
+    if start is not None:
+        latest = max(start, end or start)
+        if latest > today:
+            raise DateError(f"{latest} is in the future (today is {today}): no data exists yet")
+        end = end or today - timedelta(days=1)
+        if start > end:
+            raise DateError(f"--from {start} is after --to {end}")
+        return Window(start, end, explicit=True)
+    days = DEFAULT_LOOKBACK_DAYS if lookback is None else lookback
+    if days < 1:
+        raise DateError(f"--lookback must be at least 1, got {days}")
+    yesterday = today - timedelta(days=1)
+    return Window(yesterday - timedelta(days=days - 1), yesterday, explicit=False)

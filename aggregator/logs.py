@@ -1,0 +1,59 @@
+"""Logging: JSON lines under cron, readable lines in a terminal, secrets masked in both."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable
+from typing import Any, TextIO
+
+import structlog
+
+
+def _masking_processor(secrets: Iterable[str]):
+    """Replace any known secret value found in a string field with ***.
+
+    Sources never log secrets on purpose; this is the net under them, so that an exception text
+    echoing a URL or a request body cannot leak a token into cron mail or a log store.
+    """
+    values = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
+
+    def mask(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+        if not values:
+            return event
+        for key, value in event.items():
+            if isinstance(value, str):
+                for secret in values:
+                    if secret in value:
+                        value = value.replace(secret, "***")
+                event[key] = value
+        return event
+
+    return mask
+
+
+def configure_logging(
+    *, secrets: Iterable[str] = (), stream: TextIO | None = None, verbose: bool = False
+) -> None:
+    stream = stream or sys.stderr
+    as_json = not stream.isatty()
+    renderer = (
+        structlog.processors.JSONRenderer()
+        if as_json
+        else structlog.dev.ConsoleRenderer(colors=True)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            _masking_processor(secrets),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.DEBUG if verbose else logging.INFO
+        ),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,79 @@
+"""The records that flow from sources to the pipeline and into storage.
+
+Sources are plain async generators that yield these records; the pipeline owns joining them per
+(site, day), retries at the run level, and loading. Keeping them as small frozen dataclasses lets
+every source be tested without a database.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    """A monitored site as read from `sites` (already filtered to active and deployed)."""
+
+    id: int
+    domain: str
+    matomo_site_id: int | None = None
+    gsc_account_id: int | None = None
+    gsc_property: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GscAccount:
+    """A Google account from `gsc_accounts`; `refresh_token` already resolved from env or table."""
+
+    id: int
+    email: str
+    refresh_token: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class MatomoDay:
+    """One site's Matomo numbers for one day (site timezone). An empty day is 0 and 0."""
+
+    site_id: int
+    day: date
+    visits: int
+    actions: int
+
+
+@dataclass(frozen=True, slots=True)
+class GscDay:
+    """One site's Search Console numbers for one Pacific-time day.
+
+    `final` is False for days on or after the answer's firstIncompleteDate. A final day without
+    a row in Google's answer is yielded with clicks=impressions=0 and ctr/position None.
+    """
+
+    site_id: int
+    day: date
+    clicks: int
+    impressions: int
+    ctr: float | None
+    position: float | None
+    final: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SiteError:
+    """A per-site failure of one source. `error` must be safe to store: no secret, no token."""
+
+    site: str
+    source: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class AccountRefresh:
+    """Outcome of refreshing one Google account's token, written to gsc_accounts."""
+
+    account_id: int
+    at: datetime
+    error: str | None = None
+
+
+SourceRecord = MatomoDay | GscDay | SiteError | AccountRefresh

@@ -1,0 +1,311 @@
+"""Postgres access: connecting (Supabase poolers included), schema checks, reads and the upsert.
+
+All SQL lives here. Statements are plain (no server-side prepared statements are relied on)
+because Supabase's transaction pooler on port 6543 hands each transaction to a different backend.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from aggregator.config import Secret
+from aggregator.model import AccountRefresh, GscAccount, Site, SiteError
+
+REQUIRED_TABLES = ("gsc_accounts", "sites", "daily_analytics", "aggregator_runs")
+MIGRATIONS_TABLE = "aggregator_schema_migrations"
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+
+
+class StorageError(Exception):
+    """The database cannot be used; the message says what to fix and never holds the password."""
+
+
+@dataclass(slots=True)
+class DailyRow:
+    """One (site, day) row as staged for the upsert. None for a source means: leave it alone."""
+
+    site_id: int
+    day: date
+    matomo: tuple[int, int] | None = None
+    gsc: tuple[int, int, float | None, float | None, bool] | None = None
+
+
+def describe_dsn(dsn: str) -> str:
+    """host:port/database of a DSN, for error messages (never the user info or query)."""
+    parts = urlsplit(dsn)
+    host = parts.hostname or "local socket"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{host}{port}{parts.path or ''}"
+
+
+async def connect(database_url: Secret, *, connect_timeout: float = 10.0) -> asyncpg.Pool:
+    """Open a small pool, turning every connection failure into one clear StorageError.
+
+    statement_cache_size=0 keeps asyncpg on unnamed statements, which is what PgBouncer and
+    Supavisor in transaction mode need; for this job's handful of statements the cost is nil.
+    """
+    dsn = database_url.reveal()
+    where = describe_dsn(dsn)
+    try:
+        return await asyncpg.create_pool(
+            dsn, min_size=1, max_size=4, statement_cache_size=0, timeout=connect_timeout
+        )
+    except asyncpg.InvalidPasswordError:
+        raise StorageError(
+            f"database at {where} rejected the user name or password in DATABASE_URL"
+        ) from None
+    except asyncpg.InvalidCatalogNameError:
+        raise StorageError(f"database at {where} does not exist: check DATABASE_URL") from None
+    except TimeoutError:
+        raise StorageError(
+            f"database at {where} did not answer within {connect_timeout:.0f}s"
+        ) from None
+    except socket.gaierror:
+        raise StorageError(f"database host in DATABASE_URL ({where}) cannot be resolved") from None
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        reason = _scrub(str(exc) or type(exc).__name__, dsn)
+        raise StorageError(f"cannot connect to database at {where}: {reason}") from None
+
+
+def _scrub(text: str, dsn: str) -> str:
+    password = urlsplit(dsn).password
+    return text.replace(password, "***") if password else text
+
+
+async def missing_tables(conn: asyncpg.Connection) -> list[str]:
+    rows = await conn.fetch(
+        "select t.name from unnest($1::text[]) as t(name) where to_regclass(t.name) is null",
+        list(REQUIRED_TABLES),
+    )
+    return [row["name"] for row in rows]
+
+
+async def require_schema(conn: asyncpg.Connection) -> None:
+    missing = await missing_tables(conn)
+    if missing:
+        raise StorageError(f"database has no table {missing[0]}: run `aggregator migrate`")
+
+
+def migration_files(sql_dir: Path = SQL_DIR) -> list[Path]:
+    files = sorted(sql_dir.glob("[0-9]*.sql"))
+    if not files:
+        raise StorageError(f"no migrations found in {sql_dir}")
+    return files
+
+
+async def apply_migrations(conn: asyncpg.Connection, sql_dir: Path = SQL_DIR) -> list[str]:
+    """Apply sql/NNN_*.sql not yet recorded, each in its own transaction; return their names.
+
+    A transaction-level advisory lock keeps two concurrent `migrate` calls from racing; it
+    works through transaction poolers too, unlike a session lock.
+    """
+    applied_now: list[str] = []
+    for path in migration_files(sql_dir):
+        async with conn.transaction():
+            await conn.execute("select pg_advisory_xact_lock(hashtext('aggregator.migrate'))")
+            await conn.execute(
+                f"create table if not exists {MIGRATIONS_TABLE} ("
+                "version text primary key, applied_at timestamptz not null default now())"
+            )
+            done = await conn.fetchval(
+                f"select 1 from {MIGRATIONS_TABLE} where version = $1", path.stem
+            )
+            if done:
+                continue
+            await conn.execute(path.read_text(encoding="utf-8"))
+            await conn.execute(f"insert into {MIGRATIONS_TABLE} (version) values ($1)", path.stem)
+            applied_now.append(path.stem)
+    return applied_now
+
+
+async def load_sites(conn: asyncpg.Connection, domains: Sequence[str] = ()) -> list[Site]:
+    """Monitored sites (active and deployed), optionally only those named (case-insensitive)."""
+    rows = await conn.fetch(
+        """
+        select id, domain, matomo_site_id, gsc_account_id, gsc_property
+        from sites
+        where is_active and deployed_at is not null
+          and (cardinality($1::text[]) = 0
+               or lower(rtrim(domain, '.')) = any($1::text[]))
+        order by id
+        """,
+        [normalize_domain(d) for d in domains],
+    )
+    return [
+        Site(
+            id=row["id"],
+            domain=row["domain"],
+            matomo_site_id=row["matomo_site_id"],
+            gsc_account_id=row["gsc_account_id"],
+            gsc_property=row["gsc_property"],
+        )
+        for row in rows
+    ]
+
+
+def normalize_domain(domain: str) -> str:
+    return domain.strip().lower().rstrip(".")
+
+
+async def load_active_accounts(
+    conn: asyncpg.Connection, token_overrides: Mapping[int, Secret]
+) -> dict[int, GscAccount]:
+    """Active Google accounts; GSC_REFRESH_TOKEN_<id> from the environment wins over the table."""
+    rows = await conn.fetch(
+        "select id, email, refresh_token from gsc_accounts where is_active order by id"
+    )
+    accounts = {}
+    for row in rows:
+        override = token_overrides.get(row["id"])
+        token = override.reveal() if override else row["refresh_token"]
+        accounts[row["id"]] = GscAccount(id=row["id"], email=row["email"], refresh_token=token)
+    return accounts
+
+
+async def oldest_provisional_gsc_day(
+    conn: asyncpg.Connection, site_ids: Sequence[int]
+) -> date | None:
+    """The oldest day still stored as provisional, so the default window can heal it."""
+    return await conn.fetchval(
+        "select min(date) from daily_analytics where gsc_final = false and site_id = any($1)",
+        list(site_ids),
+    )
+
+
+_STAGE_COLUMNS = (
+    "site_id",
+    "date",
+    "has_matomo",
+    "matomo_visits",
+    "matomo_actions",
+    "has_gsc",
+    "gsc_clicks",
+    "gsc_impressions",
+    "gsc_ctr",
+    "gsc_position",
+    "gsc_final",
+)
+
+# Only rows whose values change are touched, so a re-run leaves rows (timestamps included)
+# exactly as they were. A provisional answer never replaces numbers already stored as final.
+_UPSERT_MATOMO = """
+insert into daily_analytics as d (site_id, date, matomo_visits, matomo_actions, matomo_updated_at)
+select site_id, date, matomo_visits, matomo_actions, now() from aggregator_stage where has_matomo
+on conflict (site_id, date) do update
+set matomo_visits = excluded.matomo_visits,
+    matomo_actions = excluded.matomo_actions,
+    matomo_updated_at = excluded.matomo_updated_at
+where (d.matomo_visits, d.matomo_actions)
+      is distinct from (excluded.matomo_visits, excluded.matomo_actions)
+"""
+
+_UPSERT_GSC = """
+insert into daily_analytics as d
+    (site_id, date, gsc_clicks, gsc_impressions, gsc_ctr, gsc_position, gsc_final, gsc_updated_at)
+select site_id, date, gsc_clicks, gsc_impressions, gsc_ctr, gsc_position, gsc_final, now()
+from aggregator_stage where has_gsc
+on conflict (site_id, date) do update
+set gsc_clicks = excluded.gsc_clicks,
+    gsc_impressions = excluded.gsc_impressions,
+    gsc_ctr = excluded.gsc_ctr,
+    gsc_position = excluded.gsc_position,
+    gsc_final = excluded.gsc_final,
+    gsc_updated_at = excluded.gsc_updated_at
+where (d.gsc_clicks, d.gsc_impressions, d.gsc_ctr, d.gsc_position, d.gsc_final)
+      is distinct from
+      (excluded.gsc_clicks, excluded.gsc_impressions, excluded.gsc_ctr, excluded.gsc_position,
+       excluded.gsc_final)
+  and not (d.gsc_final is true and excluded.gsc_final is false)
+"""
+
+
+def _stage_record(row: DailyRow) -> tuple:
+    matomo = row.matomo or (None, None)
+    gsc = row.gsc or (None, None, None, None, None)
+    return (row.site_id, row.day, row.matomo is not None, *matomo, row.gsc is not None, *gsc)
+
+
+async def upsert_daily_rows(conn: asyncpg.Connection, rows: Iterable[DailyRow]) -> int:
+    """Bulk-upsert rows in one transaction: binary COPY into a staging table, then two
+    INSERT ... ON CONFLICT statements, one per source, so each source writes only its columns.
+
+    Returns the number of (site, day) rows sent. Keys must be unique (the caller joins per key).
+    """
+    records = [_stage_record(row) for row in rows]
+    if not records:
+        return 0
+    async with conn.transaction():
+        await conn.execute(
+            """
+            create temporary table aggregator_stage (
+                site_id bigint, date date,
+                has_matomo boolean, matomo_visits integer, matomo_actions integer,
+                has_gsc boolean, gsc_clicks integer, gsc_impressions bigint,
+                gsc_ctr double precision, gsc_position double precision, gsc_final boolean
+            ) on commit drop
+            """
+        )
+        await conn.copy_records_to_table(
+            "aggregator_stage", records=records, columns=_STAGE_COLUMNS
+        )
+        await conn.execute(_UPSERT_MATOMO)
+        await conn.execute(_UPSERT_GSC)
+    return len(records)
+
+
+async def record_account_refreshes(
+    conn: asyncpg.Connection, refreshes: Sequence[AccountRefresh]
+) -> None:
+    """A success sets last_refresh_at and clears last_error; a failure records only the error."""
+    if not refreshes:
+        return
+    await conn.executemany(
+        """
+        update gsc_accounts
+        set last_refresh_at = case when $3::text is null then $2 else last_refresh_at end,
+            last_error = $3
+        where id = $1
+        """,
+        [(r.account_id, r.at, r.error) for r in refreshes],
+    )
+
+
+async def start_run(conn: asyncpg.Connection, start: date, end: date, sites_total: int) -> int:
+    return await conn.fetchval(
+        "insert into aggregator_runs (date_from, date_to, status, sites_total)"
+        " values ($1, $2, 'running', $3) returning id",
+        start,
+        end,
+        sites_total,
+    )
+
+
+async def finish_run(
+    conn: asyncpg.Connection,
+    run_id: int,
+    *,
+    status: str,
+    rows_upserted: int,
+    errors: Sequence[SiteError],
+    finished_at: datetime | None = None,
+) -> None:
+    await conn.execute(
+        """
+        update aggregator_runs
+        set finished_at = coalesce($2, now()), status = $3, rows_upserted = $4, errors = $5::jsonb
+        where id = $1
+        """,
+        run_id,
+        finished_at,
+        status,
+        rows_upserted,
+        json.dumps([{"site": e.site, "source": e.source, "error": e.error} for e in errors]),
+    )

@@ -1,0 +1,89 @@
+"""Real PostgreSQL for every test: DATABASE_URL if set, else the local server on
+127.0.0.1:5432, else an embedded server started for the session. Each test gets its own schema
+(selected through the DSN's search_path) so tests never see each other's rows."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from aggregator import storage
+from aggregator.local_postgres import embedded_postgres
+
+LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+async def _reachable(dsn: str) -> bool:
+    try:
+        conn = await asyncpg.connect(dsn, timeout=3)
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return False
+    await conn.close()
+    return True
+
+
+def with_search_path(dsn: str, schema: str) -> str:
+    parts = urlsplit(dsn)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "search_path"]
+    query.append(("search_path", schema))
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+@pytest.fixture(scope="session")
+def server_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    configured = os.environ.get("DATABASE_URL")
+    if configured:
+        yield configured
+        return
+    if asyncio.run(_reachable(LOCAL_SERVER)):
+        yield LOCAL_SERVER
+        return
+    with embedded_postgres(Path(tmp_path_factory.mktemp("pg")) / "data") as dsn:
+        yield dsn
+
+
+@contextlib.asynccontextmanager
+async def fresh_schema(server_dsn: str) -> AsyncIterator[str]:
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        await admin.execute(f"create schema {schema}")
+        yield with_search_path(server_dsn, schema)
+    finally:
+        await admin.execute(f"drop schema if exists {schema} cascade")
+        await admin.close()
+
+
+@pytest.fixture
+async def empty_db(server_dsn: str) -> AsyncIterator[str]:
+    """A DSN whose search_path is a new, empty schema."""
+    async with fresh_schema(server_dsn) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+async def db(empty_db: str) -> AsyncIterator[str]:
+    """A DSN for a new schema with the migrations applied."""
+    conn = await asyncpg.connect(empty_db)
+    try:
+        await storage.apply_migrations(conn)
+    finally:
+        await conn.close()
+    yield empty_db
+
+
+@pytest.fixture
+async def conn(db: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(db)
+    try:
+        yield connection
+    finally:
+        await connection.close()

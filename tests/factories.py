@@ -1,0 +1,48 @@
+"""Rows for tests: the smallest inserts that make a site or an account monitored."""
+
+from __future__ import annotations
+
+import asyncpg
+
+
+async def add_account(
+    conn: asyncpg.Connection, email: str, refresh_token: str | None = None, *, active: bool = True
+) -> int:
+    return await conn.fetchval(
+        "insert into gsc_accounts (email, refresh_token, is_active) values ($1, $2, $3)"
+        " returning id",
+        email,
+        refresh_token,
+        active,
+    )
+
+
+async def add_site(
+    conn: asyncpg.Connection,
+    domain: str,
+    *,
+    matomo_site_id: int | None = None,
+    gsc_account_id: int | None = None,
+    gsc_property: str | None = None,
+    deployed: bool = True,
+    active: bool = True,
+) -> int:
+    return await conn.fetchval(
+        """
+        insert into sites (domain, is_active, deployed_at, matomo_site_id, gsc_account_id,
+                           gsc_property)
+        values ($1, $2, case when $3 then now() end, $4, $5, $6)
+        returning id
+        """,
+        domain,
+        active,
+        deployed,
+        matomo_site_id,
+        gsc_account_id,
+        gsc_property,
+    )
+
+
+async def stored_rows(conn: asyncpg.Connection) -> dict[tuple[int, str], dict]:
+    rows = await conn.fetch("select * from daily_analytics order by site_id, date")
+    return {(r["site_id"], r["date"].isoformat()): dict(r) for r in rows}

@@ -1,0 +1,110 @@
+"""The command line as cron and operators use it: real processes, real exit codes."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.factories import add_site
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def aggregator(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None):
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MATOMO_", "GOOGLE_", "GSC_"))}
+    base.pop("DATABASE_URL", None)
+    base.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "aggregator", *args],
+        capture_output=True,
+        text=True,
+        env=base,
+        cwd=cwd or ROOT,
+        timeout=60,
+    )
+
+
+def one_line_error(result) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["run", "--from", "2024-02-30", "--to", "2024-03-01"],
+            "--from '2024-02-30' is not a date",
+        ),
+        (["run", "--from", "2024-03-02", "--to", "2024-03-01"], "is after --to"),
+        (["run", "--date", "2999-01-01"], "in the future"),
+        (["run", "--lookback", "x"], "invalid int value"),
+        (["run", "--source", "ga4"], "invalid choice"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(tmp_path, args, expected) -> None:
+    env = {"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none"}
+    assert expected in one_line_error(aggregator(*args, env=env, cwd=tmp_path))
+
+
+def test_missing_database_url(tmp_path) -> None:
+    assert "DATABASE_URL is not set" in one_line_error(aggregator("run", cwd=tmp_path))
+
+
+def test_bad_setting_from_env_file(tmp_path) -> None:
+    (tmp_path / ".env").write_text("GSC_MAX_QPS_PER_CLIENT=lots\n")
+    assert "GSC_MAX_QPS_PER_CLIENT" in one_line_error(aggregator("run", cwd=tmp_path))
+
+
+def test_unreachable_database_hides_the_password(tmp_path) -> None:
+    env = {"DATABASE_URL": "postgresql://postgres:s3cr3t-pw@127.0.0.1:1/db"}
+    line = one_line_error(aggregator("run", env=env, cwd=tmp_path))
+    assert "cannot connect to database at 127.0.0.1:1/db" in line
+    assert "s3cr3t-pw" not in line
+
+
+def test_schema_missing_says_to_migrate(empty_db, tmp_path) -> None:
+    line = one_line_error(
+        aggregator("--lookback", "2", env={"DATABASE_URL": empty_db}, cwd=tmp_path)
+    )
+    assert "run `aggregator migrate`" in line
+
+
+async def test_migrate_then_dry_run(empty_db, tmp_path) -> None:
+    env = {"DATABASE_URL": empty_db}
+    first = aggregator("migrate", env=env, cwd=tmp_path)
+    assert first.returncode == 0 and "applied 001_schema" in first.stdout
+    again = aggregator("migrate", env=env, cwd=tmp_path)
+    assert again.returncode == 0 and "up to date" in again.stdout
+    run = aggregator("run", "--dry-run", env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("site")
+    assert "ok: 0 sites" in run.stdout
+
+
+async def test_unconfigured_matomo_is_reported_when_sites_need_it(db, conn, tmp_path) -> None:
+    await add_site(conn, "example.com", matomo_site_id=1)
+    line = one_line_error(aggregator("run", env={"DATABASE_URL": db}, cwd=tmp_path))
+    assert "MATOMO_URL and MATOMO_TOKEN must be set" in line
+
+
+def test_help_lists_every_run_flag() -> None:
+    result = aggregator("run", "--help")
+    assert result.returncode == 0
+    for flag in (
+        "--from",
+        "--to",
+        "--date",
+        "--lookback",
+        "--site",
+        "--source",
+        "--dry-run",
+        "--gsc-final-only",
+    ):
+        assert flag in result.stdout

@@ -1,0 +1,204 @@
+"""The pipeline end to end on real Postgres, with fake in-process sources."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, date, timedelta
+
+import pytest
+
+from aggregator import storage
+from aggregator.config import ConfigError, Secret, Settings
+from aggregator.dates import Window
+from aggregator.model import AccountRefresh, GscDay, MatomoDay, SiteError, SourceRecord
+from aggregator.pipeline import RunRequest, SourceInput, UsageError, run_job
+from tests.factories import add_account, add_site, stored_rows
+
+START, END = date(2024, 12, 30), date(2025, 1, 2)
+WINDOW = Window(START, END)
+
+
+def settings_for(dsn: str, **overrides) -> Settings:
+    values = {
+        "database_url": Secret(dsn),
+        "matomo_url": "http://matomo.invalid",
+        "matomo_token": Secret("m-token"),
+        "google_client_id": "client",
+        "google_client_secret": Secret("c-secret"),
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+async def fake_matomo(given: SourceInput) -> AsyncIterator[SourceRecord]:
+    for site in given.sites:
+        if site.domain == "broken.com":
+            yield SiteError(site.domain, "matomo", "Matomo site id 9: no access")
+            continue
+        day = given.start
+        while day <= given.end:
+            yield MatomoDay(site.id, day, visits=site.id * 10 + day.day, actions=day.day)
+            day += timedelta(days=1)
+
+
+async def fake_gsc(given: SourceInput) -> AsyncIterator[SourceRecord]:
+    for account_id in {s.gsc_account_id for s in given.sites}:
+        yield AccountRefresh(account_id, at=_now())
+    for site in given.sites:
+        yield GscDay(site.id, given.start, 1, 10, 0.1, 4.0, final=True)
+        yield GscDay(site.id, given.end, 2, 20, 0.1, 3.0, final=False)
+
+
+def _now():
+    from datetime import datetime
+
+    return datetime.now(UTC)
+
+
+SOURCES = {"matomo": fake_matomo, "gsc": fake_gsc}
+
+
+@pytest.fixture
+async def portfolio(conn) -> dict[str, int]:
+    account = await add_account(conn, "a@example.com", "rt")
+    return {
+        "example.com": await add_site(
+            conn, "example.com", matomo_site_id=1, gsc_account_id=account
+        ),
+        "broken.com": await add_site(conn, "broken.com", matomo_site_id=9),
+        "gsc-only.com": await add_site(conn, "gsc-only.com", gsc_account_id=account),
+        "bare.com": await add_site(conn, "bare.com"),
+    }
+
+
+async def test_run_joins_sources_and_records_a_partial_run(db, conn, portfolio) -> None:
+    outcome = await run_job(settings_for(db), RunRequest(WINDOW), sources=SOURCES)
+    assert outcome.status == "partial" and outcome.exit_code == 1
+    assert outcome.sites_total == 4
+    rows = await stored_rows(conn)
+    site = portfolio["example.com"]
+    assert rows[(site, "2024-12-30")]["matomo_visits"] == site * 10 + 30
+    assert rows[(site, "2024-12-30")]["gsc_final"] is True
+    assert rows[(site, "2025-01-02")]["gsc_final"] is False
+    assert rows[(site, "2024-12-31")]["gsc_clicks"] is None
+    assert not any(key[0] == portfolio["broken.com"] for key in rows)
+    assert not any(key[0] == portfolio["bare.com"] for key in rows)
+    run = await conn.fetchrow("select * from aggregator_runs")
+    assert run["status"] == "partial"
+    assert run["rows_upserted"] == outcome.rows_upserted == len(rows)
+    assert "broken.com" in run["errors"]
+    assert await conn.fetchval("select count(last_refresh_at) from gsc_accounts") == 1
+
+
+async def test_clean_run_is_ok_and_rerun_is_idempotent(db, conn, portfolio) -> None:
+    await conn.execute("update sites set matomo_site_id = null where domain = 'broken.com'")
+    first = await run_job(settings_for(db), RunRequest(WINDOW), sources=SOURCES)
+    assert first.status == "ok" and first.exit_code == 0
+    before = await stored_rows(conn)
+    await run_job(settings_for(db), RunRequest(WINDOW), sources=SOURCES)
+    assert await stored_rows(conn) == before
+
+
+async def test_dry_run_writes_nothing(db, conn, portfolio) -> None:
+    outcome = await run_job(settings_for(db), RunRequest(WINDOW, dry_run=True), sources=SOURCES)
+    assert outcome.rows and outcome.rows_upserted == 0
+    assert await conn.fetchval("select count(*) from daily_analytics") == 0
+    assert await conn.fetchval("select count(*) from aggregator_runs") == 0
+    assert await conn.fetchval("select count(last_refresh_at) from gsc_accounts") == 0
+
+
+async def test_source_and_site_filters(db, conn, portfolio) -> None:
+    request = RunRequest(WINDOW, sources=("gsc",), domains=("GSC-only.com",))
+    outcome = await run_job(settings_for(db), request, sources=SOURCES)
+    assert outcome.status == "ok"
+    rows = await stored_rows(conn)
+    assert {key[0] for key in rows} == {portfolio["gsc-only.com"]}
+    assert all(row["matomo_visits"] is None for row in rows.values())
+
+
+async def test_unknown_site_is_a_usage_error(db, portfolio) -> None:
+    with pytest.raises(UsageError, match=r"nope\.com is not a monitored site"):
+        await run_job(settings_for(db), RunRequest(WINDOW, domains=("nope.com",)), sources=SOURCES)
+
+
+async def test_an_unconfigured_source_that_sites_need_stops_the_run(db, portfolio) -> None:
+    with pytest.raises(ConfigError, match="MATOMO_URL and MATOMO_TOKEN"):
+        await run_job(settings_for(db, matomo_url=None), RunRequest(WINDOW), sources=SOURCES)
+
+
+async def test_default_window_reaches_back_over_provisional_gsc_days(db, conn, portfolio) -> None:
+    site = portfolio["gsc-only.com"]
+    old = START - timedelta(days=6)
+    await storage.upsert_daily_rows(
+        conn, [storage.DailyRow(site, old, gsc=(1, 1, 1.0, 1.0, False))]
+    )
+    seen: dict[str, tuple[date, date]] = {}
+
+    def spy(name, source):
+        async def wrapped(given: SourceInput):
+            seen[name] = (given.start, given.end)
+            async for record in source(given):
+                yield record
+
+        return wrapped
+
+    sources = {name: spy(name, fn) for name, fn in SOURCES.items()}
+    default = Window(START, END, explicit=False)
+    await run_job(settings_for(db), RunRequest(default), sources=sources)
+    assert seen == {"matomo": (START, END), "gsc": (old, END)}
+    # The next run found the old day final (the fake source yields it final at its start).
+    row = (await stored_rows(conn))[(site, old.isoformat())]
+    assert row["gsc_final"] is True
+    seen.clear()
+    await run_job(settings_for(db), RunRequest(WINDOW), sources=sources)
+    assert seen["gsc"] == (START, END)
+
+
+async def test_a_crashing_source_fails_alone(db, conn, portfolio) -> None:
+    async def crashing(given: SourceInput):
+        yield GscDay(given.sites[0].id, given.start, 1, 1, 1.0, 1.0, True)
+        raise RuntimeError("token=very-secret in a bug")
+
+    outcome = await run_job(
+        settings_for(db), RunRequest(WINDOW), sources={"matomo": fake_matomo, "gsc": crashing}
+    )
+    assert outcome.status == "partial"
+    crash = [e for e in outcome.errors if e.source == "gsc"]
+    assert crash and "RuntimeError" in crash[0].error and "very-secret" not in crash[0].error
+    rows = await stored_rows(conn)
+    assert rows[(portfolio["example.com"], "2024-12-30")]["matomo_visits"] is not None
+    assert rows[(portfolio["example.com"], "2024-12-30")]["gsc_clicks"] == 1
+
+
+async def test_a_stop_signal_keeps_what_was_fetched(db, conn, portfolio) -> None:
+    stop = asyncio.Event()
+
+    async def slow(given: SourceInput):
+        yield MatomoDay(given.sites[0].id, given.start, 5, 6)
+        stop.set()  # the operator's SIGTERM arrives mid-run
+        await asyncio.Event().wait()
+
+    outcome = await run_job(
+        settings_for(db),
+        RunRequest(WINDOW, sources=("matomo",)),
+        sources={"matomo": slow},
+        stop=stop,
+    )
+    assert outcome.interrupted and "signal" in outcome.interrupted
+    assert outcome.status == "partial" and outcome.exit_code == 1
+    rows = await stored_rows(conn)
+    assert rows[(portfolio["example.com"], "2024-12-30")]["matomo_visits"] == 5
+    assert await conn.fetchval("select status from aggregator_runs") == "partial"
+
+
+async def test_the_run_deadline_cuts_a_hanging_source(db, conn, portfolio) -> None:
+    async def hanging(given: SourceInput):
+        await asyncio.Event().wait()
+        yield  # pragma: no cover - makes this an async generator
+
+    outcome = await run_job(
+        settings_for(db, run_deadline=0.2),
+        RunRequest(WINDOW, sources=("matomo",)),
+        sources={"matomo": hanging},
+    )
+    assert outcome.status == "failed" and "AGGREGATOR_DEADLINE_SECONDS" in outcome.interrupted
+    assert await conn.fetchval("select status from aggregator_runs") == "failed"

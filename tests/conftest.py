@@ -13,16 +13,16 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
 import pytest
+import structlog
 from aioresponses import aioresponses
 from aioresponses import core as aioresponses_core
 
 from aggregator import storage
-from aggregator.local_postgres import embedded_postgres
+from aggregator.local_postgres import dsn_with_search_path, embedded_postgres
 
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -34,13 +34,6 @@ async def _reachable(dsn: str) -> bool:
         return False
     await conn.close()
     return True
-
-
-def with_search_path(dsn: str, schema: str) -> str:
-    parts = urlsplit(dsn)
-    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "search_path"]
-    query.append(("search_path", schema))
-    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +55,7 @@ async def fresh_schema(server_dsn: str) -> AsyncIterator[str]:
     admin = await asyncpg.connect(server_dsn)
     try:
         await admin.execute(f"create schema {schema}")
-        yield with_search_path(server_dsn, schema)
+        yield dsn_with_search_path(server_dsn, schema)
     finally:
         await admin.execute(f"drop schema if exists {schema} cascade")
         await admin.close()
@@ -110,3 +103,11 @@ def mocked(monkeypatch: pytest.MonkeyPatch) -> Iterator[aioresponses]:
         monkeypatch.setattr(aioresponses_core, "ClientResponse", _ResponseWithStreamWriter)
     with aioresponses() as mock:
         yield mock
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    """In-process CLI tests configure structlog onto a captured stream that pytest then closes;
+    put the defaults back so the next test does not log into a closed file."""
+    yield
+    structlog.reset_defaults()

@@ -1,0 +1,182 @@
+"""`aggregator demo`: the whole job on this machine with no accounts.
+
+Starts the Matomo and Google simulators on 127.0.0.1, seeds a portfolio into a dedicated
+`aggregator_demo` schema (of DATABASE_URL when set, else of an embedded Postgres kept under the
+user's data directory), runs the real pipeline and prints what happened.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TextIO
+
+import asyncpg
+
+from aggregator import storage
+from aggregator.config import Secret, Settings
+from aggregator.dates import resolve_window, today_in
+from aggregator.local_postgres import dsn_with_search_path
+from aggregator.pipeline import RunOutcome, RunRequest, run_job
+from aggregator.simulators import portfolio as world
+
+DEMO_SCHEMA = "aggregator_demo"
+
+
+@dataclass(frozen=True, slots=True)
+class DemoOptions:
+    sites: int = 200
+    accounts: int = 4
+    lookback: int = 4
+    revoked_account: bool = False
+
+
+async def prepare_schema(server_dsn: str, schema: str = DEMO_SCHEMA) -> str:
+    """Create the demo schema and its tables; return a DSN confined to it."""
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        await admin.execute(f"create schema if not exists {schema}")
+    finally:
+        await admin.close()
+    dsn = dsn_with_search_path(server_dsn, schema)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await storage.apply_migrations(conn)
+    finally:
+        await conn.close()
+    return dsn
+
+
+def simulated_settings(dsn: str, matomo_url: str, google_url: str, **tuning: float) -> Settings:
+    """Settings pointing the real clients at the simulators."""
+    return Settings(
+        database_url=Secret(dsn),
+        matomo_url=matomo_url,
+        matomo_token=Secret(world.MATOMO_TOKEN),
+        google_client_id=world.CLIENT_ID,
+        google_client_secret=Secret(world.CLIENT_SECRET),
+        google_token_url=f"{google_url}/token",
+        gsc_api_url=google_url,
+        **tuning,
+    )
+
+
+async def run_demo(server_dsn: str, options: DemoOptions, out: TextIO) -> int:
+    dsn = await prepare_schema(server_dsn)
+    portfolio = world.make_portfolio(
+        options.sites, options.accounts, revoked_account=options.revoked_account
+    )
+    conn = await asyncpg.connect(dsn)
+    try:
+        await world.seed_portfolio(conn, portfolio)
+    finally:
+        await conn.close()
+    async with (
+        world.matomo_simulator(portfolio, latency=0.02) as matomo,
+        world.google_simulator(portfolio, latency=0.02, qps_per_account=20) as google,
+    ):
+        # The simulated Cloud project has Google's standard quota, so pace at 20/s per account.
+        settings = simulated_settings(
+            dsn, matomo.url, google.url, gsc_max_qps_per_account=18, gsc_max_qps_per_client=600
+        )
+        window = resolve_window(today_in(settings.timezone), lookback=options.lookback)
+        began = time.monotonic()
+        outcome = await run_job(settings, RunRequest(window))
+        seconds = time.monotonic() - began
+        requests = {
+            "Matomo bulk requests": matomo.requests,
+            "Google token refreshes": google.token_requests,
+            "Search Console sites.list": google.sites_requests,
+            "Search Console queries": google.query_requests,
+        }
+    conn = await asyncpg.connect(dsn)
+    try:
+        await print_report(conn, outcome, requests, seconds, out)
+    finally:
+        await conn.close()
+    return outcome.exit_code
+
+
+async def print_report(
+    conn: asyncpg.Connection,
+    outcome: RunOutcome,
+    requests: dict[str, int],
+    seconds: float,
+    out: TextIO,
+) -> None:
+    accounts = await conn.fetch(
+        """
+        select a.email,
+               count(distinct s.id) as sites,
+               count(distinct d.site_id) filter (where d.gsc_final is not null) as stored,
+               count(*) filter (where d.gsc_final) as final_days,
+               count(*) filter (where d.gsc_final = false) as provisional_days,
+               coalesce(a.last_error, case when a.last_refresh_at is not null then 'ok' end,
+                        'not refreshed') as token
+        from gsc_accounts a
+        left join sites s on s.gsc_account_id = a.id
+        left join daily_analytics d on d.site_id = s.id
+        group by a.id order by a.id
+        """
+    )
+    _table(
+        out,
+        "Google accounts",
+        ("account", "sites", "sites stored", "final days", "provisional days", "token"),
+        [
+            (
+                r["email"],
+                r["sites"],
+                r["stored"],
+                r["final_days"],
+                r["provisional_days"],
+                _clip(r["token"], 60),
+            )
+            for r in accounts
+        ],
+    )
+    totals = await conn.fetchrow(
+        """
+        select count(*) as rows, count(distinct site_id) as sites,
+               coalesce(sum(matomo_visits), 0) as visits, coalesce(sum(gsc_clicks), 0) as clicks
+        from daily_analytics
+        """
+    )
+    sample = await conn.fetch(
+        """
+        select s.domain, d.date, d.matomo_visits, d.gsc_clicks, d.gsc_impressions,
+               round(d.gsc_position::numeric, 1) as position, d.gsc_final
+        from daily_analytics d join sites s on s.id = d.site_id
+        order by d.date desc, s.domain limit 6
+        """
+    )
+    _table(
+        out,
+        "Sample rows",
+        ("site", "date", "visits", "clicks", "impressions", "position", "final"),
+        [tuple("-" if v is None else v for v in row.values()) for row in sample],
+    )
+    _table(out, "HTTP requests", ("kind", "count"), list(requests.items()))
+    windows = ", ".join(f"{name} {a}..{b}" for name, (a, b) in outcome.windows.items())
+    print(
+        f"\n{outcome.status}: {totals['rows']} rows for {totals['sites']} of "
+        f"{outcome.sites_total} sites ({totals['visits']} visits, {totals['clicks']} clicks) "
+        f"in {seconds:.1f}s; windows: {windows}; {len(outcome.errors)} errors",
+        file=out,
+    )
+    for error in outcome.errors[:10]:
+        print(f"  {error.source:<7} {error.site}: {_clip(error.error, 150)}", file=out)
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _table(out: TextIO, title: str, header: tuple[str, ...], rows: list[tuple]) -> None:
+    cells = [tuple(str(v) for v in header), *[tuple(str(v) for v in row) for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    print(f"\n{title}", file=out)
+    for n, row in enumerate(cells):
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)), file=out)
+        if n == 0:
+            print("  " + "  ".join("-" * w for w in widths), file=out)

@@ -1,0 +1,318 @@
+"""Access tokens for Search Console accounts, refreshed from their stored OAuth refresh tokens.
+
+google-auth does the OAuth work (form, response parsing, error classes); it runs in a worker
+thread over a small urllib transport, so the project needs neither `requests` nor google-auth's
+private async modules. Every failure becomes a `TokenError` whose message names the account and
+what the operator must do, and never contains a secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import random
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime, timedelta
+
+import structlog
+from google.auth import exceptions as google_exceptions
+from google.auth import transport
+from google.oauth2.credentials import Credentials
+
+from aggregator.config import Settings
+from aggregator.model import AccountRefresh, GscAccount
+
+log = structlog.get_logger(__name__)
+
+Sleep = Callable[[float], Awaitable[None]]
+
+# A token this close to its expiry is refreshed before use rather than sent and rejected.
+_EXPIRY_MARGIN = timedelta(minutes=5)
+_RETRY_BASE_SECONDS = 1.0
+_RETRY_CAP_SECONDS = 30.0
+# google-auth retries these statuses itself with a blocking, uncancellable time.sleep; the
+# transport reports them as TransportError instead so that AccountToken's bounded, injectable
+# backoff is the only retry policy.
+_TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_RECONNECT_ERRORS = frozenset({"invalid_grant"})
+_CLIENT_ERRORS = frozenset({"invalid_client", "unauthorized_client"})
+
+
+class Redactor:
+    """Replaces every secret it has been told about with ***, for any text leaving the module.
+
+    Google's error bodies do not echo tokens, but messages also carry exception text from
+    libraries, so everything stored or logged goes through here as a last line of defence.
+    """
+
+    def __init__(self, *secrets: str | None) -> None:
+        self._secrets: set[str] = set()
+        for secret in secrets:
+            self.add(secret)
+
+    def add(self, secret: str | None) -> None:
+        if secret:
+            self._secrets.add(secret)
+
+    def __call__(self, text: str) -> str:
+        # Longest first, so a secret containing another is replaced whole.
+        for secret in sorted(self._secrets, key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return text
+
+
+class TokenError(Exception):
+    """An account's access token could not be obtained; the message is safe to store."""
+
+
+class MissingRefreshToken(TokenError):
+    """Neither gsc_accounts.refresh_token nor GSC_REFRESH_TOKEN_<id> holds a token."""
+
+
+class ReconnectRequired(TokenError):
+    """Google answered invalid_grant: the refresh token is dead and needs a new consent."""
+
+
+class ClientMisconfigured(TokenError):
+    """The OAuth client (GOOGLE_CLIENT_ID/SECRET) is wrong or did not issue this token."""
+
+
+class TokenEndpointUnavailable(TokenError):
+    """The token endpoint kept failing transiently (5xx, network) for every allowed attempt."""
+
+
+class _Response(transport.Response):
+    """google-auth's response interface, filled from urllib."""
+
+    def __init__(self, status: int, headers: Mapping[str, str], data: bytes) -> None:
+        self._status = status
+        self._headers = headers
+        self._data = data
+
+    @property
+    def status(self) -> int:
+        return self._status
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._headers
+
+    @property
+    def data(self) -> bytes:
+        return self._data
+
+
+class UrllibRequest(transport.Request):
+    """google-auth's transport interface over urllib.request, with a timeout on every call.
+
+    Besides network failures, transient HTTP statuses are raised as TransportError too (see
+    _TRANSIENT_STATUSES) so google-auth does not sleep and retry inside the worker thread.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+
+    def __call__(
+        self,
+        url: str,
+        method: str = "GET",
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        **kwargs: object,
+    ) -> _Response:
+        request = urllib.request.Request(url, data=body, headers=dict(headers or {}), method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout or self._timeout) as answer:
+                response = _Response(answer.status, dict(answer.headers), answer.read())
+        except urllib.error.HTTPError as error:
+            with error:
+                response = _Response(error.code, dict(error.headers), error.read())
+        except (OSError, http.client.HTTPException) as error:
+            # URLError, timeouts and resets are all OSError; the reason never includes the body.
+            reason = getattr(error, "reason", error)
+            raise google_exceptions.TransportError(
+                f"token endpoint unreachable: {type(error).__name__}: {reason}"
+            ) from None
+        if response.status in _TRANSIENT_STATUSES:
+            raise google_exceptions.TransportError(
+                f"token endpoint answered HTTP {response.status}"
+            )
+        return response
+
+
+def missing_token_message(account: GscAccount) -> str:
+    return (
+        f"no refresh token for Google account {account.email}: set gsc_accounts.refresh_token "
+        f"or GSC_REFRESH_TOKEN_{account.id}"
+    )
+
+
+def explain_refresh_error(account: GscAccount, error: google_exceptions.RefreshError) -> TokenError:
+    """Turn google-auth's RefreshError into the operator's next step for this account."""
+    code, detail = _oauth_error(error)
+    if code in _RECONNECT_ERRORS:
+        return ReconnectRequired(
+            f"Google refused the refresh token of account {account.email} ({detail}): reconnect "
+            "the account to store a new refresh token. If the OAuth app is still in the "
+            '"Testing" publishing state, its refresh tokens expire after 7 days: publish it '
+            '("In production") and reconnect'
+        )
+    if code in _CLIENT_ERRORS:
+        return ClientMisconfigured(
+            f"Google rejected the OAuth client while refreshing account {account.email} "
+            f"({detail}): GOOGLE_CLIENT_ID/GOOGLE_CLIENT_SECRET are wrong or did not issue this "
+            "account's refresh token"
+        )
+    return TokenError(f"Google refused to refresh the token of account {account.email} ({detail})")
+
+
+def _oauth_error(error: google_exceptions.RefreshError) -> tuple[str | None, str]:
+    """The OAuth error code and a one-line description from google-auth's exception."""
+    body = error.args[1] if len(error.args) > 1 else None
+    if isinstance(body, Mapping) and isinstance(body.get("error"), str):
+        code = body["error"]
+        description = body.get("error_description") or body.get("error_subtype")
+        return code, f"{code}: {description}" if description else code
+    text = " ".join(str(error.args[0] if error.args else error).split())
+    # google-auth replaces invalid_grant/rapt_required (Workspace re-authentication) with this
+    # gcloud-oriented sentence and drops the body; for us it is a dead grant like any other.
+    if text.startswith("Reauthentication is needed"):
+        return "invalid_grant", "invalid_grant: rapt_required (re-authentication required)"
+    return None, text
+
+
+class AccountToken:
+    """One Google account's access token for one run, shared by all of that account's requests.
+
+    The first `get()` refreshes; later calls reuse the token until it is near expiry. `renew()`
+    handles a 401 from the API. A lock makes concurrent site tasks wait for one refresh instead
+    of each starting their own, and a failed refresh is remembered so the account's other sites
+    fail with the same message without asking Google again.
+    """
+
+    def __init__(
+        self,
+        account: GscAccount,
+        settings: Settings,
+        redact: Redactor,
+        *,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self.account = account
+        self._settings = settings
+        self._redact = redact
+        self._sleep = sleep
+        self._lock = asyncio.Lock()
+        self._credentials: Credentials | None = None
+        self._failure: TokenError | None = None
+        self._last_attempt: AccountRefresh | None = None
+        redact.add(account.refresh_token)
+
+    @property
+    def outcome(self) -> AccountRefresh | None:
+        """The latest refresh attempt, for gsc_accounts.last_refresh_at/last_error; None if none."""
+        return self._last_attempt
+
+    async def get(self) -> str:
+        async with self._lock:
+            self._raise_remembered_failure()
+            if self._credentials is None or self._expires_soon(self._credentials):
+                await self._refresh()
+            assert self._credentials is not None and self._credentials.token
+            return self._credentials.token
+
+    async def renew(self, rejected: str) -> str:
+        """A fresh token after the API rejected `rejected`, refreshing only if nobody else has."""
+        async with self._lock:
+            self._raise_remembered_failure()
+            current = self._credentials.token if self._credentials else None
+            if current is None or current == rejected:
+                await self._refresh()
+            assert self._credentials is not None and self._credentials.token
+            return self._credentials.token
+
+    def _raise_remembered_failure(self) -> None:
+        if self._failure is not None:
+            # A new instance per raise: one shared exception would collect every task's traceback.
+            raise type(self._failure)(str(self._failure))
+
+    async def _refresh(self) -> None:
+        try:
+            self._credentials = await self._refreshed_credentials()
+        except TokenError as failure:
+            self._failure = failure
+            self._last_attempt = AccountRefresh(self.account.id, datetime.now(UTC), str(failure))
+            log.warning("gsc.token_refresh_failed", account=self.account.email, error=str(failure))
+            raise
+        self._redact.add(self._credentials.token)
+        self._last_attempt = AccountRefresh(self.account.id, datetime.now(UTC), None)
+        log.info("gsc.token_refreshed", account=self.account.email)
+
+    async def _refreshed_credentials(self) -> Credentials:
+        settings = self._settings
+        if not self.account.refresh_token:
+            raise MissingRefreshToken(missing_token_message(self.account))
+        if not settings.google_client_id or settings.google_client_secret is None:
+            raise ClientMisconfigured(
+                f"cannot refresh Google account {self.account.email}: "
+                "GOOGLE_CLIENT_ID and GOOGLE_CLIENT_SECRET must be set"
+            )
+        self._redact.add(settings.google_client_secret.reveal())
+        request = UrllibRequest(timeout=settings.gsc_timeout)
+        for attempt in range(1, settings.http_max_attempts + 1):
+            credentials = Credentials(
+                None,
+                refresh_token=self.account.refresh_token,
+                token_uri=settings.google_token_url,
+                client_id=settings.google_client_id,
+                client_secret=settings.google_client_secret.reveal(),
+            )
+            try:
+                await asyncio.to_thread(credentials.refresh, request)
+            except google_exceptions.RefreshError as error:
+                if not error.retryable:
+                    raise self._safe(explain_refresh_error(self.account, error)) from None
+                problem = _oauth_error(error)[1]
+            except google_exceptions.TransportError as error:
+                problem = str(error)
+            else:
+                return credentials
+            if attempt < settings.http_max_attempts:
+                delay = backoff_delay(attempt)
+                log.warning(
+                    "gsc.token_retry",
+                    account=self.account.email,
+                    attempt=attempt,
+                    delay=round(delay, 2),
+                    problem=self._redact(problem),
+                )
+                await self._sleep(delay)
+        raise self._safe(
+            TokenEndpointUnavailable(
+                f"could not refresh the token of Google account {self.account.email} after "
+                f"{settings.http_max_attempts} attempts ({problem}); will retry next run"
+            )
+        )
+
+    def _safe(self, error: TokenError) -> TokenError:
+        return type(error)(self._redact(str(error)))
+
+    @staticmethod
+    def _expires_soon(credentials: Credentials) -> bool:
+        # google-auth's expiry is naive UTC.
+        expiry = credentials.expiry
+        return expiry is not None and expiry - _EXPIRY_MARGIN <= datetime.now(UTC).replace(
+            tzinfo=None
+        )
+
+
+def backoff_delay(attempt: int, *, rand: Callable[[], float] = random.random) -> float:
+    """Exponential backoff with jitter for the n-th failed attempt (1-based).
+
+    Jitter spreads out retries of many concurrent tasks that failed together.
+    """
+    ceiling = min(_RETRY_CAP_SECONDS, _RETRY_BASE_SECONDS * 2 ** (attempt - 1))
+    return ceiling / 2 + rand() * ceiling / 2

@@ -1,0 +1,974 @@
+"""The Search Console source: pure parsing/classification, then whole runs against mocks.
+
+Search Console is mocked with aioresponses (recorded bodies from tests/fixtures/gsc); the token
+endpoint is the real local server from test_google_oauth. Backoff never really sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import math
+import types
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import quote
+
+import aiohttp
+import pytest
+import structlog
+from aiolimiter import AsyncLimiter
+from aioresponses import aioresponses
+from aioresponses import core as aioresponses_core
+from yarl import URL
+
+from aggregator import gsc
+from aggregator.gsc import (
+    ErrorKind,
+    GscDataError,
+    accessible_properties,
+    candidate_properties,
+    classify_google_error,
+    days_from_search_analytics,
+    fetch_gsc_performance,
+    normalize_domain,
+    parse_retry_after,
+    pick_property,
+    rate_limit_delay,
+    search_analytics_request,
+)
+from aggregator.model import AccountRefresh, GscAccount, GscDay, Site, SiteError
+from tests.test_google_oauth import (
+    CLIENT_SECRET,
+    INVALID_CLIENT,
+    INVALID_GRANT,
+    RecordedSleep,
+    TokenEndpoint,
+    settings_for,
+)
+
+GSC_FIXTURES = Path(__file__).parent / "fixtures" / "gsc"
+API = "https://gsc.test"
+SITES_URL = URL(f"{API}/webmasters/v3/sites")
+START, END = date(2024, 5, 1), date(2024, 5, 3)
+ACCOUNT_A = GscAccount(1, "a@example.com", "1//refresh-token-a")
+ACCOUNT_B = GscAccount(2, "b@example.com", "1//refresh-token-b")
+ACCOUNTS = {1: ACCOUNT_A, 2: ACCOUNT_B}
+
+
+def gsc_fixture(name: str) -> Any:
+    return json.loads((GSC_FIXTURES / name).read_text())
+
+
+def query_url(prop: str) -> URL:
+    # Registered pre-encoded: a request whose path decoded %3A would not match.
+    return URL(
+        f"{API}/webmasters/v3/sites/{quote(prop, safe='')}/searchAnalytics/query", encoded=True
+    )
+
+
+def answer(rows: dict[str, tuple[float, float, float, float]], **metadata: str) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "rows": [
+            {"keys": [day], "clicks": c, "impressions": i, "ctr": ctr, "position": pos}
+            for day, (c, i, ctr, pos) in rows.items()
+        ],
+        "responseAggregationType": "byProperty",
+    }
+    if metadata:
+        body["metadata"] = metadata
+    return body
+
+
+def day(n: int) -> date:
+    return START + timedelta(days=n)
+
+
+def hanging_request() -> tuple[asyncio.Event, Callable[..., Awaitable[None]]]:
+    """An aioresponses callback for a request that never gets an answer, and its start signal.
+
+    A plain coroutine function, since aioresponses only awaits what iscoroutinefunction accepts.
+    """
+    started = asyncio.Event()
+
+    async def never_answer(url: URL, **kwargs: Any) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    return started, never_answer
+
+
+class _ResponseWithStreamWriter(aiohttp.ClientResponse):
+    """aioresponses 0.7.9 predates aiohttp 3.14's required `stream_writer` (aioresponses#289)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("stream_writer", types.SimpleNamespace(output_size=0))
+        super().__init__(*args, **kwargs)
+
+
+@pytest.fixture
+def mocked(monkeypatch: pytest.MonkeyPatch) -> Iterator[aioresponses]:
+    if "stream_writer" in inspect.signature(aiohttp.ClientResponse).parameters:
+        monkeypatch.setattr(aioresponses_core, "ClientResponse", _ResponseWithStreamWriter)
+    with aioresponses() as mock:
+        yield mock
+
+
+@pytest.fixture
+def token_endpoint() -> Iterator[TokenEndpoint]:
+    with TokenEndpoint() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def sleep(monkeypatch: pytest.MonkeyPatch) -> RecordedSleep:
+    recorded = RecordedSleep()
+    monkeypatch.setattr(gsc, "_backoff_sleep", recorded)
+    return recorded
+
+
+async def run(
+    token_endpoint: TokenEndpoint,
+    sites: list[Site],
+    *,
+    accounts: dict[int, GscAccount] | None = None,
+    start: date = START,
+    end: date = END,
+    final_only: bool = False,
+    **settings: object,
+) -> list[GscDay | SiteError | AccountRefresh]:
+    configured = settings_for(token_endpoint.url, **settings)
+    async with aiohttp.ClientSession() as session:
+        return [
+            record
+            async for record in fetch_gsc_performance(
+                sites,
+                ACCOUNTS if accounts is None else accounts,
+                start,
+                end,
+                configured,
+                session,
+                final_only=final_only,
+            )
+        ]
+
+
+def calls(mocked: aioresponses, method: str, url: URL) -> list[Any]:
+    return mocked.requests.get((method, url), [])
+
+
+def days_of(records: list[Any], site_id: int) -> list[GscDay]:
+    return [r for r in records if isinstance(r, GscDay) and r.site_id == site_id]
+
+
+def errors_of(records: list[Any]) -> dict[str, str]:
+    return {r.site: r.error for r in records if isinstance(r, SiteError)}
+
+
+def refreshes_of(records: list[Any]) -> dict[int, str | None]:
+    refreshes = [r for r in records if isinstance(r, AccountRefresh)]
+    assert len(refreshes) == len({r.account_id for r in refreshes}), "one per account"
+    return {r.account_id: r.error for r in refreshes}
+
+
+def texts(records: list[Any]) -> str:
+    return " ".join(repr(r) for r in records)
+
+
+# --- pure: parsing --------------------------------------------------------------------------
+
+
+def test_airbyte_row_is_parsed_and_missing_final_days_are_zero() -> None:
+    body = gsc_fixture("airbyte/search_analytics.json")
+
+    days = days_from_search_analytics(9, body, date(2024, 1, 14), date(2024, 1, 16))
+
+    assert days == [
+        GscDay(9, date(2024, 1, 14), 0, 0, None, None, final=True),
+        GscDay(9, date(2024, 1, 15), 100, 1000, 0.1, 5.5, final=True),
+        GscDay(9, date(2024, 1, 16), 0, 0, None, None, final=True),
+    ]
+    assert all(isinstance(d.clicks, int) and isinstance(d.impressions, int) for d in days)
+
+
+def test_airbyte_live_record_shapes_keep_float_ctr_and_missing_position() -> None:
+    lines = (GSC_FIXTURES / "airbyte/expected_records.jsonl").read_text().splitlines()
+    records = [data for line in lines if "date" in (data := json.loads(line)["data"])]
+    with_floats = next(r for r in records if r.get("ctr") == 0.06666666666666667)
+    by_date = next(r for r in records if "position" not in r and r["date"] != with_floats["date"])
+    body = {
+        "rows": [
+            {k: v for k, v in record.items() if k in ("clicks", "impressions", "ctr", "position")}
+            | {"keys": [record["date"]]}
+            for record in (with_floats, by_date)
+        ]
+    }
+    first, last = sorted(date.fromisoformat(r["date"]) for r in (with_floats, by_date))
+
+    days = {d.day: d for d in days_from_search_analytics(1, body, first, last)}
+
+    rich = days[date.fromisoformat(with_floats["date"])]
+    assert (rich.clicks, rich.impressions) == (1, 15)
+    assert rich.ctr == 0.06666666666666667 and rich.position == 64.46666666666667
+    bare = days[date.fromisoformat(by_date["date"])]
+    assert (bare.clicks, bare.impressions, bare.ctr, bare.position) == (0, 0, 0.0, None)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"responseAggregationType": "auto"}, gsc_fixture("airbyte/search_analytics_empty.json")],
+    ids=["rows_absent", "rows_empty"],
+)
+def test_no_rows_without_metadata_means_zero_final_days(body: dict[str, Any]) -> None:
+    days = days_from_search_analytics(1, body, START, END)
+
+    assert [(d.day, d.clicks, d.impressions, d.final) for d in days] == [
+        (day(n), 0, 0, True) for n in range(3)
+    ]
+
+
+@pytest.mark.parametrize("spelling", ["firstIncompleteDate", "first_incomplete_date"])
+def test_first_incomplete_date_splits_final_from_provisional(spelling: str) -> None:
+    # Days 0-1 final (day 1 missing -> zero); days 2-4 provisional (day 3 missing -> nothing).
+    body = answer(
+        {
+            "2024-05-05": (2, 20, 0.1, 3.0),
+            "2024-05-01": (5, 50, 0.1, 4.0),
+            "2024-05-03": (1, 10, 0.1, 2.0),
+        },
+        **{spelling: "2024-05-03"},
+    )
+
+    days = days_from_search_analytics(1, body, day(0), day(4))
+
+    assert days == [
+        GscDay(1, day(0), 5, 50, 0.1, 4.0, final=True),
+        GscDay(1, day(1), 0, 0, None, None, final=True),
+        GscDay(1, day(2), 1, 10, 0.1, 2.0, final=False),
+        GscDay(1, day(4), 2, 20, 0.1, 3.0, final=False),
+    ]
+
+
+def test_rows_outside_the_window_are_ignored() -> None:
+    body = answer({"2024-04-30": (9, 9, 1.0, 1.0), "2024-05-02": (1, 2, 0.5, 1.0)})
+
+    days = days_from_search_analytics(1, body, day(1), day(1))
+
+    assert days == [GscDay(1, day(1), 1, 2, 0.5, 1.0, final=True)]
+
+
+def test_final_only_answers_claim_nothing_after_the_newest_row() -> None:
+    body = answer({"2024-05-01": (3, 30, 0.1, 2.0)})
+
+    days = days_from_search_analytics(1, body, START, END, final_only=True)
+
+    assert days == [GscDay(1, day(0), 3, 30, 0.1, 2.0, final=True)]
+    assert days_from_search_analytics(1, {}, START, END, final_only=True) == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("clicks", -1),
+        ("clicks", math.nan),
+        ("impressions", "12"),
+        ("impressions", 2.5),
+        ("clicks", True),
+        ("ctr", "0.1"),
+        ("position", math.inf),
+    ],
+)
+def test_impossible_numbers_are_rejected(field: str, value: object) -> None:
+    row = {"keys": ["2024-05-01"], "clicks": 1, "impressions": 2, "ctr": 0.5, "position": 1.0}
+    row[field] = value
+
+    with pytest.raises(GscDataError, match=field):
+        days_from_search_analytics(1, {"rows": [row]}, START, END)
+
+
+def test_malformed_dates_are_rejected() -> None:
+    with pytest.raises(GscDataError, match="not a YYYY-MM-DD"):
+        days_from_search_analytics(1, {"metadata": {"firstIncompleteDate": "soon"}}, START, END)
+    row = {"keys": ["2024-05-01"], "clicks": 1, "impressions": 1}
+    with pytest.raises(GscDataError, match="two rows"):
+        days_from_search_analytics(1, {"rows": [row, row]}, START, END)
+
+
+def test_query_body_asks_for_daily_totals_of_web_search() -> None:
+    assert search_analytics_request(START, END, final_only=False) == {
+        "startDate": "2024-05-01",
+        "endDate": "2024-05-03",
+        "dimensions": ["date"],
+        "type": "web",
+        "dataState": "all",
+        "rowLimit": 25000,
+    }
+    paged = search_analytics_request(START, END, final_only=True, start_row=25000)
+    assert paged["dataState"] == "final" and paged["startRow"] == 25000
+
+
+# --- pure: properties and errors --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        "example.com",
+        "Example.COM.",
+        "www.example.com",
+        "https://www.example.com/",
+        "http://example.com",
+    ],
+)
+def test_stored_domains_are_normalized(stored: str) -> None:
+    assert normalize_domain(stored) == "example.com"
+    assert candidate_properties(stored) == (
+        "sc-domain:example.com",
+        "https://example.com/",
+        "https://www.example.com/",
+    )
+
+
+def test_property_choice_prefers_domain_properties_and_skips_unverified() -> None:
+    listing = {
+        "siteEntry": [
+            {"siteUrl": "https://www.example.com/", "permissionLevel": "siteFullUser"},
+            {"siteUrl": "sc-domain:example.com", "permissionLevel": "siteUnverifiedUser"},
+            {"siteUrl": "https://example.com/", "permissionLevel": "siteRestrictedUser"},
+            {"siteUrl": "sc-domain:other.org", "permissionLevel": "siteOwner"},
+        ]
+    }
+    accessible = accessible_properties(listing)
+
+    assert "sc-domain:example.com" not in accessible
+    assert pick_property("example.com", accessible) == "https://example.com/"
+    assert pick_property("other.org", accessible) == "sc-domain:other.org"
+    assert pick_property("missing.net", accessible) is None
+    assert accessible_properties({}) == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("status", "fixture", "kind", "reason"),
+    [
+        (429, "airbyte/429.json", ErrorKind.RATE_LIMITED, "rateLimitExceeded"),
+        (
+            429,
+            "issue_google-api-php-client_1778__429_rate_limit_exceeded.json",
+            ErrorKind.RATE_LIMITED,
+            "rateLimitExceeded",
+        ),
+        (403, "singer_tap__403_quota_exceeded.json", ErrorKind.QUOTA_EXHAUSTED, "quotaExceeded"),
+        (403, "airbyte/403.json", ErrorKind.NO_ACCESS, "forbidden"),
+        (404, "singer_tap__404_not_a_verified_site.json", ErrorKind.NO_ACCESS, "notFound"),
+        (400, "airbyte/400.json", ErrorKind.REJECTED, "badRequest"),
+    ],
+)
+def test_recorded_google_errors_are_classified_by_reason(
+    status: int, fixture: str, kind: ErrorKind, reason: str
+) -> None:
+    error = classify_google_error(status, gsc_fixture(fixture))
+
+    assert (error.kind, error.reason, error.status) == (kind, reason, status)
+    assert error.message == gsc_fixture(fixture)["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "kind"),
+    [
+        (403, {"error": {"errors": [{"reason": "rateLimitExceeded"}]}}, ErrorKind.RATE_LIMITED),
+        (403, {"error": {"errors": [{"reason": "userRateLimitExceeded"}]}}, ErrorKind.RATE_LIMITED),
+        (403, {"error": {"errors": [{"reason": "dailyLimitExceeded"}]}}, ErrorKind.QUOTA_EXHAUSTED),
+        (
+            403,
+            {"error": {"errors": [{"domain": "usageLimits", "reason": "x"}]}},
+            ErrorKind.RATE_LIMITED,
+        ),
+        (403, {"error": {"code": 403, "message": "denied"}}, ErrorKind.NO_ACCESS),
+        (403, {"error": {"errors": [{"reason": "accessNotConfigured"}]}}, ErrorKind.REJECTED),
+        (401, {"error": {"status": "UNAUTHENTICATED"}}, ErrorKind.UNAUTHENTICATED),
+        (500, None, ErrorKind.TRANSIENT),
+        (503, "<html>", ErrorKind.TRANSIENT),
+        (408, {}, ErrorKind.TRANSIENT),
+        (409, {}, ErrorKind.REJECTED),
+    ],
+)
+def test_error_classification_edge_cases(status: int, body: object, kind: ErrorKind) -> None:
+    assert classify_google_error(status, body).kind is kind
+
+
+def test_retry_after_is_parsed_and_honoured() -> None:
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") is None
+    assert parse_retry_after("-3") is None
+    assert rate_limit_delay(1, 7.0, rand=lambda: 0.5) == 7.5
+    assert 0.5 <= rate_limit_delay(1, None) <= 1.0
+
+
+# --- runs against mocked Search Console ------------------------------------------------------
+
+
+async def test_two_accounts_fetch_their_sites_and_report_refreshes(
+    mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
+) -> None:
+    mocked.post(query_url("sc-domain:a.com"), payload=answer({"2024-05-01": (4, 40, 0.1, 3.5)}))
+    mocked.post(query_url("https://b.org/"), payload=answer({"2024-05-02": (1, 9, 0.11, 7.25)}))
+    sites = [
+        Site(10, "a.com", gsc_account_id=1, gsc_property="sc-domain:a.com"),
+        Site(20, "b.org", gsc_account_id=2, gsc_property="https://b.org/"),
+        Site(30, "matomo-only.net", matomo_site_id=3),
+    ]
+
+    records = await run(token_endpoint, sites)
+
+    assert [(d.day, d.clicks, d.final) for d in days_of(records, 10)] == [
+        (day(0), 4, True),
+        (day(1), 0, True),
+        (day(2), 0, True),
+    ]
+    assert days_of(records, 20)[1] == GscDay(20, day(1), 1, 9, 0.11, 7.25, final=True)
+    assert refreshes_of(records) == {1: None, 2: None}
+    assert errors_of(records) == {}
+    assert not days_of(records, 30)
+    request = calls(mocked, "POST", query_url("sc-domain:a.com"))[0]
+    assert request.kwargs["headers"]["Authorization"].startswith("Bearer ya29.access-")
+    assert request.kwargs["json"]["dataState"] == "all"
+    assert {form["grant_type"] for form in token_endpoint.forms} == {"refresh_token"}
+    for secret in (CLIENT_SECRET, ACCOUNT_A.refresh_token, ACCOUNT_B.refresh_token, "ya29."):
+        assert secret not in texts(records)
+
+
+async def test_domain_property_path_is_sent_percent_encoded(
+    mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
+) -> None:
+    mocked.post(query_url("sc-domain:example.com"), payload={})
+    site = Site(1, "example.com", gsc_account_id=1, gsc_property="sc-domain:example.com")
+
+    await run(token_endpoint, [site])
+
+    ((method, url),) = mocked.requests
+    assert method == "POST"
+    assert url.raw_path == "/webmasters/v3/sites/sc-domain%3Aexample.com/searchAnalytics/query"
+
+
+async def test_invalid_grant_fails_only_that_accounts_sites_once_each(
+    mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
+) -> None:
+    token_endpoint.script(ACCOUNT_A.refresh_token, (400, INVALID_GRANT))
+    mocked.post(query_url("sc-domain:b.org"), payload=answer({"2024-05-01": (1, 2, 0.5, 1.0)}))
+    sites = [
+        Site(1, "a1.com", gsc_account_id=1),
+        Site(2, "a2.com", gsc_account_id=1, gsc_property="sc-domain:a2.com"),
+        Site(3, "b.org", gsc_account_id=2, gsc_property="sc-domain:b.org"),
+    ]
+
+    records = await run(token_endpoint, sites)
+
+    errors = errors_of(records)
+    assert set(errors) == {"a1.com", "a2.com"}
+    assert len([r for r in records if isinstance(r, SiteError)]) == 2
+    message = errors["a1.com"]
+    assert "a@example.com" in message and "reconnect" in message
+    assert '"Testing"' in message and "7 days" in message
+    assert refreshes_of(records) == {1: message, 2: None}
+    assert len(days_of(records, 3)) == 3
+    assert token_endpoint.calls_for(ACCOUNT_A.refresh_token) == 1
+    assert not calls(mocked, "GET", SITES_URL), "no Search Console call for a dead account"
+
+
+async def test_invalid_client_names_the_client_settings(
+    mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
+) -> None:
+    token_endpoint.script(ACCOUNT_A.refresh_token, (401, INVALID_CLIENT))
+
+    records = await run(token_endpoint, [Site(1, "a.com", gsc_account_id=1)])
+
+    assert "GOOGLE_CLIENT_ID/GOOGLE_CLIENT_SECRET" in errors_of(records)["a.com"]
+    assert refreshes_of(records)[1] == errors_of(records)["a.com"]
+
+
+async def test_account_without_refresh_token(
+    mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
+) -> None:
+    accounts = {5: GscAccount(5, "lost@example.com", None)}
+
+    records = await run(token_endpoint, [Site(1, "a.com", gsc_account_id=5)], accounts=accounts)
+
+    expected = (
+        "no refresh token for Google account lost@example.com: "
+        "set gsc_accounts.refresh_token or GSC_REFRESH_TOKEN_5"
+    )
+    assert errors_of(records) == {"a.com": expected}
+    assert refreshes_of(records) == {5: expected}
+    assert token_endpoint.forms == []
+
+
+async def test_site_of_an_unknown_account_is_reported(
+    mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
+) -> None:
+    records = await run(token_endpoint, [Site(1, "a.com", gsc_account_id=99)])
+
+    assert "Google account id 99" in errors_of(records)["a.com"]
+    assert refreshes_of(records) == {}
+
+
+async def test_properties_are_resolved_from_one_sites_list_per_account(
+    mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
+) -> None:
+    listing = {
+        "siteEntry": [
+            {"siteUrl": "sc-domain:one.com", "permissionLevel": "siteOwner"},
+            {"siteUrl": "https://one.com/", "permissionLevel": "siteOwner"},
+            {"siteUrl": "sc-domain:two.com", "permissionLevel": "siteUnverifiedUser"},
+            {"siteUrl": "https://two.com/", "permissionLevel": "siteFullUser"},
+            {"siteUrl": "https://www.three.com/", "permissionLevel": "siteRestrictedUser"},
+        ]
+    }
+    mocked.get(SITES_URL, payload=listing)
+    for prop in ("sc-domain:one.com", "https://two.com/", "https://www.three.com/"):
+        mocked.post(query_url(prop), payload={})
+    sites = [
+        Site(1, "one.com", gsc_account_id=1),
+        Site(2, "TWO.com.", gsc_account_id=1),
+        Site(3, "www.three.com", gsc_account_id=1),
+        Site(4, "four.com", gsc_account_id=1),
+    ]
+
+    records = await run(token_endpoint, sites)
+
+    assert len(calls(mocked, "GET", SITES_URL)) == 1
+    for prop in ("sc-domain:one.com", "https://two.com/", "https://www.three.com/"):
+        assert len(calls(mocked, "POST", query_url(prop))) == 1
+    assert errors_of(records) == {
+        "four.com": "Google account a@example.com cannot access sc-domain:four.com, "
+        "https://four.com/ or https://www.four.com/: add the property in Search Console "
+        "or set sites.gsc_property"
+    }
+    assert {d.site_id for d in records if isinstance(d, GscDay)} == {1, 2, 3}
+
+
+async def test_final_only_asks_for_final_data(
+    mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
+) -> None:
+    mocked.post(query_url("sc-domain:a.com"), payload=answer({"2024-05-02": (1, 1, 1.0, 1.0)}))
+    site = Site(1, "a.com", gsc_account_id=1, gsc_property="sc-domain:a.com")
+
+    records = await run(token_endpoint, [site], final_only=True)
+
+    sent = calls(mocked, "POST", query_url("sc-domain:a.com"))[0].kwargs["json"]
+    assert sent["dataState"] == "final"
+    assert [(d.day, d.clicks, d.final) for d in days_of(records, 1)] == [
+        (day(0), 0, True),
+        (day(1), 1, True),
+    ]
+
+
+async def test_provisional_answer_from_the_api(
+    mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
+) -> None:
+    body = answer({"2024-05-02": (3, 30, 0.1, 2.0)}, first_incomplete_date="2024-05-02")
+    mocked.post(query_url("sc-domain:a.com"), payload=body)
+    site = Site(1, "a.com", gsc_account_id=1, gsc_property="sc-domain:a.com")
+
+    records = await run(token_endpoint, [site])
+
+    assert [(d.day, d.clicks, d.final) for d in days_of(records, 1)] == [
+        (day(0), 0, True),
+        (day(1), 3, False),
+    ]
+
+
+async def test_one_query_covers_a_480_day_window(
+    mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
+) -> None:
+    start = date(2023, 1, 1)
+    end = start + timedelta(days=479)
+    mocked.post(query_url("sc-domain:a.com"), payload=answer({"2023-06-01": (5, 50, 0.1, 2.0)}))
+    site = Site(1, "a.com", gsc_account_id=1, gsc_property="sc-domain:a.com")
+
+    records = await run(token_endpoint, [site], start=start, end=end)
+
+    requests = calls(mocked, "POST", query_url("sc-domain:a.com"))
+    assert len(requests) == 1
+    assert requests[0].kwargs["json"]["startDate"] == "2023-01-01"
+    assert requests[0].kwargs["json"]["endDate"] == end.isoformat()
+    assert len(days_of(records, 1)) == 480
+
+
+async def test_a_full_page_is_followed_by_the_next_page(
+    mocked: aioresponses,
+    token_endpoint: TokenEndpoint,
+    sleep: RecordedSleep,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A 25,000-row page is too big for aioresponses' stream; the rule is the same at 2 rows.
+    monkeypatch.setattr(gsc, "ROW_LIMIT", 2)
+    url = query_url("sc-domain:a.com")
+    mocked.post(
+        url, payload=answer({"2024-05-01": (1, 1, 1.0, 1.0), "2024-05-02": (2, 2, 1.0, 1.0)})
+    )
+    mocked.post(url, payload=answer({"2024-05-03": (3, 3, 1.0, 1.0)}))
+    site = Site(1, "a.com", gsc_account_id=1, gsc_property="sc-domain:a.com")
+
+    records = await run(token_endpoint, [site])
+
+    sent = [r.kwargs["json"] for r in calls(mocked, "POST", url)]
+    assert [(body.get("startRow"), body["rowLimit"]) for body in sent] == [(None, 2), (2, 2)]
+    assert [d.clicks for d in days_of(records, 1)] == [1, 2, 3]
+
+
+async def test_429_waits_as_long_as_retry_after_says(
+    mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
+) -> None:
+    url = query_url("sc-domain:a.com")
+    mocked.post(
+        url, status=429, payload=gsc_fixture("airbyte/429.json"), headers={"Retry-After": "7"}
+    )
+    mocked.post(url, payload=answer({"2024-05-01": (1, 1, 1.0, 1.0)}))
+    site = Site(1, "a.com", gsc_account_id=1, gsc_property="sc-domain:a.com")
+
+    records = await run(token_endpoint, [site])
+
+    assert len(sleep.waits) == 1 and 7 <= sleep.waits[0] < 8
+    assert len(calls(mocked, "POST", url)) == 2
+    assert days_of(records, 1)[0].clicks == 1
+
+
+async def test_429_without_retry_after_backs_off(
+    mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
+) -> None:
+    url = query_url("sc-domain:a.com")
+    php_body = gsc_fixture("issue_google-api-php-client_1778__429_rate_limit_exceeded.json")
+    mocked.post(url, status=429, payload=php_body)
+    mocked.post(url, status=429, payload=php_body)
+    mocked.post(url, payload={})
+    site = Site(1, "a.com", gsc_account_id=1, gsc_property="sc-domain:a.com")
+
+    records = await run(token_endpoint, [site])
+
+    assert len(sleep.waits) == 2
+    assert 0.5 <= sleep.waits[0] <= 1.0 and 1.0 <= sleep.waits[1] <= 2.0
+    assert errors_of(records) == {}
+
+
+async def test_rate_limit_gives_up_when_the_wait_budget_is_spent(
+    mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
+) -> None:
+    url = query_url("sc-domain:a.com")
+    mocked.post(
+        url, status=429, payload=gsc_fixture("airbyte/429.json"), headers={"Retry-After": "100"}
+    )
+    site = Site(1, "a.com", gsc_account_id=1, gsc_property="sc-domain:a.com")
+
+    records = await run(token_endpoint, [site], gsc_quota_max_wait=60.0)
+
+    assert sleep.waits == []
+    assert "kept rate-limiting account a@example.com" in errors_of(records)["a.com"]
+
+
+async def test_403_rate_limit_exceeded_is_retried(
+    mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
+) -> None:
+    url = query_url("sc-domain:a.com")
+    body = {
+        "error": {
+            "code": 403,
+            "message": "Rate Limit Exceeded",
+            "errors": [
+                {
+                    "domain": "usageLimits",
+                    "reason": "rateLimitExceeded",
+                    "message": "Rate Limit Exceeded",
+                }
+            ],
+        }
+    }
+    mocked.post(url, status=403, payload=body)
+    mocked.post(url, payload={})
+    site = Site(1, "a.com", gsc_account_id=1, gsc_property="sc-domain:a.com")
+
+    records = await run(token_endpoint, [site])
+
+    assert len(calls(mocked, "POST", url)) == 2
+    assert len(sleep.waits) == 1
+    assert errors_of(records) == {}
+
+
+async def test_load_quota_stops_asking_that_account(
+    mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
+) -> None:
+    mocked.post(
+        query_url("sc-domain:a1.com"),
+        status=403,
+        payload=gsc_fixture("singer_tap__403_quota_exceeded.json"),
+    )
+    mocked.post(query_url("sc-domain:b.org"), payload={})
+    sites = [
+        Site(1, "a1.com", gsc_account_id=1, gsc_property="sc-domain:a1.com"),
+        Site(2, "a2.com", gsc_account_id=1, gsc_property="sc-domain:a2.com"),
+        Site(3, "a3.com", gsc_account_id=1),
+        Site(4, "b.org", gsc_account_id=2, gsc_property="sc-domain:b.org"),
+    ]
+
+    # 0.5 queries/s per account -> one site at a time, so a1 is asked before a2 and a3.
+    records = await run(token_endpoint, sites, gsc_max_qps_per_account=0.5)
+
+    quota = "Search Console quota exhausted for account a@example.com; will retry next run"
+    assert errors_of(records) == {"a1.com": quota, "a2.com": quota, "a3.com": quota}
+    assert not calls(mocked, "POST", query_url("sc-domain:a2.com"))
+    assert not calls(mocked, "GET", SITES_URL)
+    assert len(days_of(records, 4)) == 3
+    assert sleep.waits == []
+
+
+@pytest.mark.parametrize(
+    ("status", "fixture", "expected"),
+    [
+        (403, "airbyte/403.json", "User does not have sufficient permission for site"),
+        (404, "singer_tap__404_not_a_verified_site.json", "is not a verified Search Console site"),
+    ],
+)
+async def test_no_access_is_a_per_site_error_naming_the_property(
+    mocked: aioresponses,
+    token_endpoint: TokenEndpoint,
+    sleep: RecordedSleep,
+    status: int,
+    fixture: str,
+    expected: str,
+) -> None:
+    mocked.post(query_url("https://a.com/"), status=status, payload=gsc_fixture(fixture))
+    mocked.post(query_url("sc-domain:ok.com"), payload={})
+    sites = [
+        Site(1, "a.com", gsc_account_id=1, gsc_property="https://a.com/"),
+        Site(2, "ok.com", gsc_account_id=1, gsc_property="sc-domain:ok.com"),
+    ]
+
+    records = await run(token_endpoint, sites)
+
+    message = errors_of(records)["a.com"]
+    assert message.startswith("Google account a@example.com cannot access https://a.com/:")
+    assert expected in message
+    assert len(calls(mocked, "POST", query_url("https://a.com/"))) == 1
+    assert len(days_of(records, 2)) == 3
+
+
+async def test_bad_request_reports_googles_message(
+    mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
+) -> None:
+    mocked.post(query_url("sc-domain:a.com"), status=400, payload=gsc_fixture("airbyte/400.json"))
+    site = Site(1, "a.com", gsc_account_id=1, gsc_property="sc-domain:a.com")
+
+    records = await run(token_endpoint, [site])
+
+    assert errors_of(records) == {
+        "a.com": "Search Console rejected the request for sc-domain:a.com: "
+        "HTTP 400 badRequest: Invalid request"
+    }
+
+
+async def test_401_refreshes_the_token_once_and_retries(
+    mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
+) -> None:
+    url = query_url("sc-domain:a.com")
+    mocked.post(url, status=401, payload={"error": {"code": 401, "status": "UNAUTHENTICATED"}})
+    mocked.post(url, payload=answer({"2024-05-01": (2, 2, 1.0, 1.0)}))
+    site = Site(1, "a.com", gsc_account_id=1, gsc_property="sc-domain:a.com")
+
+    records = await run(token_endpoint, [site])
+
+    assert token_endpoint.calls_for(ACCOUNT_A.refresh_token) == 2
+    tokens = [r.kwargs["headers"]["Authorization"] for r in calls(mocked, "POST", url)]
+    assert tokens == ["Bearer ya29.access-1", "Bearer ya29.access-2"]
+    assert days_of(records, 1)[0].clicks == 2
+    assert refreshes_of(records) == {1: None}
+
+
+async def test_a_second_401_is_reported_not_looped(
+    mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
+) -> None:
+    url = query_url("sc-domain:a.com")
+    mocked.post(url, status=401, payload={}, repeat=True)
+    site = Site(1, "a.com", gsc_account_id=1, gsc_property="sc-domain:a.com")
+
+    records = await run(token_endpoint, [site])
+
+    assert len(calls(mocked, "POST", url)) == 2
+    assert (
+        "rejected a freshly refreshed token of account a@example.com" in errors_of(records)["a.com"]
+    )
+
+
+async def test_server_errors_are_retried_then_given_up(
+    mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
+) -> None:
+    url = query_url("sc-domain:a.com")
+    mocked.post(url, status=503, body="<html>unavailable</html>", repeat=True)
+    site = Site(1, "a.com", gsc_account_id=1, gsc_property="sc-domain:a.com")
+
+    records = await run(token_endpoint, [site], http_max_attempts=4)
+
+    assert len(calls(mocked, "POST", url)) == 4
+    assert len(sleep.waits) == 3
+    for attempt, wait in enumerate(sleep.waits, start=1):
+        assert 2 ** (attempt - 2) <= wait <= 2 ** (attempt - 1), "exponential, with jitter"
+    assert "failed 4 times for account a@example.com (HTTP 503" in errors_of(records)["a.com"]
+
+
+async def test_network_errors_are_retried(
+    mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
+) -> None:
+    url = query_url("sc-domain:a.com")
+    mocked.post(url, exception=aiohttp.ClientConnectionError("reset"))
+    mocked.post(url, exception=TimeoutError())
+    mocked.post(url, payload={})
+    site = Site(1, "a.com", gsc_account_id=1, gsc_property="sc-domain:a.com")
+
+    records = await run(token_endpoint, [site])
+
+    assert len(sleep.waits) == 2
+    assert errors_of(records) == {}
+    assert len(days_of(records, 1)) == 3
+
+
+async def test_unusable_numbers_fail_only_that_site(
+    mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
+) -> None:
+    mocked.post(query_url("sc-domain:a.com"), payload=answer({"2024-05-01": (-1, 1, 1.0, 1.0)}))
+    site = Site(1, "a.com", gsc_account_id=1, gsc_property="sc-domain:a.com")
+
+    records = await run(token_endpoint, [site])
+
+    assert "unusable data: clicks for 2024-05-01 is -1" in errors_of(records)["a.com"]
+    assert not days_of(records, 1)
+
+
+async def test_secrets_never_reach_yielded_records(
+    mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
+) -> None:
+    leaky = {"error": {"code": 400, "message": f"bad token {CLIENT_SECRET} ya29.access-1"}}
+    mocked.post(query_url("sc-domain:a.com"), status=400, payload=leaky)
+    site = Site(1, "a.com", gsc_account_id=1, gsc_property="sc-domain:a.com")
+
+    records = await run(token_endpoint, [site])
+
+    assert CLIENT_SECRET not in texts(records)
+    assert "ya29.access-1" not in texts(records)
+    assert "bad token *** ***" in errors_of(records)["a.com"]
+
+
+async def test_logs_carry_no_secret(
+    mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
+) -> None:
+    url = query_url("sc-domain:a.com")
+    mocked.post(url, status=401, payload={"error": {"code": 401, "status": "UNAUTHENTICATED"}})
+    mocked.post(url, status=503, body=f"upstream saw {CLIENT_SECRET} and ya29.access-2")
+    mocked.post(url, payload={})
+    site = Site(1, "a.com", gsc_account_id=1, gsc_property="sc-domain:a.com")
+
+    with structlog.testing.capture_logs() as logs:
+        await run(token_endpoint, [site])
+
+    assert {"gsc.token_refreshed", "gsc.query", "gsc.retry"} <= {e["event"] for e in logs}
+    logged = repr(logs)
+    for secret in (CLIENT_SECRET, ACCOUNT_A.refresh_token, "ya29."):
+        assert secret not in logged
+
+
+class CountingLimiter(AsyncLimiter):
+    created: ClassVar[list[CountingLimiter]] = []
+
+    def __init__(self, max_rate: float, time_period: float = 60) -> None:
+        super().__init__(max_rate, time_period)
+        self.acquired = 0
+        CountingLimiter.created.append(self)
+
+    async def acquire(self, amount: float = 1) -> None:
+        self.acquired += 1
+        await super().acquire(amount)
+
+
+async def test_every_request_passes_its_account_limiter_and_the_shared_client_limiter(
+    mocked: aioresponses,
+    token_endpoint: TokenEndpoint,
+    sleep: RecordedSleep,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(CountingLimiter, "created", [])
+    monkeypatch.setattr(gsc, "AsyncLimiter", CountingLimiter)
+    mocked.get(
+        SITES_URL,
+        payload={"siteEntry": [{"siteUrl": "sc-domain:a1.com", "permissionLevel": "siteOwner"}]},
+    )
+    for prop in ("sc-domain:a1.com", "sc-domain:a2.com", "sc-domain:b1.com", "sc-domain:b2.com"):
+        mocked.post(query_url(prop), payload={})
+    sites = [
+        Site(1, "a1.com", gsc_account_id=1),
+        Site(2, "a2.com", gsc_account_id=1, gsc_property="sc-domain:a2.com"),
+        Site(3, "b1.com", gsc_account_id=2, gsc_property="sc-domain:b1.com"),
+        Site(4, "b2.com", gsc_account_id=2, gsc_property="sc-domain:b2.com"),
+    ]
+
+    records = await run(
+        token_endpoint, sites, gsc_max_qps_per_client=500.0, gsc_max_qps_per_account=100.0
+    )
+
+    assert errors_of(records) == {}
+    client = [limiter for limiter in CountingLimiter.created if limiter.max_rate == 500.0]
+    per_account = sorted(
+        limiter.acquired for limiter in CountingLimiter.created if limiter.max_rate == 100.0
+    )
+    assert len(client) == 1, "one limiter for the OAuth client, shared by both accounts"
+    assert client[0].acquired == 5  # sites.list + 4 queries
+    assert per_account == [2, 3]
+
+
+def test_rates_below_one_per_second_get_a_usable_limiter() -> None:
+    slow = gsc.limiter_for(0.5)
+
+    assert slow.max_rate == 1 and slow.time_period == 2
+
+
+async def test_stopping_early_cancels_the_remaining_work(
+    mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
+) -> None:
+    mocked.post(query_url("sc-domain:fast.com"), payload={})
+    started, never_answer = hanging_request()
+    mocked.post(query_url("sc-domain:slow.com"), callback=never_answer)
+    sites = [
+        Site(1, "fast.com", gsc_account_id=1, gsc_property="sc-domain:fast.com"),
+        Site(2, "slow.com", gsc_account_id=1, gsc_property="sc-domain:slow.com"),
+    ]
+    settings = settings_for(token_endpoint.url)
+
+    async with aiohttp.ClientSession() as session:
+        stream = fetch_gsc_performance(sites, ACCOUNTS, START, END, settings, session)
+        first = await anext(stream)
+        await started.wait()
+        await stream.aclose()
+
+    assert first == GscDay(1, START, 0, 0, None, None, final=True)
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+
+
+async def test_cancellation_propagates_and_leaves_no_tasks(
+    mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
+) -> None:
+    started, never_answer = hanging_request()
+    mocked.post(query_url("sc-domain:slow.com"), callback=never_answer)
+    site = Site(1, "slow.com", gsc_account_id=1, gsc_property="sc-domain:slow.com")
+
+    consumer = asyncio.create_task(run(token_endpoint, [site]))
+    await started.wait()
+    consumer.cancel()
+
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+
+
+async def test_an_inverted_window_is_refused(token_endpoint: TokenEndpoint) -> None:
+    with pytest.raises(ValueError, match="after end"):
+        await run(token_endpoint, [], start=END, end=START)

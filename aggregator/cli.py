@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 from urllib.parse import urlsplit
 
-from aggregator import __version__, accounts, status, storage
+from aggregator import __version__, accounts, demo, status, storage
 from aggregator.config import ConfigError, Settings, load_settings, read_environment
 from aggregator.dates import DateError, parse_day, resolve_window, today_in
 from aggregator.logs import configure_logging
 from aggregator.pipeline import ALL_SOURCES, RunOutcome, RunRequest, UsageError, run_job
 
 EXIT_OK, EXIT_PARTIAL, EXIT_UNUSABLE = 0, 1, 2
-COMMANDS = ("run", "migrate", "status", "accounts")
+COMMANDS = ("run", "migrate", "status", "accounts", "demo")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -126,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     deactivate = actions.add_parser("deactivate", help="stop using an account (is_active=false)")
     deactivate.add_argument("email", metavar="EMAIL")
+
+    demo_parser = commands.add_parser(
+        "demo",
+        help="the whole job on this machine: simulators, seeded portfolio, embedded Postgres",
+        description="Start local Matomo and Google simulators, seed a portfolio into the "
+        f"{demo.DEMO_SCHEMA} schema of DATABASE_URL (or of an embedded PostgreSQL when it is "
+        "unset), run the real pipeline and print a summary. Needs no account.",
+    )
+    demo.add_arguments(demo_parser)
+    demo_parser.add_argument("-v", "--verbose", action="store_true", help="show the job's logs")
     return parser
 
 
@@ -160,12 +170,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(read_environment())
     except ConfigError as exc:
         return _fail(str(exc), sys.stderr)
-    configure_logging(secrets=_secrets_of(settings), verbose=getattr(args, "verbose", False))
+    configure_logging(
+        secrets=_secrets_of(settings),
+        verbose=getattr(args, "verbose", False),
+        # The demo prints its own report; its per-request logs are noise unless asked for.
+        quiet=args.command == "demo" and not args.verbose,
+    )
     handlers: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
         "run": _run_command,
         "migrate": _migrate_command,
         "status": status.command,
         "accounts": accounts.command,
+        "demo": demo.command,
     }
     try:
         return handlers[args.command](args, settings)

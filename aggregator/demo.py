@@ -7,6 +7,9 @@ user's data directory), runs the real pipeline and prints what happened.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import sys
 import time
 from dataclasses import dataclass
 from typing import TextIO
@@ -16,7 +19,7 @@ import asyncpg
 from aggregator import storage
 from aggregator.config import Secret, Settings
 from aggregator.dates import resolve_window, today_in
-from aggregator.local_postgres import dsn_with_search_path
+from aggregator.local_postgres import default_data_dir, dsn_with_search_path, embedded_postgres
 from aggregator.pipeline import RunOutcome, RunRequest, run_job
 from aggregator.simulators import portfolio as world
 
@@ -29,6 +32,39 @@ class DemoOptions:
     accounts: int = 4
     lookback: int = 4
     revoked_account: bool = False
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sites", type=_positive, default=200, metavar="N", help="default 200")
+    parser.add_argument("--accounts", type=_positive, default=4, metavar="N", help="default 4")
+    parser.add_argument(
+        "--lookback", type=_positive, default=4, metavar="N", help="days ending yesterday"
+    )
+    parser.add_argument(
+        "--revoked-account",
+        action="store_true",
+        help="revoke the last Google account's token to show how a failure is isolated",
+    )
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def command(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the demo on DATABASE_URL (in its own schema) or on the embedded Postgres."""
+    options = DemoOptions(args.sites, args.accounts, args.lookback, args.revoked_account)
+    out = sys.stdout
+    if settings.database_url is not None:
+        server = settings.database_url.reveal()
+        print(f"database: {storage.describe_dsn(server)}, schema {DEMO_SCHEMA}", file=out)
+        return asyncio.run(run_demo(server, options, out))
+    print(f"database: embedded PostgreSQL in {default_data_dir()}, schema {DEMO_SCHEMA}", file=out)
+    with embedded_postgres() as server:
+        return asyncio.run(run_demo(server, options, out))
 
 
 async def prepare_schema(server_dsn: str, schema: str = DEMO_SCHEMA) -> str:
@@ -71,6 +107,12 @@ async def run_demo(server_dsn: str, options: DemoOptions, out: TextIO) -> int:
         await world.seed_portfolio(conn, portfolio)
     finally:
         await conn.close()
+    print(
+        f"simulating {options.sites} sites over {options.accounts} Google accounts "
+        "(Matomo and Google servers on 127.0.0.1)...",
+        file=out,
+        flush=True,
+    )
     async with (
         world.matomo_simulator(portfolio, latency=0.02) as matomo,
         world.google_simulator(portfolio, latency=0.02, qps_per_account=20) as google,

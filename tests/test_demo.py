@@ -1,0 +1,51 @@
+"""`aggregator demo` as a new user runs it: a real process, simulators, a real Postgres."""
+
+import asyncpg
+
+from tests.test_cli import aggregator
+
+
+async def test_demo_on_database_url_isolates_a_revoked_account(server_dsn, tmp_path) -> None:
+    try:
+        result = aggregator(
+            "demo",
+            "--sites",
+            "30",
+            "--accounts",
+            "3",
+            "--revoked-account",
+            env={"DATABASE_URL": server_dsn},
+            cwd=tmp_path,
+        )
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr
+        out = result.stdout
+        assert "schema aggregator_demo" in out
+        assert "Matomo bulk requests       1" in out
+        assert "seo-team-3@demo.example" in out and "reconnect" in out
+        assert "partial:" in out
+        conn = await asyncpg.connect(server_dsn)
+        try:
+            stored = await conn.fetchval(
+                "select count(distinct site_id) from aggregator_demo.daily_analytics"
+            )
+            public = await conn.fetchval("select to_regclass('public.daily_analytics')")
+        finally:
+            await conn.close()
+        assert stored == 30
+        assert public is None  # the demo never touches the operator's own tables
+    finally:
+        conn = await asyncpg.connect(server_dsn)
+        await conn.execute("drop schema if exists aggregator_demo cascade")
+        await conn.close()
+
+
+def test_demo_without_database_url_uses_an_embedded_postgres(tmp_path) -> None:
+    env = {"XDG_DATA_HOME": str(tmp_path / "data")}
+    first = aggregator("demo", "--sites", "12", "--accounts", "2", env=env, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "embedded PostgreSQL" in first.stdout and "ok: " in first.stdout
+    assert (tmp_path / "data" / "aggregator" / "pgdata" / "PG_VERSION").is_file()
+    again = aggregator("demo", "--sites", "12", "--accounts", "2", env=env, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "RuntimeDirWarning" not in first.stderr + again.stderr

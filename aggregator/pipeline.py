@@ -7,6 +7,7 @@ the deadline, interruption, joining, loading and the run record, so sources stay
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from datetime import date
 from typing import Literal
 
 import aiohttp
+import asyncpg
 import structlog
 
 from aggregator import storage
@@ -197,28 +199,29 @@ async def run_job(
                 else {}
             )
             plan = await _plan(conn, settings, request, sites, accounts)
-            run_id = (
-                None
-                if request.dry_run
-                else await storage.start_run(
-                    conn, request.window.start, request.window.end, len(sites)
-                )
-            )
-        table = DailyTable()
-        interrupted = await _collect(settings, request, plan, accounts, sources, table, stop)
-        rows = list(table.rows.values())
-        written = 0
-        errors = list(table.errors)
-        if interrupted:
-            errors.append(SiteError(site="(run)", source="pipeline", error=interrupted))
-        status = final_status(len(rows), errors, interrupted is not None)
-        if not request.dry_run:
-            async with pool.acquire() as conn:
-                written = await storage.upsert_daily_rows(conn, rows)
-                await storage.record_account_refreshes(conn, table.refreshes)
-                await storage.finish_run(
-                    conn, run_id, status=status, rows_upserted=written, errors=errors
-                )
+        # A dry run writes nothing, so it need not wait for (or block) a real run.
+        lock = (
+            contextlib.nullcontext()
+            if request.dry_run
+            else storage.run_lock(pool, settings.lock_wait)
+        )
+        async with lock:
+            run_id = None
+            if not request.dry_run:
+                async with pool.acquire() as conn:
+                    run_id = await storage.start_run(
+                        conn, request.window.start, request.window.end, len(sites)
+                    )
+            table = DailyTable()
+            interrupted = await _collect(settings, request, plan, accounts, sources, table, stop)
+            rows = list(table.rows.values())
+            errors = list(table.errors)
+            if interrupted:
+                errors.append(SiteError(site="(run)", source="pipeline", error=interrupted))
+            status = final_status(len(rows), errors, interrupted is not None)
+            written = 0
+            if run_id is not None:
+                written = await _store(pool, run_id, status, rows, table.refreshes, errors)
     finally:
         await pool.close()
     outcome = RunOutcome(
@@ -242,6 +245,30 @@ async def run_job(
         dry_run=request.dry_run,
     )
     return outcome
+
+
+async def _store(
+    pool: asyncpg.Pool,
+    run_id: int,
+    status: RunStatus,
+    rows: Sequence[storage.DailyRow],
+    refreshes: Sequence[AccountRefresh],
+    errors: Sequence[SiteError],
+) -> int:
+    """Write everything fetched in one go; a database failure here is one clear StorageError."""
+    try:
+        async with pool.acquire() as conn:
+            written = await storage.upsert_daily_rows(conn, rows)
+            await storage.record_account_refreshes(conn, refreshes)
+            await storage.finish_run(
+                conn, run_id, status=status, rows_upserted=written, errors=errors
+            )
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        raise storage.StorageError(
+            f"could not store {len(rows)} fetched rows: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from None
+    return written
 
 
 def _check_requested_domains(domains: Sequence[str], sites: Sequence[Site]) -> None:

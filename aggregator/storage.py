@@ -6,9 +6,10 @@ because Supabase's transaction pooler on port 6543 hands each transaction to a d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
@@ -26,6 +27,10 @@ SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 
 class StorageError(Exception):
     """The database cannot be used; the message says what to fix and never holds the password."""
+
+
+class RunLocked(StorageError):
+    """Another run holds the run lock on this database."""
 
 
 @dataclass(slots=True)
@@ -309,3 +314,33 @@ async def finish_run(
         rows_upserted,
         json.dumps([{"site": e.site, "source": e.source, "error": e.error} for e in errors]),
     )
+
+
+@contextlib.asynccontextmanager
+async def run_lock(pool: asyncpg.Pool, wait_seconds: float) -> AsyncIterator[None]:
+    """Hold the run lock so that two runs (cron overlap, an operator's backfill) never interleave.
+
+    A transaction-scoped advisory lock held in an open transaction on a dedicated connection:
+    a session lock would be lost through a transaction pooler (Supabase port 6543), but an open
+    transaction pins one backend there too. A second run waits up to `wait_seconds`
+    (lock_timeout, no polling) and then gives up with RunLocked.
+    """
+    conn = await pool.acquire()
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        await conn.execute(f"set local lock_timeout = '{int(wait_seconds * 1000)}ms'")
+        await conn.execute("select pg_advisory_xact_lock(hashtext('aggregator.run'))")
+    except asyncpg.LockNotAvailableError:
+        await transaction.rollback()
+        await pool.release(conn)
+        raise RunLocked(
+            f"another aggregator run is still writing to this database (waited {wait_seconds:.0f}s"
+            "): let it finish, or raise AGGREGATOR_LOCK_WAIT_SECONDS"
+        ) from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            await transaction.rollback()
+        await pool.release(conn)

@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import inspect
 import os
+import shutil
+import tempfile
 import types
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -37,7 +39,7 @@ async def _reachable(dsn: str) -> bool:
 
 
 @pytest.fixture(scope="session")
-def server_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server_dsn() -> Iterator[str]:
     configured = os.environ.get("DATABASE_URL")
     if configured:
         yield configured
@@ -45,8 +47,13 @@ def server_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if asyncio.run(_reachable(LOCAL_SERVER)):
         yield LOCAL_SERVER
         return
-    with embedded_postgres(Path(tmp_path_factory.mktemp("pg")) / "data") as dsn:
-        yield dsn
+    # Outside pytest's private temp tree: the embedded server drops root to its own user.
+    data = Path(tempfile.mkdtemp(prefix="aggregator-test-pg-"))
+    try:
+        with embedded_postgres(data / "pgdata") as dsn:
+            yield dsn
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
 
 
 @contextlib.asynccontextmanager

@@ -1,5 +1,9 @@
 """`aggregator demo` as a new user runs it: a real process, simulators, a real Postgres."""
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import asyncpg
 
 from tests.test_cli import aggregator
@@ -41,11 +45,16 @@ async def test_demo_on_database_url_isolates_a_revoked_account(server_dsn, tmp_p
 
 
 def test_demo_without_database_url_uses_an_embedded_postgres(tmp_path) -> None:
-    env = {"XDG_DATA_HOME": str(tmp_path / "data")}
-    first = aggregator("demo", "--sites", "12", "--accounts", "2", env=env, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
-    assert "embedded PostgreSQL" in first.stdout and "ok: " in first.stdout
-    assert (tmp_path / "data" / "aggregator" / "pgdata" / "PG_VERSION").is_file()
-    again = aggregator("demo", "--sites", "12", "--accounts", "2", env=env, cwd=tmp_path)
-    assert again.returncode == 0, again.stderr
-    assert "RuntimeDirWarning" not in first.stderr + again.stderr
+    # Outside pytest's private temp tree: the embedded server drops root to its own user.
+    data = Path(tempfile.mkdtemp(prefix="aggregator-demo-test-"))
+    try:
+        env = {"XDG_DATA_HOME": str(data)}
+        first = aggregator("demo", "--sites", "12", "--accounts", "2", env=env, cwd=tmp_path)
+        assert first.returncode == 0, first.stderr
+        assert "embedded PostgreSQL" in first.stdout and "ok: " in first.stdout
+        assert (data / "aggregator" / "pgdata" / "PG_VERSION").is_file()
+        again = aggregator("demo", "--sites", "12", "--accounts", "2", env=env, cwd=tmp_path)
+        assert again.returncode == 0, again.stderr
+        assert "RuntimeDirWarning" not in first.stderr + again.stderr
+    finally:
+        shutil.rmtree(data, ignore_errors=True)

@@ -4,6 +4,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, date, timedelta
 
+import asyncpg
 import pytest
 
 from aggregator import storage
@@ -202,3 +203,22 @@ async def test_the_run_deadline_cuts_a_hanging_source(db, conn, portfolio) -> No
     )
     assert outcome.status == "failed" and "AGGREGATOR_DEADLINE_SECONDS" in outcome.interrupted
     assert await conn.fetchval("select status from aggregator_runs") == "failed"
+
+
+async def test_a_second_run_waits_for_the_lock_then_gives_up(db, conn, portfolio) -> None:
+    holder = await asyncpg.connect(db)
+    try:
+        async with holder.transaction():
+            await holder.execute("select pg_advisory_xact_lock(hashtext('aggregator.run'))")
+            with pytest.raises(storage.RunLocked, match="AGGREGATOR_LOCK_WAIT_SECONDS"):
+                await run_job(settings_for(db, lock_wait=0.2), RunRequest(WINDOW), sources=SOURCES)
+            # A dry run writes nothing, so it does not queue behind a real run.
+            dry = await run_job(
+                settings_for(db, lock_wait=0.2), RunRequest(WINDOW, dry_run=True), sources=SOURCES
+            )
+            assert dry.rows
+    finally:
+        await holder.close()
+    assert await conn.fetchval("select count(*) from aggregator_runs") == 0
+    outcome = await run_job(settings_for(db), RunRequest(WINDOW), sources=SOURCES)
+    assert outcome.rows_upserted > 0

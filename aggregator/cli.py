@@ -17,6 +17,7 @@ from aggregator.config import ConfigError, Settings, load_settings, read_environ
 from aggregator.dates import DateError, parse_day, resolve_window, today_in
 from aggregator.logs import configure_logging
 from aggregator.pipeline import ALL_SOURCES, RunOutcome, RunRequest, UsageError, run_job
+from aggregator.progress import terminal_progress
 
 EXIT_OK, EXIT_PARTIAL, EXIT_UNUSABLE = 0, 1, 2
 COMMANDS = ("run", "migrate", "status", "accounts", "demo")
@@ -221,7 +222,8 @@ def _run_command(args: argparse.Namespace, settings: Settings) -> int:
         final_only=args.gsc_final_only,
     )
     settings.require_database()
-    outcome = _run_async(lambda stop: run_job(settings, request, stop=stop))
+    with terminal_progress(sys.stderr.isatty()) as progress:
+        outcome = _run_async(lambda stop: run_job(settings, request, stop=stop, progress=progress))
     if request.dry_run:
         print_rows(outcome, sys.stdout)
     print_summary(outcome, sys.stdout)

@@ -21,6 +21,7 @@ from aggregator.config import Secret, Settings
 from aggregator.dates import resolve_window, today_in
 from aggregator.local_postgres import default_data_dir, dsn_with_search_path, embedded_postgres
 from aggregator.pipeline import RunOutcome, RunRequest, run_job
+from aggregator.progress import terminal_progress
 from aggregator.simulators import portfolio as world
 
 DEMO_SCHEMA = "aggregator_demo"
@@ -123,7 +124,8 @@ async def run_demo(server_dsn: str, options: DemoOptions, out: TextIO) -> int:
         )
         window = resolve_window(today_in(settings.timezone), lookback=options.lookback)
         began = time.monotonic()
-        outcome = await run_job(settings, RunRequest(window))
+        with terminal_progress(sys.stderr.isatty()) as progress:
+            outcome = await run_job(settings, RunRequest(window), progress=progress)
         seconds = time.monotonic() - began
         requests = {
             "Matomo bulk requests": matomo.requests,

@@ -30,6 +30,7 @@ from aggregator.model import (
     SiteError,
     SourceRecord,
 )
+from aggregator.progress import NoProgress, ProgressSink
 
 log = structlog.get_logger(__name__)
 
@@ -176,6 +177,7 @@ async def run_job(
     *,
     sources: Mapping[SourceName, Source] | None = None,
     stop: asyncio.Event | None = None,
+    progress: ProgressSink | None = None,
 ) -> RunOutcome:
     """Fetch the window from every enabled source and store it; see RunOutcome for the result.
 
@@ -213,7 +215,9 @@ async def run_job(
                         conn, request.window.start, request.window.end, len(sites)
                     )
             table = DailyTable()
-            interrupted = await _collect(settings, request, plan, accounts, sources, table, stop)
+            interrupted = await _collect(
+                settings, request, plan, accounts, sources, table, stop, progress or NoProgress()
+            )
             rows = list(table.rows.values())
             errors = list(table.errors)
             if interrupted:
@@ -301,7 +305,7 @@ async def _plan(conn, settings, request, sites, accounts):
     return plan
 
 
-async def _collect(settings, request, plan, accounts, sources, table, stop) -> str | None:
+async def _collect(settings, request, plan, accounts, sources, table, stop, progress) -> str | None:
     """Drain every source into `table` until done, the deadline, or `stop`; return why it was
     cut short (None when complete). Whatever arrived before a cut is kept and stored."""
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.http_connect_timeout)
@@ -324,6 +328,7 @@ async def _collect(settings, request, plan, accounts, sources, table, stop) -> s
                     ),
                     chosen,
                     table,
+                    progress,
                 ),
                 name=f"source-{name}",
             )
@@ -359,11 +364,24 @@ async def _drain(
     stream: AsyncIterator[SourceRecord],
     sites: Sequence[Site],
     table: DailyTable,
+    progress: ProgressSink,
 ) -> None:
     """Feed one source into the table. A bug in a source fails that source, not the run."""
+    ids = {site.domain: site.id for site in sites}
+    seen: set[int] = set()
+    failed: set[int] = set()
+    progress.start(name, len(sites))
     try:
         async for record in stream:
             table.add(record)
+            if isinstance(record, SiteError):
+                failed.add(ids.get(record.site, -1))
+                seen.add(ids.get(record.site, -1))
+            elif isinstance(record, MatomoDay | GscDay):
+                seen.add(record.site_id)
+            else:
+                continue
+            progress.update(name, len(seen), len(failed))
     except asyncio.CancelledError:
         raise
     except Exception as exc:

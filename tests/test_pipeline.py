@@ -222,3 +222,22 @@ async def test_a_second_run_waits_for_the_lock_then_gives_up(db, conn, portfolio
     assert await conn.fetchval("select count(*) from aggregator_runs") == 0
     outcome = await run_job(settings_for(db), RunRequest(WINDOW), sources=SOURCES)
     assert outcome.rows_upserted > 0
+
+
+class RecordingProgress:
+    def __init__(self) -> None:
+        self.totals: dict[str, int] = {}
+        self.last: dict[str, tuple[int, int]] = {}
+
+    def start(self, source: str, total: int) -> None:
+        self.totals[source] = total
+
+    def update(self, source: str, done: int, errors: int) -> None:
+        self.last[source] = (done, errors)
+
+
+async def test_progress_counts_sites_done_and_failed_per_source(db, portfolio) -> None:
+    progress = RecordingProgress()
+    await run_job(settings_for(db), RunRequest(WINDOW), sources=SOURCES, progress=progress)
+    assert progress.totals == {"matomo": 2, "gsc": 2}
+    assert progress.last == {"matomo": (2, 1), "gsc": (2, 0)}

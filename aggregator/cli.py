@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 from urllib.parse import urlsplit
 
-from aggregator import __version__, accounts, demo, status, storage
+from aggregator import __version__, accounts, check, demo, status, storage
 from aggregator.config import ConfigError, Settings, load_settings, read_environment
 from aggregator.dates import DateError, parse_day, resolve_window, today_in
 from aggregator.logs import configure_logging
@@ -20,7 +20,7 @@ from aggregator.pipeline import ALL_SOURCES, RunOutcome, RunRequest, UsageError,
 from aggregator.progress import terminal_progress
 
 EXIT_OK, EXIT_PARTIAL, EXIT_UNUSABLE = 0, 1, 2
-COMMANDS = ("run", "migrate", "status", "accounts", "demo")
+COMMANDS = ("run", "migrate", "status", "accounts", "demo", "check")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -102,6 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status_parser.add_argument("--json", action="store_true", help="one JSON document")
 
+    check_parser = commands.add_parser(
+        "check",
+        help="verify configuration, database, Matomo token and site ids, Google accounts",
+        description="Verify configuration, the database and its schema, MATOMO_TOKEN and every "
+        "monitored site's matomo_site_id (one Matomo request), and for every active Google "
+        "account with sites its refresh token (refreshed and recorded in gsc_accounts) and "
+        "which properties it can reach (one sites.list). Prints one table of what is wrong "
+        "and how to fix it. Exit status: 0 no problem (warnings and notes allowed), 1 some "
+        "problem, a missing or outdated schema included, 2 configuration invalid or database "
+        "unreachable.",
+    )
+    check_parser.add_argument("--json", action="store_true", help="one JSON document")
+    check_parser.add_argument("-v", "--verbose", action="store_true", help="show request logs")
+
     accounts_parser = commands.add_parser(
         "accounts", help="list, connect or deactivate Google accounts (gsc_accounts)"
     )
@@ -175,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         secrets=_secrets_of(settings),
         verbose=getattr(args, "verbose", False),
         # The demo prints its own report; its per-request logs are noise unless asked for.
-        quiet=args.command == "demo" and not args.verbose,
+        quiet=args.command in ("demo", "check") and not args.verbose,
     )
     handlers: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
         "run": _run_command,
@@ -183,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": status.command,
         "accounts": accounts.command,
         "demo": demo.command,
+        "check": check.command,
     }
     try:
         return handlers[args.command](args, settings)

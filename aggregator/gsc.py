@@ -2,7 +2,7 @@
 
 One searchAnalytics.query per site covers the whole window (grouped by date), so a 480-day
 backfill costs the same quota as one day. Accounts run concurrently, each paced by its own
-limiter and all by one limiter for the OAuth client (the Cloud project's quota). Every site
+Pacer and all by one Pacer for the OAuth client (the Cloud project's quota). Every site
 ends in GscDay records or one SiteError that tells the operator what to fix: no silent skips,
 no invented zeros.
 """
@@ -10,6 +10,7 @@ no invented zeros.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import random
@@ -23,7 +24,6 @@ from urllib.parse import quote
 
 import aiohttp
 import structlog
-from aiolimiter import AsyncLimiter
 from yarl import URL
 
 from aggregator.config import Settings
@@ -37,6 +37,11 @@ ROW_LIMIT = 25_000
 _UNVERIFIED = "siteunverifieduser"
 _RATE_REASONS = frozenset({"ratelimitexceeded", "userratelimitexceeded"})
 _EXHAUSTED_REASONS = frozenset({"quotaexceeded", "dailylimitexceeded"})
+_MAX_MESSAGE_CHARS = 400
+# The most one answer may hold (module-level so tests can shrink it). A daily-totals answer is
+# ~100 bytes a day, well under 1 MiB for Search Console's 16 months; beyond this the site fails
+# on its own instead of the process running out of memory.
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 
 # The one place backoff waits happen, so tests can replace it and never really sleep.
 _backoff_sleep: Sleep = asyncio.sleep
@@ -60,12 +65,38 @@ class AccountQuotaExhausted(SiteFailure):
 
 
 def normalize_domain(domain: str) -> str:
-    """The bare host of a stored domain, which may carry a scheme, `www.` or a trailing dot."""
+    """The bare host of a stored domain, which may carry a scheme, `www.`, a port or a trailing
+    dot. A non-ASCII (IDN) host is given in punycode (`bücher.example` ->
+    `xn--bcher-kva.example`), the form Search Console lists properties in."""
     host = domain.strip().lower()
     if "://" in host:
         host = host.split("://", 1)[1]
-    host = host.split("/", 1)[0].rstrip(".")
-    return host.removeprefix("www.")
+    host = host.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0].rsplit("@", 1)[-1]
+    name, _, port = host.rpartition(":")
+    if name and port.isdigit():
+        host = name
+    return _ascii_host(host.rstrip(".")).removeprefix("www.")
+
+
+def _ascii_host(host: str) -> str:
+    if host.isascii():
+        return host
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:  # an empty or over-long label: no property can match it anyway
+        return host
+
+
+def _canonical_property(prop: str) -> str:
+    """A sites.list property in the spelling candidate_properties uses (lower case, punycode)."""
+    lowered = prop.lower()
+    if lowered.startswith("sc-domain:"):
+        return "sc-domain:" + _ascii_host(lowered.removeprefix("sc-domain:"))
+    scheme, sep, rest = lowered.partition("://")
+    if not sep:
+        return lowered
+    host, slash, path = rest.partition("/")
+    return f"{scheme}://{_ascii_host(host)}{slash}{path}"
 
 
 def candidate_properties(domain: str) -> tuple[str, str, str]:
@@ -87,7 +118,7 @@ def accessible_properties(sites_list: Mapping[str, Any]) -> frozenset[str]:
 
 def pick_property(domain: str, accessible: Iterable[str]) -> str | None:
     """The first candidate property the account can read, spelled as sites.list spells it."""
-    by_lower = {prop.lower(): prop for prop in accessible}
+    by_lower = {_canonical_property(prop): prop for prop in accessible}
     for candidate in candidate_properties(domain):
         if candidate in by_lower:
             return by_lower[candidate]
@@ -161,42 +192,61 @@ def _rows_by_day(body: Mapping[str, Any], start: date, end: date) -> dict[date, 
             raise GscDataError(f"a row is {type(row).__name__}, expected an object")
         keys = row.get("keys")
         if not isinstance(keys, list) or not keys or not isinstance(keys[0], str):
-            raise GscDataError(f"row keys {keys!r} do not start with a date")
+            raise GscDataError(f"row keys {_brief(keys)} do not start with a date")
         day = _parse_date(keys[0], "row date")
         if not start <= day <= end:
             continue
         if day in parsed:
             raise GscDataError(f"two rows for {day}")
         parsed[day] = (
-            _count(row, "clicks", day),
-            _count(row, "impressions", day),
-            _ratio(row, "ctr", day),
+            _count(row, "clicks", day, _MAX_CLICKS),
+            _count(row, "impressions", day, _MAX_IMPRESSIONS),
+            _ratio(row, "ctr", day, high=1.0),
             _ratio(row, "position", day),
         )
     return parsed
 
 
-def _count(row: Mapping[str, Any], name: str, day: date) -> int:
+# The columns' ranges (daily_analytics.gsc_clicks integer, gsc_impressions bigint): a larger
+# number would fail the whole run's upsert, so it is refused here, for its site only.
+_MAX_CLICKS = 2**31 - 1
+_MAX_IMPRESSIONS = 2**63 - 1
+
+
+def _brief(value: object) -> str:
+    """repr of a value from an answer, cut short: an error message must not carry a payload."""
+    shown = repr(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
+def _count(row: Mapping[str, Any], name: str, day: date, limit: int) -> int:
     """Clicks/impressions are declared double but are whole, non-negative numbers in practice."""
     value = row.get(name)
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
+        or not 0 <= value <= limit  # before int(): also rules out nan, inf and huge ints
         or value != int(value)
     ):
-        raise GscDataError(f"{name} for {day} is {value!r}, expected a whole number >= 0")
+        raise GscDataError(f"{name} for {day} is {_brief(value)}, expected a whole number >= 0")
     return int(value)
 
 
-def _ratio(row: Mapping[str, Any], name: str, day: date) -> float | None:
+def _ratio(row: Mapping[str, Any], name: str, day: date, *, high: float = math.inf) -> float | None:
+    """CTR (0..1) or average position (>= 0); absent or null is stored as NULL."""
     value = row.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise GscDataError(f"{name} for {day} is {value!r}, expected a number")
-    return float(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise GscDataError(f"{name} for {day} is {_brief(value)}, expected a number")
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond any float
+        number = math.inf
+    if not (math.isfinite(number) and 0 <= number <= high):
+        bounds = f"from 0 to {high:g}" if math.isfinite(high) else ">= 0"
+        raise GscDataError(f"{name} for {day} is {_brief(value)}, expected a number {bounds}")
+    return number
 
 
 def _first_incomplete_date(body: Mapping[str, Any]) -> date | None:
@@ -208,7 +258,7 @@ def _first_incomplete_date(body: Mapping[str, Any]) -> date | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise GscDataError(f"metadata firstIncompleteDate is {value!r}, expected a date")
+        raise GscDataError(f"metadata firstIncompleteDate is {_brief(value)}, expected a date")
     return _parse_date(value, "metadata firstIncompleteDate")
 
 
@@ -216,7 +266,7 @@ def _parse_date(value: str, what: str) -> date:
     try:
         return date.fromisoformat(value[:10])
     except ValueError:
-        raise GscDataError(f"{what} {value!r} is not a YYYY-MM-DD date") from None
+        raise GscDataError(f"{what} {_brief(value)} is not a YYYY-MM-DD date") from None
 
 
 class ErrorKind(Enum):
@@ -248,6 +298,8 @@ def classify_google_error(status: int, body: object) -> GoogleError:
     domain = str(first.get("domain", "")).lower()
     message = error.get("message") or first.get("message") or f"HTTP {status}"
     message = " ".join(str(message).split())
+    if len(message) > _MAX_MESSAGE_CHARS:  # stored in aggregator_runs.errors: keep it a line
+        message = message[: _MAX_MESSAGE_CHARS - 3] + "..."
     lowered = (reason or "").lower()
 
     if status == 429:
@@ -285,11 +337,49 @@ def rate_limit_delay(
     return retry_after + rand()
 
 
-def limiter_for(queries_per_second: float) -> AsyncLimiter:
-    """A limiter for a rate that may be below 1/s, which AsyncLimiter(rate, 1) cannot grant."""
-    if queries_per_second >= 1:
-        return AsyncLimiter(queries_per_second, 1)
-    return AsyncLimiter(1, 1 / queries_per_second)
+# Pacing runs this much slower than the configured rate. Requests leave exactly evenly spaced,
+# but a server stamps them on arrival, a little later and not all equally late; at exactly
+# 1/rate apart the (rate+1)-th request lands on the very edge of a 1-second window, so any
+# jitter would tip it over. 10% leaves 100 ms of slack per second of requests: loop stalls of
+# 30-45 ms were seen while Matomo bulk answers were being parsed (`make bench`).
+PACING_HEADROOM = 1.10
+
+
+class Pacer:
+    """Spaces requests evenly: consecutive slots are at least `headroom / per_second` apart.
+
+    Why not aiolimiter's AsyncLimiter(rate, 1): it is a leaky bucket of capacity `rate`, so
+    `rate` requests go out at once and more follow as it drains: a 1-second window sees up to
+    about 2 x rate and a server that counts per second answers the excess with 429. Even spacing
+    keeps every 1-second window at `per_second` requests or fewer, for rates below 1/s too.
+
+    A slot is held (`async with pacer.slot():`) until the request is about to go out, and the
+    next slot is measured from then, so waiting inside one slot for another pacer (the
+    account's slot waits for the client's) never bunches this pacer's requests. Waiters are
+    served first come, first served; the clock is the event loop's monotonic clock.
+    """
+
+    def __init__(self, per_second: float, *, headroom: float = PACING_HEADROOM) -> None:
+        if not per_second > 0:
+            raise ValueError(f"per_second must be > 0, got {per_second!r}")
+        self.per_second = per_second
+        self.interval = headroom / per_second
+        self.granted = 0
+        self._next = -math.inf  # loop time before which no slot starts
+        self._lock = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            delay = self._next - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self.granted += 1
+            try:
+                yield
+            finally:
+                self._next = loop.time() + self.interval
 
 
 # --- edges: HTTP, pacing, concurrency ---------------------------------------------------------
@@ -298,10 +388,10 @@ def limiter_for(queries_per_second: float) -> AsyncLimiter:
 class _AccountRun:
     """Everything shared by one account's site tasks during one run."""
 
-    def __init__(self, account: GscAccount, token: AccountToken, limiter: AsyncLimiter) -> None:
+    def __init__(self, account: GscAccount, token: AccountToken, pacer: Pacer) -> None:
         self.account = account
         self.token = token
-        self.limiter = limiter
+        self.pacer = pacer
         self.quota_exhausted = False
         self._sites_list_lock = asyncio.Lock()
         self._accessible: frozenset[str] | SiteFailure | None = None
@@ -347,7 +437,7 @@ class _SearchConsole:
         self._start = start
         self._end = end
         self._final_only = final_only
-        self._client_limiter = limiter_for(settings.gsc_max_qps_per_client)
+        self._client_pacer = Pacer(settings.gsc_max_qps_per_client)
         self._timeout = aiohttp.ClientTimeout(
             total=settings.gsc_timeout, sock_connect=settings.http_connect_timeout
         )
@@ -388,7 +478,7 @@ class _SearchConsole:
             for site in sites:
                 emit(SiteError(site.domain, SOURCE, str(failure)))
         else:
-            run = _AccountRun(account, token, limiter_for(self._settings.gsc_max_qps_per_account))
+            run = _AccountRun(account, token, Pacer(self._settings.gsc_max_qps_per_account))
             parallel = asyncio.Semaphore(
                 max(1, math.ceil(self._settings.gsc_max_qps_per_account * 2))
             )
@@ -473,9 +563,10 @@ class _SearchConsole:
         while True:
             run.check_quota()
             token = await run.token.get()
-            # The account's own limit first: waiting on it must not use up client capacity.
-            await run.limiter.acquire()
-            await self._client_limiter.acquire()
+            # The account's own slot first, so waiting for it uses up no client capacity; it
+            # is held while the client's slot is awaited, so its spacing is kept when sent.
+            async with run.pacer.slot(), self._client_pacer.slot():
+                pass
             run.check_quota()
             retry_after: float | None = None
             try:
@@ -549,17 +640,35 @@ class _SearchConsole:
             headers={"Authorization": f"Bearer {token}"},
             timeout=self._timeout,
         ) as response:
-            raw = await response.read()
+            raw = await _read_capped(response, MAX_RESPONSE_BYTES)
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
             try:
                 body: object = json.loads(raw)
-            except ValueError:  # proxies' HTML error pages, truncated or non-UTF-8 bodies
+            # Proxies' HTML error pages, truncated or non-UTF-8 bodies; absurd nesting.
+            except (ValueError, RecursionError):
                 body = None
             return response.status, retry_after, body
 
     def _describe(self, error: GoogleError) -> str:
         reason = f" {error.reason}" if error.reason else ""
         return self._redact(f"HTTP {error.status}{reason}: {error.message}")
+
+
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, or SiteFailure as soon as it is known to exceed `limit` bytes."""
+    too_big = SiteFailure(
+        f"Search Console answer exceeds {limit // (1024 * 1024)} MiB ({response.url.path})"
+    )
+    if response.content_length is not None and response.content_length > limit:
+        raise too_big
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(1024 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def fetch_gsc_performance(
@@ -591,3 +700,50 @@ async def fetch_gsc_performance(
     finally:
         producer.cancel()
         await asyncio.gather(producer, return_exceptions=True)
+
+
+# --- access check (`aggregator check`) ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AccountAccess:
+    """One account's token refresh and sites.list, as a run would do them, without queries.
+
+    `properties` is None when the token could not be refreshed (`token_error`, the run's own
+    message and class) or sites.list failed (`list_error`). `refresh` is for gsc_accounts.
+    """
+
+    account: GscAccount
+    properties: frozenset[str] | None = None
+    token_error: TokenError | None = None
+    list_error: str | None = None
+    refresh: AccountRefresh | None = None
+
+
+async def account_access(
+    accounts: Sequence[GscAccount], settings: Settings, session: aiohttp.ClientSession
+) -> list[AccountAccess]:
+    """Refresh each account's token and list its properties: two requests per account, the
+    accounts concurrently, paced and retried by the same code as a run."""
+    today = date.today()  # unused: sites.list has no window
+    console = _SearchConsole(settings, session, today, today, final_only=False)
+
+    async def one(account: GscAccount) -> AccountAccess:
+        token = AccountToken(account, settings, console._redact, sleep=_backoff_sleep)
+        try:
+            await token.get()
+        except TokenError as failure:
+            return AccountAccess(account, token_error=failure, refresh=token.outcome)
+        run = _AccountRun(account, token, Pacer(settings.gsc_max_qps_per_account))
+        try:
+            answer = await console._call(
+                run, "GET", "/webmasters/v3/sites", None, subject="sites.list"
+            )
+        except TokenError as failure:  # the token died between refresh and use
+            return AccountAccess(account, token_error=failure, refresh=token.outcome)
+        except SiteFailure as failure:
+            error = console._redact(str(failure))
+            return AccountAccess(account, list_error=error, refresh=token.outcome)
+        return AccountAccess(account, accessible_properties(answer), refresh=token.outcome)
+
+    return list(await asyncio.gather(*(one(account) for account in accounts)))

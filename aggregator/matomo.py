@@ -50,6 +50,13 @@ _ACCESS_REFUSAL = re.compile(
     r"can.t access|requires .{0,20}access|token|logged in|authenticat", re.IGNORECASE
 )
 _MAX_MESSAGE_CHARS = 400
+# Postgres `integer` (daily_analytics.matomo_visits/actions): a larger count would fail the
+# whole run's upsert, so it is refused here, for its site only.
+_MAX_COUNT = 2**31 - 1
+# The most one bulk answer may hold (module-level so tests can shrink it). A legitimate answer is
+# ~250 bytes per site-day (100 sites x 5 years ~ 45 MB); beyond this the batch fails on its own
+# instead of the process running out of memory.
+MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 
 
 class MatomoError(Exception):
@@ -242,9 +249,9 @@ def _as_count(value: Any) -> int | None:
             except ValueError:
                 return None
     if isinstance(value, int):
-        return value if value >= 0 else None
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer() and value >= 0:
-        return int(value)
+        return value if 0 <= value <= _MAX_COUNT else None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value) if 0 <= value <= _MAX_COUNT else None
     return None
 
 
@@ -347,7 +354,7 @@ async def _post_once(endpoint: _Endpoint, form: dict[str, str]) -> Any:
         async with endpoint.session.post(
             endpoint.url, data=form, timeout=endpoint.timeout
         ) as response:
-            body = await response.read()
+            body = await read_capped(response, MAX_RESPONSE_BYTES)
             return decode_answer(response.status, response.content_type, body)
     except TimeoutError:
         raise MatomoTransientError("timed out") from None
@@ -355,6 +362,24 @@ async def _post_once(endpoint: _Endpoint, form: dict[str, str]) -> Any:
         raise MatomoTransientError(f"connection error: {type(exc).__name__}: {exc}") from None
     except aiohttp.ClientError as exc:
         raise MatomoError(f"Matomo request failed: {type(exc).__name__}: {exc}") from None
+
+
+async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, or MatomoError as soon as it is known to exceed `limit` bytes."""
+    too_big = MatomoError(
+        f"Matomo answer exceeds {limit // (1024 * 1024)} MiB: lower MATOMO_BATCH_SIZE or fetch "
+        "a shorter window"
+    )
+    if response.content_length is not None and response.content_length > limit:
+        raise too_big
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(1024 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def decode_answer(status: int, content_type: str, body: bytes) -> Any:
@@ -367,6 +392,8 @@ def decode_answer(status: int, content_type: str, body: bytes) -> Any:
         raise MatomoTransientError(f"HTTP {status}")
     try:
         answer = json.loads(body)
+    except RecursionError:
+        raise MatomoError("Matomo answer is nested too deeply to be metrics") from None
     except ValueError:
         if status == 200:
             if content_type == "application/json":
@@ -380,3 +407,67 @@ def decode_answer(status: int, content_type: str, body: bytes) -> Any:
             raise MatomoError(f"Matomo rejected MATOMO_TOKEN (HTTP 401){detail}")
         raise MatomoError(f"Matomo answered HTTP {status}{detail}")
     return answer
+
+
+# --- access check (`aggregator check`) ---------------------------------------------------------
+
+
+class MatomoAccessRefused(MatomoError):
+    """Matomo refused MATOMO_TOKEN itself (wrong, expired or without any view access)."""
+
+
+VIEW_ACCESS_METHOD = "SitesManager.getSitesIdWithAtLeastViewAccess"
+
+
+def parse_site_ids(answer: Any) -> frozenset[int]:
+    """The site ids of a `getSitesIdWithAtLeastViewAccess` answer (ints or numeric strings)."""
+    message = error_message(answer)
+    if message is not None:
+        if _ACCESS_REFUSAL.search(message):
+            raise MatomoAccessRefused(f"Matomo refused MATOMO_TOKEN: {message}")
+        raise MatomoError(f"Matomo rejected {VIEW_ACCESS_METHOD}: {message}")
+    if not isinstance(answer, list):
+        raise MatomoError(f"Matomo answered {VIEW_ACCESS_METHOD} with {_kind(answer)}")
+    ids = set()
+    for value in answer:
+        count = _as_count(value)
+        if count is None:
+            raise MatomoError(f"Matomo answered {VIEW_ACCESS_METHOD} with a non-id element")
+        ids.add(count)
+    return frozenset(ids)
+
+
+async def viewable_site_ids(settings: Settings, session: aiohttp.ClientSession) -> frozenset[int]:
+    """Every Matomo site id MATOMO_TOKEN can view, from one POST (the token in the body).
+
+    Matomo runs a call with an unknown token as the anonymous user, which can usually view
+    nothing: an empty set is what a wrong token looks like. MatomoAccessRefused when Matomo
+    refuses the token outright, MatomoError for anything else; messages never hold the token.
+    """
+    if settings.matomo_url is None or settings.matomo_token is None:
+        raise ConfigError("MATOMO_URL and MATOMO_TOKEN must both be set to check Matomo access")
+    endpoint = _Endpoint(
+        session=session,
+        url=f"{settings.matomo_url.rstrip('/')}/index.php",
+        token=settings.matomo_token,
+        timeout=aiohttp.ClientTimeout(
+            total=settings.matomo_timeout, sock_connect=settings.http_connect_timeout
+        ),
+        max_attempts=settings.http_max_attempts,
+        in_flight=asyncio.Semaphore(1),
+        backoff_initial=BACKOFF_INITIAL_SECONDS,
+        backoff_max=BACKOFF_MAX_SECONDS,
+    )
+    form = {
+        "module": "API",
+        "method": VIEW_ACCESS_METHOD,
+        "format": "json",
+        "token_auth": endpoint.token.reveal(),
+    }
+    try:
+        answer, _ = await _post_with_retries(endpoint, form, sites=0)
+        return parse_site_ids(answer)
+    except MatomoError as exc:
+        refused = isinstance(exc, MatomoAccessRefused) or "HTTP 401" in str(exc)
+        kind = MatomoAccessRefused if refused else MatomoError
+        raise kind(redact(str(exc), endpoint.token)) from None

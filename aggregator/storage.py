@@ -7,9 +7,10 @@ because Supabase's transaction pooler on port 6543 hands each transaction to a d
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import socket
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
@@ -76,7 +77,11 @@ async def connect(database_url: Secret, *, connect_timeout: float = 10.0) -> asy
     except socket.gaierror:
         raise StorageError(f"database host in DATABASE_URL ({where}) cannot be resolved") from None
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        reason = _scrub(str(exc) or type(exc).__name__, dsn)
+        reason = " ".join(_scrub(str(exc) or type(exc).__name__, dsn).split())  # one line
+        if "rejected SSL upgrade" in reason:
+            reason += (
+                " (DATABASE_URL asks for sslmode=require or stricter; the server offers no TLS)"
+            )
         raise StorageError(f"cannot connect to database at {where}: {reason}") from None
 
 
@@ -199,36 +204,49 @@ _STAGE_COLUMNS = (
     "gsc_final",
 )
 
-# Only rows whose values change are touched, so a re-run leaves rows (timestamps included)
-# exactly as they were. A provisional answer never replaces numbers already stored as final.
-_UPSERT_MATOMO = """
-insert into daily_analytics as d (site_id, date, matomo_visits, matomo_actions, matomo_updated_at)
-select site_id, date, matomo_visits, matomo_actions, now() from aggregator_stage where has_matomo
-on conflict (site_id, date) do update
-set matomo_visits = excluded.matomo_visits,
-    matomo_actions = excluded.matomo_actions,
-    matomo_updated_at = excluded.matomo_updated_at
-where (d.matomo_visits, d.matomo_actions)
-      is distinct from (excluded.matomo_visits, excluded.matomo_actions)
-"""
+_MATOMO_COLUMNS = ("matomo_visits", "matomo_actions")
+_GSC_COLUMNS = ("gsc_clicks", "gsc_impressions", "gsc_ctr", "gsc_position", "gsc_final")
 
-_UPSERT_GSC = """
+
+def _differs(columns: Sequence[str]) -> str:
+    return (
+        f"({', '.join(f'd.{c}' for c in columns)}) is distinct from "
+        f"({', '.join(f'excluded.{c}' for c in columns)})"
+    )
+
+
+# Whether a source's numbers are to be written into an existing row. A source that did not
+# answer stages no timestamp (so its columns are left alone); only changed values are
+# written, so a re-run leaves rows (timestamps included) exactly as they were; and a
+# provisional answer never replaces numbers already stored as final.
+_MATOMO_CHANGED = f"excluded.matomo_updated_at is not null and {_differs(_MATOMO_COLUMNS)}"
+_GSC_CHANGED = (
+    f"excluded.gsc_updated_at is not null and {_differs(_GSC_COLUMNS)}"
+    " and not (d.gsc_final is true and excluded.gsc_final is false)"
+)
+
+
+def _keep_unless(changed: str, columns: Sequence[str]) -> list[str]:
+    return [f"{c} = case when {changed} then excluded.{c} else d.{c} end" for c in columns]
+
+
+_SET_CLAUSES = ",\n    ".join(
+    _keep_unless(_MATOMO_CHANGED, (*_MATOMO_COLUMNS, "matomo_updated_at"))
+    + _keep_unless(_GSC_CHANGED, (*_GSC_COLUMNS, "gsc_updated_at"))
+)
+
+# One statement for both sources, so each row is written once (a new row is not inserted by
+# one statement and rewritten by the next): half the row versions, index entries and WAL.
+_UPSERT = f"""
 insert into daily_analytics as d
-    (site_id, date, gsc_clicks, gsc_impressions, gsc_ctr, gsc_position, gsc_final, gsc_updated_at)
-select site_id, date, gsc_clicks, gsc_impressions, gsc_ctr, gsc_position, gsc_final, now()
-from aggregator_stage where has_gsc
+    (site_id, date, {", ".join(_MATOMO_COLUMNS)}, matomo_updated_at,
+     {", ".join(_GSC_COLUMNS)}, gsc_updated_at)
+select site_id, date, {", ".join(_MATOMO_COLUMNS)}, case when has_matomo then now() end,
+       {", ".join(_GSC_COLUMNS)}, case when has_gsc then now() end
+from aggregator_stage where has_matomo or has_gsc
 on conflict (site_id, date) do update
-set gsc_clicks = excluded.gsc_clicks,
-    gsc_impressions = excluded.gsc_impressions,
-    gsc_ctr = excluded.gsc_ctr,
-    gsc_position = excluded.gsc_position,
-    gsc_final = excluded.gsc_final,
-    gsc_updated_at = excluded.gsc_updated_at
-where (d.gsc_clicks, d.gsc_impressions, d.gsc_ctr, d.gsc_position, d.gsc_final)
-      is distinct from
-      (excluded.gsc_clicks, excluded.gsc_impressions, excluded.gsc_ctr, excluded.gsc_position,
-       excluded.gsc_final)
-  and not (d.gsc_final is true and excluded.gsc_final is false)
+set {_SET_CLAUSES}
+where ({_MATOMO_CHANGED}) or ({_GSC_CHANGED})
 """
 
 
@@ -239,14 +257,25 @@ def _stage_record(row: DailyRow) -> tuple:
 
 
 async def upsert_daily_rows(conn: asyncpg.Connection, rows: Iterable[DailyRow]) -> int:
-    """Bulk-upsert rows in one transaction: binary COPY into a staging table, then two
-    INSERT ... ON CONFLICT statements, one per source, so each source writes only its columns.
+    """Bulk-upsert rows in one transaction: binary COPY into a staging table, then one
+    INSERT ... ON CONFLICT in which each source writes only its own columns.
 
     Returns the number of (site, day) rows sent. Keys must be unique (the caller joins per key).
+    Rows are streamed into the COPY as they are read, so a generator of a million rows costs no
+    more memory than a handful.
     """
-    records = [_stage_record(row) for row in rows]
-    if not records:
+    records = map(_stage_record, rows)
+    first = next(records, None)
+    if first is None:
         return 0
+    sent = 0
+
+    def counted() -> Iterator[tuple]:
+        nonlocal sent
+        for record in itertools.chain((first,), records):
+            sent += 1
+            yield record
+
     async with conn.transaction():
         await conn.execute(
             """
@@ -259,11 +288,10 @@ async def upsert_daily_rows(conn: asyncpg.Connection, rows: Iterable[DailyRow]) 
             """
         )
         await conn.copy_records_to_table(
-            "aggregator_stage", records=records, columns=_STAGE_COLUMNS
+            "aggregator_stage", records=counted(), columns=_STAGE_COLUMNS
         )
-        await conn.execute(_UPSERT_MATOMO)
-        await conn.execute(_UPSERT_GSC)
-    return len(records)
+        await conn.execute(_UPSERT)
+    return sent
 
 
 async def record_account_refreshes(

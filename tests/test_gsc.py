@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import json
 import math
 import types
@@ -20,12 +21,12 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 import structlog
-from aiolimiter import AsyncLimiter
 from aioresponses import aioresponses
 from aioresponses import core as aioresponses_core
 from yarl import URL
 
 from aggregator import gsc
+from aggregator.demo import simulated_settings
 from aggregator.gsc import (
     ErrorKind,
     GscDataError,
@@ -41,6 +42,7 @@ from aggregator.gsc import (
     search_analytics_request,
 )
 from aggregator.model import AccountRefresh, GscAccount, GscDay, Site, SiteError
+from aggregator.simulators import portfolio as world
 from tests.test_google_oauth import (
     CLIENT_SECRET,
     INVALID_CLIENT,
@@ -877,27 +879,22 @@ async def test_logs_carry_no_secret(
         assert secret not in logged
 
 
-class CountingLimiter(AsyncLimiter):
-    created: ClassVar[list[CountingLimiter]] = []
+class CountingPacer(gsc.Pacer):
+    created: ClassVar[list[CountingPacer]] = []
 
-    def __init__(self, max_rate: float, time_period: float = 60) -> None:
-        super().__init__(max_rate, time_period)
-        self.acquired = 0
-        CountingLimiter.created.append(self)
-
-    async def acquire(self, amount: float = 1) -> None:
-        self.acquired += 1
-        await super().acquire(amount)
+    def __init__(self, per_second: float) -> None:
+        super().__init__(per_second)
+        CountingPacer.created.append(self)
 
 
-async def test_every_request_passes_its_account_limiter_and_the_shared_client_limiter(
+async def test_every_request_passes_its_account_pacer_and_the_shared_client_pacer(
     mocked: aioresponses,
     token_endpoint: TokenEndpoint,
     sleep: RecordedSleep,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(CountingLimiter, "created", [])
-    monkeypatch.setattr(gsc, "AsyncLimiter", CountingLimiter)
+    monkeypatch.setattr(CountingPacer, "created", [])
+    monkeypatch.setattr(gsc, "Pacer", CountingPacer)
     mocked.get(
         SITES_URL,
         payload={"siteEntry": [{"siteUrl": "sc-domain:a1.com", "permissionLevel": "siteOwner"}]},
@@ -916,19 +913,103 @@ async def test_every_request_passes_its_account_limiter_and_the_shared_client_li
     )
 
     assert errors_of(records) == {}
-    client = [limiter for limiter in CountingLimiter.created if limiter.max_rate == 500.0]
+    client = [pacer for pacer in CountingPacer.created if pacer.per_second == 500.0]
     per_account = sorted(
-        limiter.acquired for limiter in CountingLimiter.created if limiter.max_rate == 100.0
+        pacer.granted for pacer in CountingPacer.created if pacer.per_second == 100.0
     )
-    assert len(client) == 1, "one limiter for the OAuth client, shared by both accounts"
-    assert client[0].acquired == 5  # sites.list + 4 queries
+    assert len(client) == 1, "one pacer for the OAuth client, shared by both accounts"
+    assert client[0].granted == 5  # sites.list + 4 queries
     assert per_account == [2, 3]
 
 
-def test_rates_below_one_per_second_get_a_usable_limiter() -> None:
-    slow = gsc.limiter_for(0.5)
+def test_rates_below_one_per_second_are_paced_too() -> None:
+    slow = gsc.Pacer(0.5)
 
-    assert slow.max_rate == 1 and slow.time_period == 2
+    assert slow.interval == pytest.approx(2 * gsc.PACING_HEADROOM)
+    with pytest.raises(ValueError):
+        gsc.Pacer(0)
+
+
+def busiest_second(times: list[float]) -> int:
+    """The most timestamps in any 1-second window (a)..(a+1), edges included."""
+    times = sorted(times)
+    return max(sum(1 for t in times[i:] if t - first <= 1.0) for i, first in enumerate(times))
+
+
+def assert_spaced(times: list[float], interval: float) -> None:
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    # asyncio may fire a timer up to its clock resolution (1 ns) early.
+    assert min(gaps) >= interval - 1e-6, (min(gaps), interval)
+
+
+async def test_pacer_spreads_requests_evenly_never_a_burst() -> None:
+    """AsyncLimiter(20, 1) let 20 requests out at once and 20 more within the next second."""
+    pacer = gsc.Pacer(20)
+    loop = asyncio.get_running_loop()
+    times: list[float] = []
+
+    async def request() -> None:
+        async with pacer.slot():
+            times.append(loop.time())
+
+    await asyncio.gather(*(request() for _ in range(22)))
+
+    assert_spaced(times, gsc.PACING_HEADROOM / 20)
+    assert busiest_second(times) <= 20
+    assert pacer.granted == 22
+
+
+async def test_waiting_for_the_client_pacer_never_bunches_an_account() -> None:
+    """The client is the bottleneck here: each account's requests still leave evenly spaced."""
+    client = gsc.Pacer(20)
+    accounts = {"a": gsc.Pacer(15), "b": gsc.Pacer(15)}
+    loop = asyncio.get_running_loop()
+    sent: dict[str, list[float]] = {"a": [], "b": []}
+
+    async def request(name: str) -> None:
+        async with accounts[name].slot(), client.slot():
+            sent[name].append(loop.time())
+
+    await asyncio.gather(*(request(name) for _ in range(8) for name in "ab"))
+
+    for times in sent.values():
+        assert len(times) == 8
+        assert_spaced(times, accounts["a"].interval)
+    assert_spaced(sorted(sent["a"] + sent["b"]), client.interval)
+
+
+async def test_paced_run_against_a_per_second_quota_gets_no_429(sleep: RecordedSleep) -> None:
+    """The simulator counts queries per account in a sliding second and answers 429 above its
+    limit: pacing at exactly that limit must never be refused (the old limiter burst into
+    dozens of 429s)."""
+    rate = 10
+    portfolio = world.make_portfolio(28, 2)  # 14 sites per account: more than a second's worth
+    sites = [
+        Site(s.id, s.domain, gsc_account_id=s.gsc_account_id, gsc_property=s.stored_property)
+        for s in portfolio.sites
+    ]
+    accounts = {a.id: GscAccount(a.id, a.email, a.refresh_token) for a in portfolio.accounts}
+    async with world.google_simulator(portfolio, qps_per_account=rate) as google:
+        settings = simulated_settings(
+            "postgresql://unused",
+            "http://unused.invalid",
+            google.url,
+            gsc_max_qps_per_account=float(rate),
+            gsc_max_qps_per_client=1000.0,
+        )
+        async with aiohttp.ClientSession() as session:
+            records = [
+                record
+                async for record in fetch_gsc_performance(
+                    sites, accounts, START, END, settings, session
+                )
+            ]
+
+    assert errors_of(records) == {}
+    assert google.query_requests == len(sites), "no query was refused and retried"
+    assert sleep.waits == []
+    for account in portfolio.accounts:
+        assert 0 < google.max_queries_per_second[account.email] <= rate
 
 
 async def test_stopping_early_cancels_the_remaining_work(

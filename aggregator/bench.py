@@ -1,0 +1,578 @@
+"""`make bench`: the real pipeline against the simulators, and the upsert on real Postgres.
+
+Pipeline: for each size, a portfolio is seeded into a dedicated `aggregator_bench` schema, the
+Matomo and Google simulators serve it on 127.0.0.1 from this process (100 ms per call, Google's
+default quota of 20 queries/s per account, enforced per second), and `aggregator run` itself
+(run_job with the real clients, a 4-day window, INFO logs as JSON lines to a file, as under
+cron) runs in a child process, so its wall time and peak memory are its own. The floor is what
+no client could beat: the slowest account's paced requests at its allowed rate plus the token
+refresh and the last answer, or the OAuth client's share, or Matomo's rounds of bulk requests,
+whichever is longest.
+
+Upsert: storage.upsert_daily_rows with 5,000 sites x 200 days = 1,000,000 rows, once into an
+empty table and once more with every value changed, each pass in its own child process.
+
+Postgres: DATABASE_URL, else postgresql://postgres@127.0.0.1:5432/test, else the embedded
+server; the schema is dropped at the end. `python -m aggregator.bench --help` for the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any, TextIO
+
+import asyncpg
+
+from aggregator import storage
+from aggregator.local_postgres import dsn_with_search_path, embedded_postgres
+from aggregator.simulators import portfolio as world
+
+SCHEMA = "aggregator_bench"
+LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/test"
+LATENCY = 0.100  # seconds per API call, Matomo and Google alike
+ACCOUNT_QPS = 20.0  # Google's default per-user quota (1,200/min), enforced per second
+CLIENT_QPS = 40_000 / 60  # Google's standard per-project quota (40,000/min)
+LOOKBACK_DAYS = 4  # the job's default window
+MATOMO_BATCH_SIZE = 100  # the defaults of Settings
+MATOMO_CONCURRENCY = 4
+DEFAULT_SIZES = (200, 2_000, 10_000)
+DEFAULT_ACCOUNTS = {200: 4, 2_000: 10, 10_000: 20}
+SITES_PER_ACCOUNT = 500  # for other sizes: 500 sites at 20/s is a 25 s floor
+UPSERT_SITES, UPSERT_DAYS = 5_000, 200
+QUICK_UPSERT_SITES = 500
+
+
+def accounts_for(sites: int) -> int:
+    return DEFAULT_ACCOUNTS.get(sites) or max(1, math.ceil(sites / SITES_PER_ACCOUNT))
+
+
+@dataclass(frozen=True, slots=True)
+class Floor:
+    seconds: float
+    bound: str  # what sets it: "account", "client" or "matomo"
+
+
+def pipeline_floor(
+    portfolio: world.Portfolio,
+    *,
+    latency: float = LATENCY,
+    account_qps: float = ACCOUNT_QPS,
+    client_qps: float = CLIENT_QPS,
+    batch_size: int = MATOMO_BATCH_SIZE,
+    concurrency: int = MATOMO_CONCURRENCY,
+) -> Floor:
+    """The fastest any client could fetch `portfolio` under these quotas and latencies.
+
+    Search Console: per account one token refresh, then sites.list (when some site has no
+    stored property) and one query per site, all paced; the last answer takes `latency` more.
+    The OAuth client's quota bounds all accounts' paced requests together. Matomo: bulk
+    requests of `batch_size` sites, `concurrency` at a time, `latency` each. The sources run
+    concurrently, so the floor is the longest of the three.
+    """
+    paced: dict[int, int] = {}
+    needs_list: set[int] = set()
+    for site in portfolio.sites:
+        if site.gsc_account_id is None:
+            continue
+        paced[site.gsc_account_id] = paced.get(site.gsc_account_id, 0) + 1
+        if site.stored_property is None:
+            needs_list.add(site.gsc_account_id)
+    for account_id in needs_list:
+        paced[account_id] += 1
+    candidates = [Floor(0.0, "matomo")]
+    if paced:
+        candidates.append(Floor(2 * latency + max(paced.values()) / account_qps, "account"))
+        candidates.append(Floor(2 * latency + sum(paced.values()) / client_qps, "client"))
+    matomo_sites = sum(1 for site in portfolio.sites if site.matomo_site_id is not None)
+    rounds = math.ceil(math.ceil(matomo_sites / batch_size) / concurrency)
+    candidates[0] = Floor(rounds * latency, "matomo")
+    return max(candidates, key=lambda floor: floor.seconds)
+
+
+def expected_queries(portfolio: world.Portfolio) -> int:
+    """searchAnalytics queries a run needs: one per site with a Google account."""
+    return sum(1 for site in portfolio.sites if site.gsc_account_id is not None)
+
+
+# --- measurements in a child process -----------------------------------------------------------
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set so far (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+async def _child_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
+    from aggregator import gsc, matomo  # noqa: F401  (imported before the baseline is taken)
+    from aggregator.dates import resolve_window, today_in
+    from aggregator.demo import simulated_settings
+    from aggregator.pipeline import RunRequest, run_job
+
+    baseline = peak_rss_mb()
+    settings = simulated_settings(
+        spec["dsn"],
+        spec["matomo_url"],
+        spec["google_url"],
+        gsc_max_qps_per_account=spec["account_qps"],
+        gsc_max_qps_per_client=spec["client_qps"],
+        run_deadline=spec["deadline"],
+    )
+    window = resolve_window(today_in(settings.timezone), lookback=spec["lookback"])
+    began = time.perf_counter()
+    outcome = await run_job(settings, RunRequest(window))
+    seconds = time.perf_counter() - began
+    return {
+        "seconds": seconds,
+        "rows": outcome.rows_upserted,
+        "status": outcome.status,
+        "errors": [f"{e.source} {e.site}: {e.error}" for e in outcome.errors],
+        "baseline_mb": baseline,
+        "peak_mb": peak_rss_mb(),
+    }
+
+
+def synthetic_rows(sites: int, days: int, *, variant: int) -> Iterator[storage.DailyRow]:
+    """sites x days rows with both sources, generated lazily; another `variant` changes every
+    value, so a second pass updates every row."""
+    first = date(2024, 1, 1)
+    calendar = [first + timedelta(days=n) for n in range(days)]
+    for site_id in range(1, sites + 1):
+        for n, day in enumerate(calendar):
+            visits = (site_id * 7 + n * 13 + variant) % 5_000
+            impressions = (site_id * 31 + n * 17 + variant) % 100_000 + 1
+            clicks = impressions // (3 + variant)
+            yield storage.DailyRow(
+                site_id,
+                day,
+                matomo=(visits, visits * 3),
+                gsc=(clicks, impressions, clicks / impressions, 1.0 + n % 50, n < days - 3),
+            )
+
+
+async def _child_upsert(spec: dict[str, Any]) -> dict[str, Any]:
+    conn = await asyncpg.connect(spec["dsn"])
+    try:
+        baseline = peak_rss_mb()
+        rows = synthetic_rows(spec["sites"], spec["days"], variant=spec["variant"])
+        began = time.perf_counter()
+        count = await storage.upsert_daily_rows(conn, rows)
+        seconds = time.perf_counter() - began
+    finally:
+        await conn.close()
+    return {"rows": count, "seconds": seconds, "baseline_mb": baseline, "peak_mb": peak_rss_mb()}
+
+
+async def _in_child(kind: str, spec: dict[str, Any], limit: float) -> dict[str, Any]:
+    """Run one measurement in a fresh interpreter; its stdout is one JSON object."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "aggregator.bench",
+        "--child",
+        kind,
+        json.dumps(spec),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        stdout, _ = await asyncio.wait_for(process.communicate(), limit)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise RuntimeError(f"the {kind} child did not finish within {limit:.0f}s") from None
+    if process.returncode != 0:
+        raise RuntimeError(f"the {kind} child failed with exit status {process.returncode}")
+    return json.loads(stdout.decode().strip().splitlines()[-1])
+
+
+# --- scenarios (parent process) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineResult:
+    sites: int
+    accounts: int
+    seconds: float
+    floor: Floor
+    matomo_requests: int
+    token_requests: int
+    sites_requests: int
+    query_requests: int
+    refused: int  # queries beyond one per site: 429s (and other retries)
+    max_account_qps: int
+    rows: int
+    status: str
+    errors: list[str]
+    baseline_mb: float
+    peak_mb: float
+
+    @property
+    def ratio(self) -> float:
+        return self.seconds / self.floor.seconds
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.seconds
+
+
+async def _seed(dsn: str, portfolio: world.Portfolio) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await world.seed_portfolio(conn, portfolio)
+        await conn.execute("analyze")
+    finally:
+        await conn.close()
+
+
+async def pipeline_scenario(dsn: str, sites: int, workdir: Path) -> PipelineResult:
+    accounts = accounts_for(sites)
+    portfolio = world.make_portfolio(sites, accounts)
+    await _seed(dsn, portfolio)
+    floor = pipeline_floor(portfolio)
+    async with (
+        world.matomo_simulator(portfolio, latency=LATENCY) as matomo,
+        world.google_simulator(portfolio, latency=LATENCY, qps_per_account=ACCOUNT_QPS) as google,
+    ):
+        spec = {
+            "dsn": dsn,
+            "matomo_url": matomo.url,
+            "google_url": google.url,
+            "account_qps": ACCOUNT_QPS,
+            "client_qps": CLIENT_QPS,
+            "lookback": LOOKBACK_DAYS,
+            "deadline": 20 * floor.seconds + 60,
+            "log": str(workdir / f"run-{sites}.jsonl"),
+        }
+        child = await _in_child("pipeline", spec, limit=spec["deadline"] + 60)
+    return PipelineResult(
+        sites=sites,
+        accounts=accounts,
+        seconds=child["seconds"],
+        floor=floor,
+        matomo_requests=matomo.requests,
+        token_requests=google.token_requests,
+        sites_requests=google.sites_requests,
+        query_requests=google.query_requests,
+        refused=google.query_requests - expected_queries(portfolio),
+        max_account_qps=max(google.max_queries_per_second.values(), default=0),
+        rows=child["rows"],
+        status=child["status"],
+        errors=child["errors"],
+        baseline_mb=child["baseline_mb"],
+        peak_mb=child["peak_mb"],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class UpsertResult:
+    label: str
+    rows: int
+    seconds: float
+    baseline_mb: float
+    peak_mb: float
+    stored: int
+
+
+async def upsert_scenario(dsn: str, sites: int, days: int) -> list[UpsertResult]:
+    await _seed(dsn, world.make_portfolio(sites, 1))
+    results = []
+    for label, variant in (("insert", 0), ("update all", 1)):
+        spec = {"dsn": dsn, "sites": sites, "days": days, "variant": variant}
+        child = await _in_child("upsert", spec, limit=600)
+        conn = await asyncpg.connect(dsn)
+        try:
+            # Check what the pass did: every row there, carrying this pass's values.
+            expected = next(iter(synthetic_rows(sites, days, variant=variant)))
+            stored = await conn.fetchval("select count(*) from daily_analytics")
+            first = await conn.fetchrow(
+                "select matomo_visits, gsc_impressions from daily_analytics"
+                " where site_id = $1 and date = $2",
+                expected.site_id,
+                expected.day,
+            )
+        finally:
+            await conn.close()
+        assert expected.matomo and expected.gsc
+        if tuple(first) != (expected.matomo[0], expected.gsc[1]):
+            raise RuntimeError(f"upsert pass {label!r} stored {tuple(first)}, not this pass's data")
+        results.append(
+            UpsertResult(
+                label,
+                child["rows"],
+                child["seconds"],
+                child["baseline_mb"],
+                child["peak_mb"],
+                stored,
+            )
+        )
+    return results
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain-text table: first column left-aligned, the others right-aligned."""
+    cells = [[str(v) for v in header], *[[str(v) for v in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule, *(line(row) for row in cells[1:])])
+
+
+def pipeline_table(results: Sequence[PipelineResult]) -> str:
+    return table(
+        (
+            "sites",
+            "accounts",
+            "wall s",
+            "floor s",
+            "ratio",
+            "Matomo",
+            "tokens",
+            "sites.list",
+            "queries",
+            "refused",
+            "max q/s",
+            "rows",
+            "rows/s",
+            "peak RSS MB",
+            "status",
+        ),
+        [
+            (
+                f"{r.sites:,}",
+                r.accounts,
+                f"{r.seconds:.2f}",
+                f"{r.floor.seconds:.2f} ({r.floor.bound})",
+                f"{r.ratio:.2f}",
+                r.matomo_requests,
+                r.token_requests,
+                r.sites_requests,
+                f"{r.query_requests:,}",
+                r.refused,
+                r.max_account_qps,
+                f"{r.rows:,}",
+                f"{r.rows_per_second:,.0f}",
+                f"{r.peak_mb:.0f} (+{r.peak_mb - r.baseline_mb:.0f})",
+                r.status if not r.errors else f"{r.status}, {len(r.errors)} errors",
+            )
+            for r in results
+        ],
+    )
+
+
+def upsert_table(results: Sequence[UpsertResult]) -> str:
+    return table(
+        ("pass", "rows", "seconds", "rows/s", "peak RSS MB", "rows stored"),
+        [
+            (
+                r.label,
+                f"{r.rows:,}",
+                f"{r.seconds:.2f}",
+                f"{r.rows / r.seconds:,.0f}",
+                f"{r.peak_mb:.0f} (+{r.peak_mb - r.baseline_mb:.0f})",
+                f"{r.stored:,}",
+            )
+            for r in results
+        ],
+    )
+
+
+# --- entry points ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BenchOptions:
+    sizes: tuple[int, ...] = DEFAULT_SIZES
+    upsert_sites: int | None = UPSERT_SITES  # None: skip the upsert benchmark
+    upsert_days: int = UPSERT_DAYS
+
+
+async def run_bench(server_dsn: str, options: BenchOptions, out: TextIO) -> int:
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        await admin.execute(f"drop schema if exists {SCHEMA} cascade")
+        await admin.execute(f"create schema {SCHEMA}")
+    finally:
+        await admin.close()
+    dsn = dsn_with_search_path(server_dsn, SCHEMA)
+    failed = False
+    try:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await storage.apply_migrations(conn)
+        finally:
+            await conn.close()
+        if options.sizes:
+            print(
+                f"\nPipeline (`aggregator run`, {LOOKBACK_DAYS}-day window) against the "
+                f"simulators on 127.0.0.1: {LATENCY * 1000:.0f} ms per call, "
+                f"{ACCOUNT_QPS:.0f} queries/s per account enforced per second and paced at "
+                f"{ACCOUNT_QPS:.0f}, OAuth client {CLIENT_QPS:.0f}/s; "
+                f"Matomo {MATOMO_BATCH_SIZE} sites per request, {MATOMO_CONCURRENCY} at a time",
+                file=out,
+                flush=True,
+            )
+            results = []
+            with tempfile.TemporaryDirectory(prefix="aggregator-bench-") as workdir:
+                for sites in options.sizes:
+                    results.append(await pipeline_scenario(dsn, sites, Path(workdir)))
+                    print(f"  {sites:,} sites done", file=out, flush=True)
+            print("\n" + pipeline_table(results), file=out)
+            print(
+                "\nfloor: max(slowest account's paced requests / its rate, all paced requests "
+                "/ client rate) + token refresh + last answer, or Matomo's rounds x latency "
+                "(bound named). ratio = wall / floor. refused = queries beyond one per site "
+                "(429s). max q/s = most queries one account had in any 1-s window. rows/s = "
+                "rows upserted / wall. peak RSS = the run's process (+ growth over its "
+                "start, after imports).",
+                file=out,
+            )
+            for r in results:
+                failed = failed or r.status != "ok"
+                for error in r.errors[:5]:
+                    print(f"  {r.sites} sites: {error[:160]}", file=out)
+        if options.upsert_sites:
+            total = options.upsert_sites * options.upsert_days
+            print(
+                f"\nUpsert: storage.upsert_daily_rows, {total:,} rows ({options.upsert_sites:,} "
+                f"sites x {options.upsert_days} days, both sources), each pass in its own process",
+                file=out,
+                flush=True,
+            )
+            upserts = await upsert_scenario(dsn, options.upsert_sites, options.upsert_days)
+            print("\n" + upsert_table(upserts), file=out)
+    finally:
+        admin = await asyncpg.connect(server_dsn)
+        try:
+            await admin.execute(f"drop schema if exists {SCHEMA} cascade")
+        finally:
+            await admin.close()
+    return 1 if failed else 0
+
+
+async def _reachable(dsn: str) -> bool:
+    try:
+        conn = await asyncpg.connect(dsn, timeout=3)
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return False
+    await conn.close()
+    return True
+
+
+@contextlib.contextmanager
+def postgres_server(out: TextIO) -> Iterator[str]:
+    """DATABASE_URL, else the local server on 127.0.0.1:5432, else the embedded one."""
+    configured = os.environ.get("DATABASE_URL")
+    if configured:
+        print(f"database: {storage.describe_dsn(configured)} (DATABASE_URL)", file=out)
+        yield configured
+    elif asyncio.run(_reachable(LOCAL_SERVER)):
+        print(f"database: {storage.describe_dsn(LOCAL_SERVER)}", file=out)
+        yield LOCAL_SERVER
+    else:
+        print("database: embedded PostgreSQL", file=out)
+        with embedded_postgres() as dsn:
+            yield dsn
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"machine: {os.cpu_count()} CPUs ({model}), {memory:.1f} GiB RAM, "
+        f"Python {sys.version.split()[0]}"
+    )
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part.replace("_", "")) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 200,2000, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return sizes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m aggregator.bench",
+        description="Benchmark the pipeline against the simulators and the Postgres upsert.",
+    )
+    parser.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=DEFAULT_SIZES,
+        metavar="N,N,...",
+        help="portfolio sizes for the pipeline benchmark (default 200,2000,10000)",
+    )
+    parser.add_argument("--skip-upsert", action="store_true", help="skip the upsert benchmark")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: 200 sites and a {QUICK_UPSERT_SITES * UPSERT_DAYS:,}-row upsert",
+    )
+    parser.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
+    return parser
+
+
+def _child_main(kind: str, text: str) -> int:
+    spec = json.loads(text)
+    if kind == "pipeline":
+        from aggregator.logs import configure_logging
+
+        with open(spec["log"], "w", encoding="utf-8") as log:
+            # As under cron: INFO and up, JSON lines, secrets masked, into a file.
+            configure_logging(secrets=[world.MATOMO_TOKEN, world.CLIENT_SECRET], stream=log)
+            result = asyncio.run(_child_pipeline(spec))
+    else:
+        result = asyncio.run(_child_upsert(spec))
+    print(json.dumps(result))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.child:
+        return _child_main(*args.child)
+    options = BenchOptions(
+        sizes=(200,) if args.quick else args.sizes,
+        upsert_sites=None
+        if args.skip_upsert
+        else QUICK_UPSERT_SITES
+        if args.quick
+        else UPSERT_SITES,
+    )
+    out = sys.stdout
+    print(machine(), file=out)
+    with postgres_server(out) as server:
+        return asyncio.run(run_bench(server, options, out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The benchmark's pure helpers: the theoretical floor, account counts, rows and the table."""
+
+from __future__ import annotations
+
+import pytest
+
+from aggregator import bench
+from aggregator.simulators import portfolio as world
+
+
+def test_floor_is_the_slowest_accounts_paced_requests_plus_two_latencies() -> None:
+    portfolio = world.make_portfolio(200, 4)
+    # 200 sites, every 30th without Search Console: 194 queries over 4 accounts; every account
+    # has sites without a stored property, so each also needs one sites.list.
+    queries = {a.id: 0 for a in portfolio.accounts}
+    for site in portfolio.sites:
+        if site.gsc_account_id is not None:
+            queries[site.gsc_account_id] += 1
+    slowest = max(queries.values()) + 1  # + sites.list
+
+    floor = bench.pipeline_floor(portfolio, latency=0.1, account_qps=20, client_qps=1000)
+
+    assert bench.expected_queries(portfolio) == 194
+    assert floor.bound == "account"
+    assert floor.seconds == pytest.approx(0.2 + slowest / 20)
+
+
+def test_floor_names_the_client_or_matomo_when_they_are_slower() -> None:
+    portfolio = world.make_portfolio(200, 4)
+
+    client = bench.pipeline_floor(portfolio, latency=0.1, account_qps=20, client_qps=10)
+    assert client.bound == "client"
+    assert client.seconds == pytest.approx(0.2 + (194 + 4) / 10)
+
+    matomo = bench.pipeline_floor(portfolio, latency=10, batch_size=10, concurrency=1)
+    assert matomo.bound == "matomo"
+    assert matomo.seconds == pytest.approx(20 * 10)  # 192 Matomo sites: 20 rounds of 10 s
+
+
+def test_an_account_whose_properties_are_all_stored_needs_no_sites_list() -> None:
+    portfolio = world.make_portfolio(20, 10)  # account 10 owns sites 10 and 20: both stored
+    floor = bench.pipeline_floor(portfolio, latency=0, account_qps=1, client_qps=1000)
+    assert floor.seconds == pytest.approx(3)  # the others: 2 queries + sites.list
+
+
+def test_accounts_for_sizes() -> None:
+    assert [bench.accounts_for(n) for n in (200, 2_000, 10_000)] == [4, 10, 20]
+    assert bench.accounts_for(50) == 1
+    assert bench.accounts_for(5_001) == 11
+
+
+def test_synthetic_rows_are_unique_and_a_second_variant_changes_every_row() -> None:
+    first = list(bench.synthetic_rows(7, 5, variant=0))
+    second = list(bench.synthetic_rows(7, 5, variant=1))
+
+    assert len({(r.site_id, r.day) for r in first}) == 35
+    assert all(a.matomo != b.matomo and a.gsc != b.gsc for a, b in zip(first, second, strict=True))
+
+
+def test_table_aligns_columns() -> None:
+    text = bench.table(("name", "n"), [("a", 1), ("longer", 1000)])
+    assert text.splitlines() == ["name       n", "------  ----", "a          1", "longer  1000"]

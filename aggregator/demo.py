@@ -118,9 +118,9 @@ async def run_demo(server_dsn: str, options: DemoOptions, out: TextIO) -> int:
         world.matomo_simulator(portfolio, latency=0.02) as matomo,
         world.google_simulator(portfolio, latency=0.02, qps_per_account=20) as google,
     ):
-        # The simulated Cloud project has Google's standard quota, so pace at 20/s per account.
+        # The simulated Cloud project has Google's standard quota: 20 queries/s per account.
         settings = simulated_settings(
-            dsn, matomo.url, google.url, gsc_max_qps_per_account=18, gsc_max_qps_per_client=600
+            dsn, matomo.url, google.url, gsc_max_qps_per_account=20, gsc_max_qps_per_client=600
         )
         window = resolve_window(today_in(settings.timezone), lookback=options.lookback)
         began = time.monotonic()

@@ -22,9 +22,10 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 
+from aggregator import storage
 from aggregator.config import ConfigError, Settings
 from aggregator.pipeline import UsageError
-from aggregator.status import schema_connection, table_lines
+from aggregator.text_table import table_lines
 
 SCOPE = "https://www.googleapis.com/auth/webmasters.readonly"
 AUTH_URI = "https://accounts.google.com/o/oauth2/auth"
@@ -226,7 +227,7 @@ async def deactivate_account(conn: asyncpg.Connection, email: str) -> tuple[int,
 
 def _in_database(settings: Settings, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
     async def run() -> T:
-        async with schema_connection(settings) as conn:
+        async with storage.schema_connection(settings) as conn:
             return await work(conn)
 
     return asyncio.run(run())

@@ -38,7 +38,7 @@ from aggregator.google_oauth import (
     TokenEndpointUnavailable,
 )
 from aggregator.model import Site
-from aggregator.status import table_lines
+from aggregator.text_table import table_lines
 
 EXIT_OK, EXIT_PROBLEMS = 0, 1
 Level = Literal["problem", "warning", "note"]

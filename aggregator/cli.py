@@ -18,6 +18,7 @@ from aggregator.dates import DateError, parse_day, resolve_window, today_in
 from aggregator.logs import configure_logging
 from aggregator.pipeline import ALL_SOURCES, RunOutcome, RunRequest, UsageError, run_job
 from aggregator.progress import terminal_progress
+from aggregator.text_table import table_lines
 
 EXIT_OK, EXIT_PARTIAL, EXIT_UNUSABLE = 0, 1, 2
 COMMANDS = ("run", "migrate", "status", "accounts", "demo", "check")
@@ -258,7 +259,7 @@ def print_rows(outcome: RunOutcome, out: TextIO) -> None:
         "position",
         "final",
     )
-    lines = [header]
+    lines = []
     for row in sorted(outcome.rows, key=lambda r: (outcome.sites.get(r.site_id, ""), r.day)):
         visits, actions = row.matomo or ("-", "-")
         clicks, impressions, ctr, position, final = row.gsc or ("-",) * 5
@@ -275,11 +276,8 @@ def print_rows(outcome: RunOutcome, out: TextIO) -> None:
                 {True: "yes", False: "no"}.get(final, "-") if row.gsc else "-",
             )
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    for line in lines:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)), file=out
-        )
+    for line in table_lines(header, lines):
+        print(line, file=out)
 
 
 def _number(value: object, digits: int) -> str:

@@ -23,6 +23,7 @@ from aggregator.local_postgres import default_data_dir, dsn_with_search_path, em
 from aggregator.pipeline import RunOutcome, RunRequest, run_job
 from aggregator.progress import terminal_progress
 from aggregator.simulators import portfolio as world
+from aggregator.text_table import table_lines
 
 DEMO_SCHEMA = "aggregator_demo"
 
@@ -217,10 +218,6 @@ def _clip(text: str, width: int) -> str:
 
 
 def _table(out: TextIO, title: str, header: tuple[str, ...], rows: list[tuple]) -> None:
-    cells = [tuple(str(v) for v in header), *[tuple(str(v) for v in row) for row in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     print(f"\n{title}", file=out)
-    for n, row in enumerate(cells):
-        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)), file=out)
-        if n == 0:
-            print("  " + "  ".join("-" * w for w in widths), file=out)
+    for line in table_lines(header, rows, rule=True):
+        print(f"  {line}", file=out)

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -25,6 +24,7 @@ import asyncpg
 from aggregator import storage
 from aggregator.config import Settings
 from aggregator.dates import Window, today_in
+from aggregator.text_table import table_lines
 
 EXIT_FRESH, EXIT_STALE = 0, 1
 WINDOW_DAYS = 30
@@ -145,16 +145,6 @@ def build_report(
 
 
 # --- rendering -------------------------------------------------------------------------------
-
-
-def table_lines(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
-    """Left-aligned plain-text columns; trailing blanks stripped so empty last cells vanish."""
-    lines = [tuple(header), *(tuple(row) for row in rows)]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return [
-        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
-        for line in lines
-    ]
 
 
 def _iso(value: date | None) -> str | None:
@@ -299,19 +289,6 @@ def as_json(report: StatusReport) -> dict[str, Any]:
 # --- database edge ---------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def schema_connection(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
-    """A connection to a database whose tables exist; ConfigError/StorageError otherwise."""
-    settings.require_database()
-    pool = await storage.connect(settings.database_url)
-    try:
-        async with pool.acquire() as conn:
-            await storage.require_schema(conn)
-            yield conn
-    finally:
-        await pool.close()
-
-
 _FACTS = """
 select s.id, s.deployed_at,
        max(d.date) filter (where d.matomo_visits is not null) as matomo_last,
@@ -388,7 +365,7 @@ def _first_error(row: asyncpg.Record) -> str | None:
 
 
 async def collect(settings: Settings, today: date) -> StatusReport:
-    async with schema_connection(settings) as conn:
+    async with storage.schema_connection(settings) as conn:
         facts = await load_facts(conn, today, settings.timezone)
         runs = await load_runs(conn)
     return build_report(today, facts, runs)

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from aggregator.config import Secret
+from aggregator.config import Secret, Settings
 from aggregator.model import AccountRefresh, GscAccount, Site, SiteError
 
 REQUIRED_TABLES = ("gsc_accounts", "sites", "daily_analytics", "aggregator_runs")
@@ -372,3 +372,16 @@ async def run_lock(pool: asyncpg.Pool, wait_seconds: float) -> AsyncIterator[Non
         with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
             await transaction.rollback()
         await pool.release(conn)
+
+
+@contextlib.asynccontextmanager
+async def schema_connection(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to a database whose tables exist; ConfigError/StorageError otherwise."""
+    settings.require_database()
+    pool = await connect(settings.database_url)
+    try:
+        async with pool.acquire() as conn:
+            await require_schema(conn)
+            yield conn
+    finally:
+        await pool.close()

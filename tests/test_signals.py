@@ -1,0 +1,293 @@
+"""Interruption and servers that never answer: `aggregator run` as a real process, as cron runs it.
+
+The simulators run in the test's event loop; the job is a subprocess pointed at them through
+its environment, so signals, exit codes and timeouts are the real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import asyncpg
+import pytest
+from aiohttp import web
+
+from aggregator.simulators import GoogleSimulator
+from aggregator.simulators import portfolio as world
+
+FROM, TO = date(2025, 6, 1), date(2025, 6, 9)
+TODAY = date(2025, 6, 10)
+DAYS = (TO - FROM).days + 1
+
+
+def job_environment(
+    database_url: str,
+    matomo_url: str,
+    google_url: str,
+    *,
+    matomo_token: str = world.MATOMO_TOKEN,
+    client_secret: str = world.CLIENT_SECRET,
+    **extra: str,
+) -> dict[str, str]:
+    """The process environment of a run against the simulators (nothing inherited that could
+    point the job elsewhere)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MATOMO_", "GOOGLE_", "GSC_", "AGGREGATOR_", "HTTP_"))
+        and k != "DATABASE_URL"
+    }
+    env.update(
+        DATABASE_URL=database_url,
+        MATOMO_URL=matomo_url,
+        MATOMO_TOKEN=matomo_token,
+        GOOGLE_CLIENT_ID=world.CLIENT_ID,
+        GOOGLE_CLIENT_SECRET=client_secret,
+        GOOGLE_TOKEN_URL=f"{google_url}/token",
+        GSC_API_URL=google_url,
+        GSC_MAX_QPS_PER_CLIENT="100",
+        GSC_MAX_QPS_PER_ACCOUNT="20",
+    )
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Finished:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+async def start_job(env: Mapping[str, str], cwd: Path, *args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "aggregator",
+        "run",
+        *args,
+        env=dict(env),
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def finish(process: asyncio.subprocess.Process, seconds: float) -> Finished:
+    began = time.monotonic()
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), seconds)
+    except TimeoutError:
+        process.kill()
+        out, err = await process.communicate()
+        pytest.fail(
+            f"the job did not exit within {seconds}s\nstdout:\n{out.decode()}\n"
+            f"stderr:\n{err.decode()[-3000:]}"
+        )
+    return Finished(process.returncode, out.decode(), err.decode(), time.monotonic() - began)
+
+
+async def run_job_process(env: Mapping[str, str], cwd: Path, *args: str, seconds: float = 60):
+    return await finish(await start_job(env, cwd, *args), seconds)
+
+
+async def wait_for(
+    condition: Callable[[], Awaitable[bool]], what: str, process, seconds: float = 20.0
+) -> None:
+    """Poll `condition` (bounded); fail early if the job already exited."""
+    deadline = time.monotonic() + seconds
+    while not await condition():
+        if process.returncode is not None:
+            result = await finish(process, 5)
+            pytest.fail(f"the job exited ({result.returncode}) before {what}:\n{result.stderr}")
+        if time.monotonic() > deadline:
+            process.kill()
+            _, err = await process.communicate()
+            pytest.fail(f"timed out waiting for {what}; the job's stderr:\n{err.decode()[-3000:]}")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def seeded(db: str):
+    portfolio = world.make_portfolio(12, 2)
+    conn = await asyncpg.connect(db)
+    try:
+        await world.seed_portfolio(conn, portfolio)
+    finally:
+        await conn.close()
+    return portfolio
+
+
+class QueriesHang(GoogleSimulator):
+    """Tokens and sites.list answer (slowly); every searchAnalytics.query hangs forever."""
+
+    async def _query(self, request: web.Request) -> web.StreamResponse:
+        self.query_requests += 1
+        return await self._hang_forever(request)
+
+
+def _google(portfolio, cls=GoogleSimulator, **options) -> GoogleSimulator:
+    template = world.google_simulator(portfolio, today=TODAY)
+    return cls(
+        client_id=template.client_id,
+        client_secret=template.client_secret,
+        accounts=template.accounts,
+        today=TODAY,
+        **options,
+    )
+
+
+async def test_sigterm_stores_what_was_fetched_and_closes_the_run(db, conn, seeded, tmp_path):
+    portfolio = seeded
+    # Google's token endpoint and sites.list take 0.5s each, so by the time the first query
+    # arrives (and hangs) Matomo's one bulk answer has long been taken in.
+    async with (
+        world.matomo_simulator(portfolio, today=TODAY) as matomo,
+        _google(portfolio, QueriesHang, latency=0.5) as google,
+    ):
+        env = job_environment(db, matomo.url, google.url)
+        process = await start_job(env, tmp_path, "--from", f"{FROM}", "--to", f"{TO}")
+
+        async def running() -> bool:
+            return (
+                await conn.fetchval("select count(*) from aggregator_runs where status = 'running'")
+                == 1
+            )
+
+        await wait_for(running, "the run to be recorded as running", process)
+
+        async def fetching() -> bool:
+            return matomo.requests >= 1 and matomo.in_flight == 0 and google.query_requests >= 1
+
+        await wait_for(fetching, "Matomo answered and GSC queries hang", process)
+        process.send_signal(signal.SIGTERM)
+        result = await finish(process, seconds=10)
+
+    assert result.returncode == 1, result.stderr
+    assert result.seconds < 5, f"took {result.seconds:.1f}s to stop after SIGTERM"
+    assert "Traceback" not in result.stderr
+    assert "interrupted by a signal" in result.stdout
+
+    matomo_sites = [s for s in portfolio.sites if s.matomo_site_id is not None]
+    assert (
+        await conn.fetchval("select count(*) from daily_analytics where matomo_visits is not null")
+        == len(matomo_sites) * DAYS
+    )
+    assert (
+        await conn.fetchval("select count(*) from daily_analytics where gsc_final is not null") == 0
+    )
+    run = await conn.fetchrow("select * from aggregator_runs")
+    assert run["status"] == "partial" and run["finished_at"] is not None
+    errors = json.loads(run["errors"])
+    assert any(e["source"] == "pipeline" and "signal" in e["error"] for e in errors)
+
+
+async def test_sigterm_before_anything_is_fetched_marks_the_run_failed(db, conn, seeded, tmp_path):
+    async with (
+        world.matomo_simulator(seeded, today=TODAY, hang=True) as matomo,
+        _google(seeded, QueriesHang) as google,
+    ):
+        env = job_environment(db, matomo.url, google.url, GSC_MAX_QPS_PER_CLIENT="100")
+        process = await start_job(env, tmp_path, "--from", f"{FROM}", "--to", f"{TO}")
+
+        async def hanging() -> bool:
+            return matomo.requests >= 1 and google.query_requests >= 1
+
+        await wait_for(hanging, "both sources waiting on their servers", process)
+        process.send_signal(signal.SIGINT)  # Ctrl-C behaves the same
+        result = await finish(process, seconds=10)
+
+    assert result.returncode == 1, result.stderr
+    assert result.seconds < 5
+    assert await conn.fetchval("select count(*) from daily_analytics") == 0
+    run = await conn.fetchrow("select status, finished_at from aggregator_runs")
+    assert run["status"] == "failed" and run["finished_at"] is not None
+
+
+async def test_servers_that_never_answer_cannot_hang_the_run(db, conn, seeded, tmp_path):
+    """Every server accepts the connection and never answers: the timeouts end each request,
+    every site gets its error, and the job exits 1 on its own."""
+    async with (
+        world.matomo_simulator(seeded, today=TODAY, hang=True) as matomo,
+        _google(seeded, hang=True) as google,
+    ):
+        env = job_environment(
+            db,
+            matomo.url,
+            google.url,
+            MATOMO_TIMEOUT_SECONDS="1",
+            GSC_TIMEOUT_SECONDS="1",
+            HTTP_MAX_ATTEMPTS="2",
+        )
+        result = await run_job_process(env, tmp_path, "--from", f"{FROM}", "--to", f"{TO}")
+        assert matomo.requests == 2 and google.token_requests == 2 * len(seeded.accounts)
+
+    assert result.returncode == 1, result.stderr
+    assert result.seconds < 20
+    run = await conn.fetchrow("select status, finished_at, errors from aggregator_runs")
+    assert run["status"] == "failed" and run["finished_at"] is not None
+    errors = json.loads(run["errors"])
+    matomo_sites = {s.domain for s in seeded.sites if s.matomo_site_id is not None}
+    gsc_sites = {s.domain for s in seeded.sites if s.gsc_account_id is not None}
+    assert {e["site"] for e in errors if e["source"] == "matomo"} == matomo_sites
+    assert {e["site"] for e in errors if e["source"] == "gsc"} == gsc_sites
+    assert all("timed out" in e["error"] for e in errors if e["source"] == "matomo")
+    assert all("unreachable" in e["error"] for e in errors if e["source"] == "gsc")
+
+
+async def test_sigterm_during_a_hung_token_refresh_closes_the_run_at_once(
+    db, conn, seeded, tmp_path
+):
+    """The token refresh runs in a worker thread that a signal cannot cancel. The run is still
+    stored and closed at once; only the process exit waits for that thread's own timeout
+    (GSC_TIMEOUT_SECONDS), which bounds it."""
+    async with (
+        world.matomo_simulator(seeded, today=TODAY) as matomo,
+        _google(seeded, hang=True) as google,
+    ):
+        env = job_environment(db, matomo.url, google.url, GSC_TIMEOUT_SECONDS="4")
+        process = await start_job(env, tmp_path, "--from", f"{FROM}", "--to", f"{TO}")
+
+        async def refreshing() -> bool:
+            return google.token_requests >= len(seeded.accounts) and matomo.requests >= 1
+
+        await wait_for(refreshing, "token refreshes hanging", process)
+
+        async def matomo_stored_while_hanging() -> bool:
+            return matomo.in_flight == 0
+
+        await wait_for(matomo_stored_while_hanging, "Matomo answered", process)
+        await asyncio.sleep(0.3)  # let the job take in the answer it has been sent
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+
+        async def closed() -> bool:
+            return bool(
+                await conn.fetchval(
+                    "select count(*) from aggregator_runs where finished_at is not null"
+                )
+            )
+
+        await wait_for(closed, "the run to be closed", process, seconds=3)
+        closed_after = time.monotonic() - signalled
+        result = await finish(process, seconds=15)
+
+    assert closed_after < 2, f"run closed {closed_after:.1f}s after SIGTERM"
+    assert result.returncode == 1, result.stderr
+    assert result.seconds < 4 + 3  # at most the refresh's own timeout, plus start-up slack
+    run = await conn.fetchrow("select status from aggregator_runs")
+    assert run["status"] == "partial"
+    assert (
+        await conn.fetchval("select count(*) from daily_analytics where matomo_visits is not null")
+        == sum(1 for s in seeded.sites if s.matomo_site_id is not None) * DAYS
+    )

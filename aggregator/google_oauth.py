@@ -9,13 +9,16 @@ what the operator must do, and never contains a secret.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import random
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
-from urllib.parse import quote, quote_plus
+from functools import partial
+from typing import Any
 
 import structlog
 from google.auth import exceptions as google_exceptions
@@ -24,6 +27,7 @@ from google.oauth2.credentials import Credentials
 
 from aggregator.config import Settings
 from aggregator.model import AccountRefresh, GscAccount
+from aggregator.redaction import Redactor
 
 log = structlog.get_logger(__name__)
 
@@ -41,29 +45,35 @@ _RECONNECT_ERRORS = frozenset({"invalid_grant"})
 _CLIENT_ERRORS = frozenset({"invalid_client", "unauthorized_client"})
 
 
-class Redactor:
-    """Replaces every secret it has been told about with ***, for any text leaving the module.
+async def in_daemon_thread(function: Callable[..., Any], *args: Any) -> Any:
+    """Run blocking `function` in a daemon thread and await its result.
 
-    Google's error bodies do not echo tokens, but messages also carry exception text from
-    libraries, so everything stored or logged goes through here as a last line of defence.
+    Unlike asyncio.to_thread, a cancelled caller (SIGTERM, the run deadline) does not keep the
+    process alive until a hung token endpoint times out: interpreter exit never waits for a
+    daemon thread.
     """
+    loop = asyncio.get_running_loop()
+    result: asyncio.Future[Any] = loop.create_future()
 
-    def __init__(self, *secrets: str | None) -> None:
-        self._secrets: set[str] = set()
-        for secret in secrets:
-            self.add(secret)
+    def settle(outcome: Callable[[], None]) -> None:
+        if not result.done():
+            outcome()
 
-    def add(self, secret: str | None) -> None:
-        if secret:
-            # An endpoint that echoes the request form echoes it URL-encoded ("1//0g" is
-            # "1%2F%2F0g" there), so those spellings are secrets too.
-            self._secrets.update({secret, quote(secret, safe=""), quote_plus(secret)})
+    def deliver(outcome: Callable[[], None]) -> None:
+        # After a cancelled run the loop may be closed: then nobody is waiting for the answer.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, outcome)
 
-    def __call__(self, text: str) -> str:
-        # Longest first, so a secret containing another is replaced whole.
-        for secret in sorted(self._secrets, key=len, reverse=True):
-            text = text.replace(secret, "***")
-        return text
+    def work() -> None:
+        try:
+            value = function(*args)
+        except BaseException as exc:  # handed to the awaiting task, which decides
+            deliver(partial(result.set_exception, exc))
+        else:
+            deliver(partial(result.set_result, value))
+
+    threading.Thread(target=work, name="google-token-refresh", daemon=True).start()
+    return await result
 
 
 class TokenError(Exception):
@@ -274,7 +284,7 @@ class AccountToken:
                 client_secret=settings.google_client_secret.reveal(),
             )
             try:
-                await asyncio.to_thread(credentials.refresh, request)
+                await in_daemon_thread(credentials.refresh, request)
             except google_exceptions.RefreshError as error:
                 if not error.retryable:
                     raise self._safe(explain_refresh_error(self.account, error)) from None

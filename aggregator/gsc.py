@@ -27,8 +27,9 @@ import structlog
 from yarl import URL
 
 from aggregator.config import Settings
-from aggregator.google_oauth import AccountToken, Redactor, Sleep, TokenError, backoff_delay
+from aggregator.google_oauth import AccountToken, Sleep, TokenError, backoff_delay
 from aggregator.model import AccountRefresh, GscAccount, GscDay, Site, SiteError
+from aggregator.redaction import Redactor
 
 log = structlog.get_logger(__name__)
 

@@ -9,24 +9,21 @@ from typing import Any, TextIO
 
 import structlog
 
+from aggregator.redaction import Redactor
+
 
 def _masking_processor(secrets: Iterable[str]):
-    """Replace any known secret value found in a string field with ***.
+    """Replace any known secret value (in any spelling) found in a string field with ***.
 
     Sources never log secrets on purpose; this is the net under them, so that an exception text
     echoing a URL or a request body cannot leak a token into cron mail or a log store.
     """
-    values = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
+    redact = Redactor(*(s for s in secrets if len(s) >= 4))
 
     def mask(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
-        if not values:
-            return event
         for key, value in event.items():
             if isinstance(value, str):
-                for secret in values:
-                    if secret in value:
-                        value = value.replace(secret, "***")
-                event[key] = value
+                event[key] = redact(value)
         return event
 
     return mask

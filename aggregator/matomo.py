@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any
-from urllib.parse import quote, quote_plus
 
 import aiohttp
 import structlog
@@ -34,6 +33,7 @@ from tenacity import (
 
 from aggregator.config import ConfigError, Secret, Settings
 from aggregator.model import MatomoDay, Site, SiteError
+from aggregator.redaction import Redactor
 
 log = structlog.get_logger(__name__)
 
@@ -211,11 +211,7 @@ def parse_visits_summary(payload: Any, days: Sequence[date]) -> dict[date, tuple
 def redact(text: str, token: Secret) -> str:
     """`text` as one bounded line without the token, in case Matomo or a proxy echoed it back."""
     # The one other place the token is revealed: we cannot strip a value we do not know.
-    secret = token.reveal()
-    for spelling in {secret, quote(secret, safe=""), quote_plus(secret)}:
-        if spelling:
-            text = text.replace(spelling, "***")
-    return " ".join(text.split())[:_MAX_MESSAGE_CHARS]
+    return " ".join(Redactor(token.reveal())(text).split())[:_MAX_MESSAGE_CHARS]
 
 
 def _day_counts(metrics: Any, day: date) -> tuple[int, int]:

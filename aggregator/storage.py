@@ -358,7 +358,10 @@ async def run_lock(pool: asyncpg.Pool, wait_seconds: float) -> AsyncIterator[Non
     await transaction.start()
     try:
         await conn.execute(f"set local lock_timeout = '{int(wait_seconds * 1000)}ms'")
-        await conn.execute("select pg_advisory_xact_lock(hashtext('aggregator.run'))")
+        # Per schema, so a demo or benchmark schema never queues behind the production tables.
+        await conn.execute(
+            "select pg_advisory_xact_lock(hashtext('aggregator.run:' || current_schema()))"
+        )
     except asyncpg.LockNotAvailableError:
         await transaction.rollback()
         await pool.release(conn)

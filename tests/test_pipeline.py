@@ -209,7 +209,9 @@ async def test_a_second_run_waits_for_the_lock_then_gives_up(db, conn, portfolio
     holder = await asyncpg.connect(db)
     try:
         async with holder.transaction():
-            await holder.execute("select pg_advisory_xact_lock(hashtext('aggregator.run'))")
+            await holder.execute(
+                "select pg_advisory_xact_lock(hashtext('aggregator.run:' || current_schema()))"
+            )
             with pytest.raises(storage.RunLocked, match="AGGREGATOR_LOCK_WAIT_SECONDS"):
                 await run_job(settings_for(db, lock_wait=0.2), RunRequest(WINDOW), sources=SOURCES)
             # A dry run writes nothing, so it does not queue behind a real run.

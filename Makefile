@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test lint format demo bench clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install test lint format demo bench clean pgbouncer
 
 install: $(STAMP)
 
@@ -13,8 +15,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) pgbouncer
 	$(BIN)/python -m pytest -q
+
+# The transaction-pooler tests run a real PgBouncer (Debian's package); install it when missing.
+pgbouncer:
+	@command -v pgbouncer >/dev/null 2>&1 || test -x /usr/sbin/pgbouncer || { \
+	  echo "installing pgbouncer for the transaction-pooler tests"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq pgbouncer >/dev/null; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check aggregator tests

@@ -28,6 +28,7 @@ from yarl import URL
 
 from aggregator.config import Settings
 from aggregator.google_oauth import AccountToken, Sleep, TokenError, backoff_delay
+from aggregator.http_body import read_capped
 from aggregator.model import AccountRefresh, GscAccount, GscDay, Site, SiteError
 from aggregator.redaction import Redactor
 
@@ -641,7 +642,14 @@ class _SearchConsole:
             headers={"Authorization": f"Bearer {token}"},
             timeout=self._timeout,
         ) as response:
-            raw = await _read_capped(response, MAX_RESPONSE_BYTES)
+            raw = await read_capped(
+                response,
+                MAX_RESPONSE_BYTES,
+                lambda: SiteFailure(
+                    f"Search Console answer exceeds {MAX_RESPONSE_BYTES // (1024 * 1024)} MiB "
+                    f"({response.url.path})"
+                ),
+            )
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
             try:
                 body: object = json.loads(raw)
@@ -653,23 +661,6 @@ class _SearchConsole:
     def _describe(self, error: GoogleError) -> str:
         reason = f" {error.reason}" if error.reason else ""
         return self._redact(f"HTTP {error.status}{reason}: {error.message}")
-
-
-async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The body, or SiteFailure as soon as it is known to exceed `limit` bytes."""
-    too_big = SiteFailure(
-        f"Search Console answer exceeds {limit // (1024 * 1024)} MiB ({response.url.path})"
-    )
-    if response.content_length is not None and response.content_length > limit:
-        raise too_big
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.content.iter_chunked(1024 * 1024):
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 async def fetch_gsc_performance(

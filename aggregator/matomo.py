@@ -32,6 +32,7 @@ from tenacity import (
 )
 
 from aggregator.config import ConfigError, Secret, Settings
+from aggregator.http_body import read_capped
 from aggregator.model import MatomoDay, Site, SiteError
 from aggregator.redaction import Redactor
 
@@ -87,18 +88,7 @@ async def fetch_matomo_visits(
     size = settings.matomo_batch_size
     batches = [tracked[i : i + size] for i in range(0, len(tracked), size)]
     log.info("matomo.fetch", sites=len(tracked), batches=len(batches), days=len(days))
-    endpoint = _Endpoint(
-        session=session,
-        url=f"{settings.matomo_url.rstrip('/')}/index.php",
-        token=settings.matomo_token,
-        timeout=aiohttp.ClientTimeout(
-            total=settings.matomo_timeout, sock_connect=settings.http_connect_timeout
-        ),
-        max_attempts=settings.http_max_attempts,
-        in_flight=asyncio.Semaphore(settings.matomo_concurrency),
-        backoff_initial=BACKOFF_INITIAL_SECONDS,
-        backoff_max=BACKOFF_MAX_SECONDS,
-    )
+    endpoint = _endpoint_for(settings, session, settings.matomo_concurrency)
     pending = {asyncio.create_task(_fetch_batch(endpoint, batch, days)) for batch in batches}
     try:
         while pending:
@@ -273,6 +263,25 @@ class _Endpoint:
     backoff_max: float
 
 
+def _endpoint_for(
+    settings: Settings, session: aiohttp.ClientSession, concurrency: int
+) -> _Endpoint:
+    """The one Matomo endpoint of a run (callers have checked MATOMO_URL and MATOMO_TOKEN)."""
+    assert settings.matomo_url is not None and settings.matomo_token is not None
+    return _Endpoint(
+        session=session,
+        url=f"{settings.matomo_url.rstrip('/')}/index.php",
+        token=settings.matomo_token,
+        timeout=aiohttp.ClientTimeout(
+            total=settings.matomo_timeout, sock_connect=settings.http_connect_timeout
+        ),
+        max_attempts=settings.http_max_attempts,
+        in_flight=asyncio.Semaphore(concurrency),
+        backoff_initial=BACKOFF_INITIAL_SECONDS,
+        backoff_max=BACKOFF_MAX_SECONDS,
+    )
+
+
 async def _fetch_batch(
     endpoint: _Endpoint, batch: Sequence[Site], days: Sequence[date]
 ) -> list[MatomoDay | SiteError]:
@@ -350,7 +359,7 @@ async def _post_once(endpoint: _Endpoint, form: dict[str, str]) -> Any:
         async with endpoint.session.post(
             endpoint.url, data=form, timeout=endpoint.timeout
         ) as response:
-            body = await read_capped(response, MAX_RESPONSE_BYTES)
+            body = await read_capped(response, MAX_RESPONSE_BYTES, _too_big)
             return decode_answer(response.status, response.content_type, body)
     except TimeoutError:
         raise MatomoTransientError("timed out") from None
@@ -360,22 +369,11 @@ async def _post_once(endpoint: _Endpoint, form: dict[str, str]) -> Any:
         raise MatomoError(f"Matomo request failed: {type(exc).__name__}: {exc}") from None
 
 
-async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The body, or MatomoError as soon as it is known to exceed `limit` bytes."""
-    too_big = MatomoError(
-        f"Matomo answer exceeds {limit // (1024 * 1024)} MiB: lower MATOMO_BATCH_SIZE or fetch "
-        "a shorter window"
+def _too_big() -> MatomoError:
+    return MatomoError(
+        f"Matomo answer exceeds {MAX_RESPONSE_BYTES // (1024 * 1024)} MiB: lower "
+        "MATOMO_BATCH_SIZE or fetch a shorter window"
     )
-    if response.content_length is not None and response.content_length > limit:
-        raise too_big
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.content.iter_chunked(1024 * 1024):
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def decode_answer(status: int, content_type: str, body: bytes) -> Any:
@@ -442,18 +440,7 @@ async def viewable_site_ids(settings: Settings, session: aiohttp.ClientSession) 
     """
     if settings.matomo_url is None or settings.matomo_token is None:
         raise ConfigError("MATOMO_URL and MATOMO_TOKEN must both be set to check Matomo access")
-    endpoint = _Endpoint(
-        session=session,
-        url=f"{settings.matomo_url.rstrip('/')}/index.php",
-        token=settings.matomo_token,
-        timeout=aiohttp.ClientTimeout(
-            total=settings.matomo_timeout, sock_connect=settings.http_connect_timeout
-        ),
-        max_attempts=settings.http_max_attempts,
-        in_flight=asyncio.Semaphore(1),
-        backoff_initial=BACKOFF_INITIAL_SECONDS,
-        backoff_max=BACKOFF_MAX_SECONDS,
-    )
+    endpoint = _endpoint_for(settings, session, 1)
     form = {
         "module": "API",
         "method": VIEW_ACCESS_METHOD,

@@ -145,7 +145,12 @@ def search_analytics_request(
 
 
 def days_from_search_analytics(
-    site_id: int, body: Mapping[str, Any], start: date, end: date, *, final_only: bool = False
+    site_id: int,
+    body: Mapping[str, Any],
+    start: date,
+    end: date,
+    *,
+    final_only: bool = False,
 ) -> list[GscDay]:
     """GscDay records for start..end from a searchAnalytics.query answer (the contract's rules).
 
@@ -157,12 +162,17 @@ def days_from_search_analytics(
     are missing from them because they are not final yet, not because they had no traffic. So
     there the day after the newest row is taken as the first incomplete day: gaps before it are
     zeros, nothing is claimed after it (a site with no rows at all gets no records).
+
+    Google keeps about 16 months: days that far before the first incomplete day yield only the
+    rows Google still has, since a missing day there means "deleted", not zero, and must not
+    overwrite stored numbers in a long backfill.
     """
     rows = _rows_by_day(body, start, end)
     if final_only:
         first_incomplete = max(rows) + timedelta(days=1) if rows else start
     else:
         first_incomplete = _first_incomplete_date(body)
+    retained_from = first_incomplete and first_incomplete - timedelta(days=RETENTION_DAYS)
     days: list[GscDay] = []
     day = start
     while day <= end:
@@ -170,11 +180,14 @@ def days_from_search_analytics(
         row = rows.get(day)
         if row is not None:
             days.append(GscDay(site_id, day, *row, final=final))
-        elif final:
+        elif final and (retained_from is None or day >= retained_from):
             days.append(GscDay(site_id, day, 0, 0, None, None, final=True))
         day += timedelta(days=1)
     return days
 
+
+# Search Console keeps 16 months of data; a few days' margin keeps the cut on the safe side.
+RETENTION_DAYS = 16 * 30
 
 _Row = tuple[int, int, float | None, float | None]
 
@@ -525,7 +538,11 @@ class _SearchConsole:
                     break
             merged = {**pages[0], "rows": [row for page in pages for row in page_rows(page)]}
             return days_from_search_analytics(
-                site.id, merged, self._start, self._end, final_only=self._final_only
+                site.id,
+                merged,
+                self._start,
+                self._end,
+                final_only=self._final_only,
             )
         except GscDataError as bad:
             raise SiteFailure(f"Search Console answered {prop} with unusable data: {bad}") from None

@@ -1053,3 +1053,18 @@ async def test_cancellation_propagates_and_leaves_no_tasks(
 async def test_an_inverted_window_is_refused(token_endpoint: TokenEndpoint) -> None:
     with pytest.raises(ValueError, match="after end"):
         await run(token_endpoint, [], start=END, end=START)
+
+
+def test_days_beyond_search_console_retention_are_never_zero_filled() -> None:
+    first_incomplete = date(2026, 11, 23)
+    cutoff = first_incomplete - timedelta(days=gsc.RETENTION_DAYS)
+    start, end = cutoff - timedelta(days=2), cutoff + timedelta(days=1)
+    row = {"keys": [str(start)], "clicks": 3, "impressions": 9, "ctr": 0.33, "position": 2}
+    body = {"rows": [row], "metadata": {"firstIncompleteDate": str(first_incomplete)}}
+    days = gsc.days_from_search_analytics(7, body, start, end)
+    assert [(d.day, d.clicks, d.final) for d in days] == [
+        (start, 3, True),  # a row Google still has is stored
+        (cutoff, 0, True),  # inside retention a missing final day is a real zero
+        (cutoff + timedelta(days=1), 0, True),
+    ]
+    assert gsc.RETENTION_DAYS <= 16 * 31  # never claims more than Google keeps

@@ -23,7 +23,7 @@ from aggregator.model import AccountRefresh, GscAccount, Site, SiteError
 
 REQUIRED_TABLES = ("gsc_accounts", "sites", "daily_analytics", "aggregator_runs")
 MIGRATIONS_TABLE = "aggregator_schema_migrations"
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+SQL_DIR = Path(__file__).parent / "sql"
 
 
 class StorageError(Exception):

@@ -38,6 +38,7 @@ from aggregator.google_oauth import (
     TokenEndpointUnavailable,
 )
 from aggregator.model import Site
+from aggregator.search_console_data import candidate_properties, pick_property
 from aggregator.text_table import table_lines
 
 EXIT_OK, EXIT_PROBLEMS = 0, 1
@@ -472,7 +473,7 @@ def resolve_property(site: Site, accessible: frozenset[str]) -> tuple[str | None
         wanted = site.gsc_property
         by_lower = {prop.lower(): prop for prop in accessible}
         return by_lower.get(wanted.lower()), (wanted,)
-    return gsc.pick_property(site.domain, accessible), gsc.candidate_properties(site.domain)
+    return pick_property(site.domain, accessible), candidate_properties(site.domain)
 
 
 def _property_row(site: Site, email: str, accessible: frozenset[str]) -> Row | None:

@@ -5,20 +5,20 @@ backfill costs the same quota as one day. Accounts run concurrently, each paced 
 Pacer and all by one Pacer for the OAuth client (the Cloud project's quota). Every site
 ends in GscDay records or one SiteError that tells the operator what to fix: no silent skips,
 no invented zeros.
+
+This module is the edge: HTTP, pacing, concurrency and the reaction to each error. What an
+answer means is aggregator.search_console_data, what an error means aggregator.google_errors.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
-import random
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, timedelta
-from enum import Enum
+from datetime import date
 from typing import Any
 from urllib.parse import quote
 
@@ -26,20 +26,33 @@ import aiohttp
 import structlog
 from yarl import URL
 
+from aggregator import search_console_data
 from aggregator.config import Settings
+from aggregator.google_errors import (
+    ErrorKind,
+    GoogleError,
+    classify_google_error,
+    parse_retry_after,
+    rate_limit_delay,
+)
 from aggregator.google_oauth import AccountToken, Sleep, TokenError, backoff_delay
 from aggregator.http_body import read_capped
 from aggregator.model import AccountRefresh, GscAccount, GscDay, Site, SiteError
+from aggregator.pacing import Pacer
 from aggregator.redaction import Redactor
+from aggregator.search_console_data import (
+    GscDataError,
+    accessible_properties,
+    candidate_properties,
+    days_from_search_analytics,
+    page_rows,
+    pick_property,
+    search_analytics_request,
+)
 
 log = structlog.get_logger(__name__)
 
 SOURCE = "gsc"
-ROW_LIMIT = 25_000
-_UNVERIFIED = "siteunverifieduser"
-_RATE_REASONS = frozenset({"ratelimitexceeded", "userratelimitexceeded"})
-_EXHAUSTED_REASONS = frozenset({"quotaexceeded", "dailylimitexceeded"})
-_MAX_MESSAGE_CHARS = 400
 # The most one answer may hold (module-level so tests can shrink it). A daily-totals answer is
 # ~100 bytes a day, well under 1 MiB for Search Console's 16 months; beyond this the site fails
 # on its own instead of the process running out of memory.
@@ -51,353 +64,12 @@ _backoff_sleep: Sleep = asyncio.sleep
 GscRecord = GscDay | SiteError | AccountRefresh
 
 
-class GscDataError(ValueError):
-    """Search Console answered 200 with data this module refuses to store."""
-
-
 class SiteFailure(Exception):
     """A site's GSC numbers could not be fetched; the message is safe to store."""
 
 
 class AccountQuotaExhausted(SiteFailure):
     """The account hit its load/daily quota: ask it nothing more this run."""
-
-
-# --- pure core -------------------------------------------------------------------------------
-
-
-def normalize_domain(domain: str) -> str:
-    """The bare host of a stored domain, which may carry a scheme, `www.`, a port or a trailing
-    dot. A non-ASCII (IDN) host is given in punycode (`bücher.example` ->
-    `xn--bcher-kva.example`), the form Search Console lists properties in."""
-    host = domain.strip().lower()
-    if "://" in host:
-        host = host.split("://", 1)[1]
-    host = host.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0].rsplit("@", 1)[-1]
-    name, _, port = host.rpartition(":")
-    if name and port.isdigit():
-        host = name
-    return _ascii_host(host.rstrip(".")).removeprefix("www.")
-
-
-def _ascii_host(host: str) -> str:
-    if host.isascii():
-        return host
-    try:
-        return host.encode("idna").decode("ascii")
-    except UnicodeError:  # an empty or over-long label: no property can match it anyway
-        return host
-
-
-def _canonical_property(prop: str) -> str:
-    """A sites.list property in the spelling candidate_properties uses (lower case, punycode)."""
-    lowered = prop.lower()
-    if lowered.startswith("sc-domain:"):
-        return "sc-domain:" + _ascii_host(lowered.removeprefix("sc-domain:"))
-    scheme, sep, rest = lowered.partition("://")
-    if not sep:
-        return lowered
-    host, slash, path = rest.partition("/")
-    return f"{scheme}://{_ascii_host(host)}{slash}{path}"
-
-
-def candidate_properties(domain: str) -> tuple[str, str, str]:
-    """The properties that may hold a site's data, most complete first (the contract's order)."""
-    host = normalize_domain(domain)
-    return f"sc-domain:{host}", f"https://{host}/", f"https://www.{host}/"
-
-
-def accessible_properties(sites_list: Mapping[str, Any]) -> frozenset[str]:
-    """Properties from a sites.list answer that return data: unverified entries do not."""
-    return frozenset(
-        entry["siteUrl"]
-        for entry in sites_list.get("siteEntry", [])
-        if isinstance(entry, Mapping)
-        and isinstance(entry.get("siteUrl"), str)
-        and str(entry.get("permissionLevel", "")).lower() != _UNVERIFIED
-    )
-
-
-def pick_property(domain: str, accessible: Iterable[str]) -> str | None:
-    """The first candidate property the account can read, spelled as sites.list spells it."""
-    by_lower = {_canonical_property(prop): prop for prop in accessible}
-    for candidate in candidate_properties(domain):
-        if candidate in by_lower:
-            return by_lower[candidate]
-    return None
-
-
-def search_analytics_request(
-    start: date, end: date, *, final_only: bool, start_row: int = 0
-) -> dict[str, Any]:
-    """The query body for daily site totals: grouped by date only, so totals are unfiltered."""
-    body: dict[str, Any] = {
-        "startDate": start.isoformat(),
-        "endDate": end.isoformat(),
-        "dimensions": ["date"],
-        "type": "web",
-        "dataState": "final" if final_only else "all",
-        "rowLimit": ROW_LIMIT,
-    }
-    if start_row:
-        body["startRow"] = start_row
-    return body
-
-
-def days_from_search_analytics(
-    site_id: int,
-    body: Mapping[str, Any],
-    start: date,
-    end: date,
-    *,
-    final_only: bool = False,
-) -> list[GscDay]:
-    """GscDay records for start..end from a searchAnalytics.query answer (the contract's rules).
-
-    Days before `metadata.firstIncompleteDate` are final and a missing final day is a real zero;
-    later days are provisional and a missing provisional day yields nothing, because Google may
-    simply not have it yet. Without metadata every day is final.
-
-    `final_only` answers (dataState=final) never carry metadata, yet the last two or three days
-    are missing from them because they are not final yet, not because they had no traffic. So
-    there the day after the newest row is taken as the first incomplete day: gaps before it are
-    zeros, nothing is claimed after it (a site with no rows at all gets no records).
-
-    Google keeps about 16 months: days that far before the first incomplete day yield only the
-    rows Google still has, since a missing day there means "deleted", not zero, and must not
-    overwrite stored numbers in a long backfill.
-    """
-    rows = _rows_by_day(body, start, end)
-    if final_only:
-        first_incomplete = max(rows) + timedelta(days=1) if rows else start
-    else:
-        first_incomplete = _first_incomplete_date(body)
-    retained_from = first_incomplete and first_incomplete - timedelta(days=RETENTION_DAYS)
-    days: list[GscDay] = []
-    day = start
-    while day <= end:
-        final = first_incomplete is None or day < first_incomplete
-        row = rows.get(day)
-        if row is not None:
-            days.append(GscDay(site_id, day, *row, final=final))
-        elif final and (retained_from is None or day >= retained_from):
-            days.append(GscDay(site_id, day, 0, 0, None, None, final=True))
-        day += timedelta(days=1)
-    return days
-
-
-# Search Console keeps 16 months of data; a few days' margin keeps the cut on the safe side.
-RETENTION_DAYS = 16 * 30
-
-_Row = tuple[int, int, float | None, float | None]
-
-
-def page_rows(body: Mapping[str, Any]) -> list[Any]:
-    """The rows of one answer; Google omits the key when nothing matched."""
-    rows = body.get("rows", [])
-    if not isinstance(rows, list):
-        raise GscDataError(f"'rows' is {type(rows).__name__}, expected a list")
-    return rows
-
-
-def _rows_by_day(body: Mapping[str, Any], start: date, end: date) -> dict[date, _Row]:
-    parsed: dict[date, _Row] = {}
-    for row in page_rows(body):
-        if not isinstance(row, Mapping):
-            raise GscDataError(f"a row is {type(row).__name__}, expected an object")
-        keys = row.get("keys")
-        if not isinstance(keys, list) or not keys or not isinstance(keys[0], str):
-            raise GscDataError(f"row keys {_brief(keys)} do not start with a date")
-        day = _parse_date(keys[0], "row date")
-        if not start <= day <= end:
-            continue
-        if day in parsed:
-            raise GscDataError(f"two rows for {day}")
-        parsed[day] = (
-            _count(row, "clicks", day, _MAX_CLICKS),
-            _count(row, "impressions", day, _MAX_IMPRESSIONS),
-            _ratio(row, "ctr", day, high=1.0),
-            _ratio(row, "position", day),
-        )
-    return parsed
-
-
-# The columns' ranges (daily_analytics.gsc_clicks integer, gsc_impressions bigint): a larger
-# number would fail the whole run's upsert, so it is refused here, for its site only.
-_MAX_CLICKS = 2**31 - 1
-_MAX_IMPRESSIONS = 2**63 - 1
-
-
-def _brief(value: object) -> str:
-    """repr of a value from an answer, cut short: an error message must not carry a payload."""
-    shown = repr(value)
-    return shown if len(shown) <= 60 else shown[:57] + "..."
-
-
-def _count(row: Mapping[str, Any], name: str, day: date, limit: int) -> int:
-    """Clicks/impressions are declared double but are whole, non-negative numbers in practice."""
-    value = row.get(name)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not 0 <= value <= limit  # before int(): also rules out nan, inf and huge ints
-        or value != int(value)
-    ):
-        raise GscDataError(f"{name} for {day} is {_brief(value)}, expected a whole number >= 0")
-    return int(value)
-
-
-def _ratio(row: Mapping[str, Any], name: str, day: date, *, high: float = math.inf) -> float | None:
-    """CTR (0..1) or average position (>= 0); absent or null is stored as NULL."""
-    value = row.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise GscDataError(f"{name} for {day} is {_brief(value)}, expected a number")
-    try:
-        number = float(value)
-    except OverflowError:  # an int beyond any float
-        number = math.inf
-    if not (math.isfinite(number) and 0 <= number <= high):
-        bounds = f"from 0 to {high:g}" if math.isfinite(high) else ">= 0"
-        raise GscDataError(f"{name} for {day} is {_brief(value)}, expected a number {bounds}")
-    return number
-
-
-def _first_incomplete_date(body: Mapping[str, Any]) -> date | None:
-    metadata = body.get("metadata")
-    if not isinstance(metadata, Mapping):
-        return None
-    # Google's reference page and the discovery document disagree on the spelling.
-    value = metadata.get("firstIncompleteDate", metadata.get("first_incomplete_date"))
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise GscDataError(f"metadata firstIncompleteDate is {_brief(value)}, expected a date")
-    return _parse_date(value, "metadata firstIncompleteDate")
-
-
-def _parse_date(value: str, what: str) -> date:
-    try:
-        return date.fromisoformat(value[:10])
-    except ValueError:
-        raise GscDataError(f"{what} {_brief(value)} is not a YYYY-MM-DD date") from None
-
-
-class ErrorKind(Enum):
-    RATE_LIMITED = "rate limited"  # retry after a pause
-    QUOTA_EXHAUSTED = "quota exhausted"  # stop asking this account for this run
-    NO_ACCESS = "no access"  # the account cannot read the property
-    UNAUTHENTICATED = "unauthenticated"  # refresh the token once, then retry
-    TRANSIENT = "transient"  # retry with backoff
-    REJECTED = "rejected"  # the request itself is wrong: report Google's message
-
-
-@dataclass(frozen=True, slots=True)
-class GoogleError:
-    kind: ErrorKind
-    status: int
-    reason: str | None
-    message: str
-
-
-def classify_google_error(status: int, body: object) -> GoogleError:
-    """Tell Google's errors apart by reason, not status alone: 403 means both "slow down",
-    "quota gone for today" and "no permission", and each needs a different reaction."""
-    error = body.get("error") if isinstance(body, Mapping) else None
-    error = error if isinstance(error, Mapping) else {}
-    details = error.get("errors")
-    first = details[0] if isinstance(details, list) and details else {}
-    first = first if isinstance(first, Mapping) else {}
-    reason = first.get("reason") if isinstance(first.get("reason"), str) else None
-    domain = str(first.get("domain", "")).lower()
-    message = error.get("message") or first.get("message") or f"HTTP {status}"
-    message = " ".join(str(message).split())
-    if len(message) > _MAX_MESSAGE_CHARS:  # stored in aggregator_runs.errors: keep it a line
-        message = message[: _MAX_MESSAGE_CHARS - 3] + "..."
-    lowered = (reason or "").lower()
-
-    if status == 429:
-        kind = ErrorKind.RATE_LIMITED
-    elif status == 403 and lowered in _EXHAUSTED_REASONS:
-        kind = ErrorKind.QUOTA_EXHAUSTED
-    elif status == 403 and (lowered in _RATE_REASONS or domain == "usagelimits"):
-        kind = ErrorKind.RATE_LIMITED
-    elif (status == 403 and (lowered == "forbidden" or not reason)) or status == 404:
-        kind = ErrorKind.NO_ACCESS
-    elif status == 401:
-        kind = ErrorKind.UNAUTHENTICATED
-    elif status == 408 or status >= 500:
-        kind = ErrorKind.TRANSIENT
-    else:
-        kind = ErrorKind.REJECTED
-    return GoogleError(kind, status, reason, message)
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Retry-After in seconds; the HTTP-date form is not used by Google APIs."""
-    try:
-        seconds = float(value) if value is not None else None
-    except ValueError:
-        return None
-    return seconds if seconds is not None and math.isfinite(seconds) and seconds >= 0 else None
-
-
-def rate_limit_delay(
-    failures: int, retry_after: float | None, *, rand: Callable[[], float] = random.random
-) -> float:
-    """Google's Retry-After when it sends one (plus up to 1s of jitter), else backoff."""
-    if retry_after is None:
-        return backoff_delay(failures, rand=rand)
-    return retry_after + rand()
-
-
-# Pacing runs this much slower than the configured rate. Requests leave exactly evenly spaced,
-# but a server stamps them on arrival, a little later and not all equally late; at exactly
-# 1/rate apart the (rate+1)-th request lands on the very edge of a 1-second window, so any
-# jitter would tip it over. 10% leaves 100 ms of slack per second of requests: loop stalls of
-# 30-45 ms were seen while Matomo bulk answers were being parsed (`make bench`).
-PACING_HEADROOM = 1.10
-
-
-class Pacer:
-    """Spaces requests evenly: consecutive slots are at least `headroom / per_second` apart.
-
-    Why not aiolimiter's AsyncLimiter(rate, 1): it is a leaky bucket of capacity `rate`, so
-    `rate` requests go out at once and more follow as it drains: a 1-second window sees up to
-    about 2 x rate and a server that counts per second answers the excess with 429. Even spacing
-    keeps every 1-second window at `per_second` requests or fewer, for rates below 1/s too.
-
-    A slot is held (`async with pacer.slot():`) until the request is about to go out, and the
-    next slot is measured from then, so waiting inside one slot for another pacer (the
-    account's slot waits for the client's) never bunches this pacer's requests. Waiters are
-    served first come, first served; the clock is the event loop's monotonic clock.
-    """
-
-    def __init__(self, per_second: float, *, headroom: float = PACING_HEADROOM) -> None:
-        if not per_second > 0:
-            raise ValueError(f"per_second must be > 0, got {per_second!r}")
-        self.per_second = per_second
-        self.interval = headroom / per_second
-        self.granted = 0
-        self._next = -math.inf  # loop time before which no slot starts
-        self._lock = asyncio.Lock()
-
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        async with self._lock:
-            loop = asyncio.get_running_loop()
-            delay = self._next - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            self.granted += 1
-            try:
-                yield
-            finally:
-                self._next = loop.time() + self.interval
-
-
-# --- edges: HTTP, pacing, concurrency ---------------------------------------------------------
 
 
 class _AccountRun:
@@ -531,10 +203,10 @@ class _SearchConsole:
                     self._start,
                     self._end,
                     final_only=self._final_only,
-                    start_row=len(pages) * ROW_LIMIT,
+                    start_row=len(pages) * search_console_data.ROW_LIMIT,
                 )
                 pages.append(await self._call(run, "POST", path, body, subject=prop))
-                if len(page_rows(pages[-1])) < ROW_LIMIT:
+                if len(page_rows(pages[-1])) < search_console_data.ROW_LIMIT:
                     break
             merged = {**pages[0], "rows": [row for page in pages for row in page_rows(page)]}
             return days_from_search_analytics(

@@ -25,23 +25,27 @@ from aioresponses import aioresponses
 from aioresponses import core as aioresponses_core
 from yarl import URL
 
-from aggregator import gsc
+from aggregator import gsc, search_console_data
 from aggregator.demo import simulated_settings
-from aggregator.gsc import (
+from aggregator.google_errors import (
     ErrorKind,
+    classify_google_error,
+    parse_retry_after,
+    rate_limit_delay,
+)
+from aggregator.gsc import fetch_gsc_performance
+from aggregator.model import AccountRefresh, GscAccount, GscDay, Site, SiteError
+from aggregator.pacing import PACING_HEADROOM, Pacer
+from aggregator.search_console_data import (
+    RETENTION_DAYS,
     GscDataError,
     accessible_properties,
     candidate_properties,
-    classify_google_error,
     days_from_search_analytics,
-    fetch_gsc_performance,
     normalize_domain,
-    parse_retry_after,
     pick_property,
-    rate_limit_delay,
     search_analytics_request,
 )
-from aggregator.model import AccountRefresh, GscAccount, GscDay, Site, SiteError
 from aggregator.simulators import portfolio as world
 from tests.test_google_oauth import (
     CLIENT_SECRET,
@@ -607,7 +611,7 @@ async def test_a_full_page_is_followed_by_the_next_page(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A 25,000-row page is too big for aioresponses' stream; the rule is the same at 2 rows.
-    monkeypatch.setattr(gsc, "ROW_LIMIT", 2)
+    monkeypatch.setattr(search_console_data, "ROW_LIMIT", 2)
     url = query_url("sc-domain:a.com")
     mocked.post(
         url, payload=answer({"2024-05-01": (1, 1, 1.0, 1.0), "2024-05-02": (2, 2, 1.0, 1.0)})
@@ -879,7 +883,7 @@ async def test_logs_carry_no_secret(
         assert secret not in logged
 
 
-class CountingPacer(gsc.Pacer):
+class CountingPacer(Pacer):
     created: ClassVar[list[CountingPacer]] = []
 
     def __init__(self, per_second: float) -> None:
@@ -923,11 +927,11 @@ async def test_every_request_passes_its_account_pacer_and_the_shared_client_pace
 
 
 def test_rates_below_one_per_second_are_paced_too() -> None:
-    slow = gsc.Pacer(0.5)
+    slow = Pacer(0.5)
 
-    assert slow.interval == pytest.approx(2 * gsc.PACING_HEADROOM)
+    assert slow.interval == pytest.approx(2 * PACING_HEADROOM)
     with pytest.raises(ValueError):
-        gsc.Pacer(0)
+        Pacer(0)
 
 
 def busiest_second(times: list[float]) -> int:
@@ -944,7 +948,7 @@ def assert_spaced(times: list[float], interval: float) -> None:
 
 async def test_pacer_spreads_requests_evenly_never_a_burst() -> None:
     """AsyncLimiter(20, 1) let 20 requests out at once and 20 more within the next second."""
-    pacer = gsc.Pacer(20)
+    pacer = Pacer(20)
     loop = asyncio.get_running_loop()
     times: list[float] = []
 
@@ -954,15 +958,15 @@ async def test_pacer_spreads_requests_evenly_never_a_burst() -> None:
 
     await asyncio.gather(*(request() for _ in range(22)))
 
-    assert_spaced(times, gsc.PACING_HEADROOM / 20)
+    assert_spaced(times, PACING_HEADROOM / 20)
     assert busiest_second(times) <= 20
     assert pacer.granted == 22
 
 
 async def test_waiting_for_the_client_pacer_never_bunches_an_account() -> None:
     """The client is the bottleneck here: each account's requests still leave evenly spaced."""
-    client = gsc.Pacer(20)
-    accounts = {"a": gsc.Pacer(15), "b": gsc.Pacer(15)}
+    client = Pacer(20)
+    accounts = {"a": Pacer(15), "b": Pacer(15)}
     loop = asyncio.get_running_loop()
     sent: dict[str, list[float]] = {"a": [], "b": []}
 
@@ -1057,14 +1061,14 @@ async def test_an_inverted_window_is_refused(token_endpoint: TokenEndpoint) -> N
 
 def test_days_beyond_search_console_retention_are_never_zero_filled() -> None:
     first_incomplete = date(2026, 11, 23)
-    cutoff = first_incomplete - timedelta(days=gsc.RETENTION_DAYS)
+    cutoff = first_incomplete - timedelta(days=RETENTION_DAYS)
     start, end = cutoff - timedelta(days=2), cutoff + timedelta(days=1)
     row = {"keys": [str(start)], "clicks": 3, "impressions": 9, "ctr": 0.33, "position": 2}
     body = {"rows": [row], "metadata": {"firstIncompleteDate": str(first_incomplete)}}
-    days = gsc.days_from_search_analytics(7, body, start, end)
+    days = days_from_search_analytics(7, body, start, end)
     assert [(d.day, d.clicks, d.final) for d in days] == [
         (start, 3, True),  # a row Google still has is stored
         (cutoff, 0, True),  # inside retention a missing final day is a real zero
         (cutoff + timedelta(days=1), 0, True),
     ]
-    assert gsc.RETENTION_DAYS <= 16 * 31  # never claims more than Google keeps
+    assert RETENTION_DAYS <= 16 * 31  # never claims more than Google keeps

@@ -23,15 +23,7 @@ from hypothesis import strategies as st
 from aggregator import gsc, matomo
 from aggregator.dates import Window
 from aggregator.demo import simulated_settings
-from aggregator.gsc import (
-    ErrorKind,
-    GscDataError,
-    candidate_properties,
-    classify_google_error,
-    days_from_search_analytics,
-    normalize_domain,
-    pick_property,
-)
+from aggregator.google_errors import ErrorKind, classify_google_error
 from aggregator.matomo import (
     MatomoError,
     MatomoTransientError,
@@ -41,6 +33,13 @@ from aggregator.matomo import (
 )
 from aggregator.model import GscDay
 from aggregator.pipeline import RunRequest, run_job
+from aggregator.search_console_data import (
+    GscDataError,
+    candidate_properties,
+    days_from_search_analytics,
+    normalize_domain,
+    pick_property,
+)
 from aggregator.simulators import GoogleSimulator, SimServer
 from aggregator.simulators import portfolio as world
 from tests.factories import stored_rows

@@ -1,0 +1,88 @@
+"""Google API errors told apart, and how long to wait before asking again.
+
+Google answers "slow down", "quota gone for today" and "no permission" all with 403; this
+module turns a status and error body into the ErrorKind that says how to react, and computes
+the waits. Pure: the client in aggregator.gsc does the reacting.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+
+from aggregator.google_oauth import backoff_delay
+
+_RATE_REASONS = frozenset({"ratelimitexceeded", "userratelimitexceeded"})
+_EXHAUSTED_REASONS = frozenset({"quotaexceeded", "dailylimitexceeded"})
+_MAX_MESSAGE_CHARS = 400
+
+
+class ErrorKind(Enum):
+    RATE_LIMITED = "rate limited"  # retry after a pause
+    QUOTA_EXHAUSTED = "quota exhausted"  # stop asking this account for this run
+    NO_ACCESS = "no access"  # the account cannot read the property
+    UNAUTHENTICATED = "unauthenticated"  # refresh the token once, then retry
+    TRANSIENT = "transient"  # retry with backoff
+    REJECTED = "rejected"  # the request itself is wrong: report Google's message
+
+
+@dataclass(frozen=True, slots=True)
+class GoogleError:
+    kind: ErrorKind
+    status: int
+    reason: str | None
+    message: str
+
+
+def classify_google_error(status: int, body: object) -> GoogleError:
+    """Tell Google's errors apart by reason, not status alone: 403 means both "slow down",
+    "quota gone for today" and "no permission", and each needs a different reaction."""
+    error = body.get("error") if isinstance(body, Mapping) else None
+    error = error if isinstance(error, Mapping) else {}
+    details = error.get("errors")
+    first = details[0] if isinstance(details, list) and details else {}
+    first = first if isinstance(first, Mapping) else {}
+    reason = first.get("reason") if isinstance(first.get("reason"), str) else None
+    domain = str(first.get("domain", "")).lower()
+    message = error.get("message") or first.get("message") or f"HTTP {status}"
+    message = " ".join(str(message).split())
+    if len(message) > _MAX_MESSAGE_CHARS:  # stored in aggregator_runs.errors: keep it a line
+        message = message[: _MAX_MESSAGE_CHARS - 3] + "..."
+    lowered = (reason or "").lower()
+
+    if status == 429:
+        kind = ErrorKind.RATE_LIMITED
+    elif status == 403 and lowered in _EXHAUSTED_REASONS:
+        kind = ErrorKind.QUOTA_EXHAUSTED
+    elif status == 403 and (lowered in _RATE_REASONS or domain == "usagelimits"):
+        kind = ErrorKind.RATE_LIMITED
+    elif (status == 403 and (lowered == "forbidden" or not reason)) or status == 404:
+        kind = ErrorKind.NO_ACCESS
+    elif status == 401:
+        kind = ErrorKind.UNAUTHENTICATED
+    elif status == 408 or status >= 500:
+        kind = ErrorKind.TRANSIENT
+    else:
+        kind = ErrorKind.REJECTED
+    return GoogleError(kind, status, reason, message)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds; the HTTP-date form is not used by Google APIs."""
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and math.isfinite(seconds) and seconds >= 0 else None
+
+
+def rate_limit_delay(
+    failures: int, retry_after: float | None, *, rand: Callable[[], float] = random.random
+) -> float:
+    """Google's Retry-After when it sends one (plus up to 1s of jitter), else backoff."""
+    if retry_after is None:
+        return backoff_delay(failures, rand=rand)
+    return retry_after + rand()

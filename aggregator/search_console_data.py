@@ -1,0 +1,242 @@
+"""What Search Console's answers mean, as pure functions: no I/O, no clock, no network.
+
+Which property holds a site's data (Search Console spells hosts in punycode and lists
+`sc-domain:` and URL-prefix properties side by side), the searchAnalytics.query body for daily
+site totals, and the GscDay records an answer stands for, checked before anything is stored.
+Kept apart from the client in aggregator.gsc so these rules are read and tested on their own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from datetime import date, timedelta
+from typing import Any
+
+from aggregator.model import GscDay
+
+# The most rows one searchAnalytics.query answer may hold (module-level so tests can shrink it).
+ROW_LIMIT = 25_000
+_UNVERIFIED = "siteunverifieduser"
+
+
+class GscDataError(ValueError):
+    """Search Console answered 200 with data this module refuses to store."""
+
+
+def normalize_domain(domain: str) -> str:
+    """The bare host of a stored domain, which may carry a scheme, `www.`, a port or a trailing
+    dot. A non-ASCII (IDN) host is given in punycode (`bücher.example` ->
+    `xn--bcher-kva.example`), the form Search Console lists properties in."""
+    host = domain.strip().lower()
+    if "://" in host:
+        host = host.split("://", 1)[1]
+    host = host.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0].rsplit("@", 1)[-1]
+    name, _, port = host.rpartition(":")
+    if name and port.isdigit():
+        host = name
+    return _ascii_host(host.rstrip(".")).removeprefix("www.")
+
+
+def _ascii_host(host: str) -> str:
+    if host.isascii():
+        return host
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:  # an empty or over-long label: no property can match it anyway
+        return host
+
+
+def _canonical_property(prop: str) -> str:
+    """A sites.list property in the spelling candidate_properties uses (lower case, punycode)."""
+    lowered = prop.lower()
+    if lowered.startswith("sc-domain:"):
+        return "sc-domain:" + _ascii_host(lowered.removeprefix("sc-domain:"))
+    scheme, sep, rest = lowered.partition("://")
+    if not sep:
+        return lowered
+    host, slash, path = rest.partition("/")
+    return f"{scheme}://{_ascii_host(host)}{slash}{path}"
+
+
+def candidate_properties(domain: str) -> tuple[str, str, str]:
+    """The properties that may hold a site's data, most complete first (the contract's order)."""
+    host = normalize_domain(domain)
+    return f"sc-domain:{host}", f"https://{host}/", f"https://www.{host}/"
+
+
+def accessible_properties(sites_list: Mapping[str, Any]) -> frozenset[str]:
+    """Properties from a sites.list answer that return data: unverified entries do not."""
+    return frozenset(
+        entry["siteUrl"]
+        for entry in sites_list.get("siteEntry", [])
+        if isinstance(entry, Mapping)
+        and isinstance(entry.get("siteUrl"), str)
+        and str(entry.get("permissionLevel", "")).lower() != _UNVERIFIED
+    )
+
+
+def pick_property(domain: str, accessible: Iterable[str]) -> str | None:
+    """The first candidate property the account can read, spelled as sites.list spells it."""
+    by_lower = {_canonical_property(prop): prop for prop in accessible}
+    for candidate in candidate_properties(domain):
+        if candidate in by_lower:
+            return by_lower[candidate]
+    return None
+
+
+def search_analytics_request(
+    start: date, end: date, *, final_only: bool, start_row: int = 0
+) -> dict[str, Any]:
+    """The query body for daily site totals: grouped by date only, so totals are unfiltered."""
+    body: dict[str, Any] = {
+        "startDate": start.isoformat(),
+        "endDate": end.isoformat(),
+        "dimensions": ["date"],
+        "type": "web",
+        "dataState": "final" if final_only else "all",
+        "rowLimit": ROW_LIMIT,
+    }
+    if start_row:
+        body["startRow"] = start_row
+    return body
+
+
+def days_from_search_analytics(
+    site_id: int,
+    body: Mapping[str, Any],
+    start: date,
+    end: date,
+    *,
+    final_only: bool = False,
+) -> list[GscDay]:
+    """GscDay records for start..end from a searchAnalytics.query answer (the contract's rules).
+
+    Days before `metadata.firstIncompleteDate` are final and a missing final day is a real zero;
+    later days are provisional and a missing provisional day yields nothing, because Google may
+    simply not have it yet. Without metadata every day is final.
+
+    `final_only` answers (dataState=final) never carry metadata, yet the last two or three days
+    are missing from them because they are not final yet, not because they had no traffic. So
+    there the day after the newest row is taken as the first incomplete day: gaps before it are
+    zeros, nothing is claimed after it (a site with no rows at all gets no records).
+
+    Google keeps about 16 months: days that far before the first incomplete day yield only the
+    rows Google still has, since a missing day there means "deleted", not zero, and must not
+    overwrite stored numbers in a long backfill.
+    """
+    rows = _rows_by_day(body, start, end)
+    if final_only:
+        first_incomplete = max(rows) + timedelta(days=1) if rows else start
+    else:
+        first_incomplete = _first_incomplete_date(body)
+    retained_from = first_incomplete and first_incomplete - timedelta(days=RETENTION_DAYS)
+    days: list[GscDay] = []
+    day = start
+    while day <= end:
+        final = first_incomplete is None or day < first_incomplete
+        row = rows.get(day)
+        if row is not None:
+            days.append(GscDay(site_id, day, *row, final=final))
+        elif final and (retained_from is None or day >= retained_from):
+            days.append(GscDay(site_id, day, 0, 0, None, None, final=True))
+        day += timedelta(days=1)
+    return days
+
+
+# Search Console keeps 16 months of data; a few days' margin keeps the cut on the safe side.
+RETENTION_DAYS = 16 * 30
+
+_Row = tuple[int, int, float | None, float | None]
+
+
+def page_rows(body: Mapping[str, Any]) -> list[Any]:
+    """The rows of one answer; Google omits the key when nothing matched."""
+    rows = body.get("rows", [])
+    if not isinstance(rows, list):
+        raise GscDataError(f"'rows' is {type(rows).__name__}, expected a list")
+    return rows
+
+
+def _rows_by_day(body: Mapping[str, Any], start: date, end: date) -> dict[date, _Row]:
+    parsed: dict[date, _Row] = {}
+    for row in page_rows(body):
+        if not isinstance(row, Mapping):
+            raise GscDataError(f"a row is {type(row).__name__}, expected an object")
+        keys = row.get("keys")
+        if not isinstance(keys, list) or not keys or not isinstance(keys[0], str):
+            raise GscDataError(f"row keys {_brief(keys)} do not start with a date")
+        day = _parse_date(keys[0], "row date")
+        if not start <= day <= end:
+            continue
+        if day in parsed:
+            raise GscDataError(f"two rows for {day}")
+        parsed[day] = (
+            _count(row, "clicks", day, _MAX_CLICKS),
+            _count(row, "impressions", day, _MAX_IMPRESSIONS),
+            _ratio(row, "ctr", day, high=1.0),
+            _ratio(row, "position", day),
+        )
+    return parsed
+
+
+# The columns' ranges (daily_analytics.gsc_clicks integer, gsc_impressions bigint): a larger
+# number would fail the whole run's upsert, so it is refused here, for its site only.
+_MAX_CLICKS = 2**31 - 1
+_MAX_IMPRESSIONS = 2**63 - 1
+
+
+def _brief(value: object) -> str:
+    """repr of a value from an answer, cut short: an error message must not carry a payload."""
+    shown = repr(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
+def _count(row: Mapping[str, Any], name: str, day: date, limit: int) -> int:
+    """Clicks/impressions are declared double but are whole, non-negative numbers in practice."""
+    value = row.get(name)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 <= value <= limit  # before int(): also rules out nan, inf and huge ints
+        or value != int(value)
+    ):
+        raise GscDataError(f"{name} for {day} is {_brief(value)}, expected a whole number >= 0")
+    return int(value)
+
+
+def _ratio(row: Mapping[str, Any], name: str, day: date, *, high: float = math.inf) -> float | None:
+    """CTR (0..1) or average position (>= 0); absent or null is stored as NULL."""
+    value = row.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise GscDataError(f"{name} for {day} is {_brief(value)}, expected a number")
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond any float
+        number = math.inf
+    if not (math.isfinite(number) and 0 <= number <= high):
+        bounds = f"from 0 to {high:g}" if math.isfinite(high) else ">= 0"
+        raise GscDataError(f"{name} for {day} is {_brief(value)}, expected a number {bounds}")
+    return number
+
+
+def _first_incomplete_date(body: Mapping[str, Any]) -> date | None:
+    metadata = body.get("metadata")
+    if not isinstance(metadata, Mapping):
+        return None
+    # Google's reference page and the discovery document disagree on the spelling.
+    value = metadata.get("firstIncompleteDate", metadata.get("first_incomplete_date"))
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise GscDataError(f"metadata firstIncompleteDate is {_brief(value)}, expected a date")
+    return _parse_date(value, "metadata firstIncompleteDate")
+
+
+def _parse_date(value: str, what: str) -> date:
+    try:
+        return date.fromisoformat(value[:10])
+    except ValueError:
+        raise GscDataError(f"{what} {_brief(value)} is not a YYYY-MM-DD date") from None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -170,14 +171,26 @@ class _SearchConsole:
                 max(1, math.ceil(self._settings.gsc_max_qps_per_account * 2))
             )
 
+            failed = 0
+            began = time.monotonic()
+
             async def fetch(site: Site) -> None:
+                nonlocal failed
                 async with parallel:
                     for record in await self._site_records(run, site):
+                        failed += isinstance(record, SiteError)
                         emit(record)
 
             async with asyncio.TaskGroup() as group:
                 for site in sites:
                     group.create_task(fetch(site))
+            log.info(
+                "gsc.account_done",
+                account=account.email,
+                sites=len(sites),
+                failed=failed,
+                seconds=round(time.monotonic() - began, 1),
+            )
         if token.outcome is not None:
             emit(token.outcome)
 
@@ -266,7 +279,7 @@ class _SearchConsole:
                 kind, problem = ErrorKind.TRANSIENT, f"network error: {type(error).__name__}"
                 log.warning("gsc.query", account=email, property=subject, error=problem)
             else:
-                log.info("gsc.query", account=email, property=subject, status=status)
+                log.debug("gsc.query", account=email, property=subject, status=status)
                 if status == 200:
                     if not isinstance(body, Mapping):
                         raise SiteFailure(f"Search Console answered {subject} with non-JSON data")

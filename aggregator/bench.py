@@ -37,11 +37,10 @@ from typing import Any, TextIO
 import asyncpg
 
 from aggregator import storage
-from aggregator.local_postgres import dsn_with_search_path, embedded_postgres
+from aggregator.local_postgres import any_postgres, dsn_with_search_path
 from aggregator.simulators import portfolio as world
 
 SCHEMA = "aggregator_bench"
-LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/test"
 LATENCY = 0.100  # seconds per API call, Matomo and Google alike
 ACCOUNT_QPS = 20.0  # Google's default per-user quota (1,200/min), enforced per second
 CLIENT_QPS = 40_000 / 60  # Google's standard per-project quota (40,000/min)
@@ -470,29 +469,11 @@ async def run_bench(server_dsn: str, options: BenchOptions, out: TextIO) -> int:
     return 1 if failed else 0
 
 
-async def _reachable(dsn: str) -> bool:
-    try:
-        conn = await asyncpg.connect(dsn, timeout=3)
-    except (OSError, asyncpg.PostgresError, TimeoutError):
-        return False
-    await conn.close()
-    return True
-
-
 @contextlib.contextmanager
 def postgres_server(out: TextIO) -> Iterator[str]:
-    """DATABASE_URL, else the local server on 127.0.0.1:5432, else the embedded one."""
-    configured = os.environ.get("DATABASE_URL")
-    if configured:
-        print(f"database: {storage.describe_dsn(configured)} (DATABASE_URL)", file=out)
-        yield configured
-    elif asyncio.run(_reachable(LOCAL_SERVER)):
-        print(f"database: {storage.describe_dsn(LOCAL_SERVER)}", file=out)
-        yield LOCAL_SERVER
-    else:
-        print("database: embedded PostgreSQL", file=out)
-        with embedded_postgres() as dsn:
-            yield dsn
+    with any_postgres() as (dsn, where):
+        print(f"database: {storage.describe_dsn(dsn)} ({where})", file=out)
+        yield dsn
 
 
 def machine() -> str:

@@ -6,6 +6,7 @@ server) is available. The data directory is kept, so a second start reuses it in
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import warnings
@@ -13,7 +14,35 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import asyncpg
+
 from aggregator.config import ConfigError
+
+LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+async def server_reachable(dsn: str) -> bool:
+    """Whether a Postgres answers at `dsn` within a few seconds."""
+    try:
+        conn = await asyncpg.connect(dsn, timeout=3)
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return False
+    await conn.close()
+    return True
+
+
+@contextlib.contextmanager
+def any_postgres(data_dir: Path | None = None) -> Iterator[tuple[str, str]]:
+    """(DSN, description) of DATABASE_URL, else the local server on 127.0.0.1:5432, else an
+    embedded server in `data_dir`: what the tests and the benchmark run against."""
+    configured = os.environ.get("DATABASE_URL")
+    if configured:
+        yield configured, "DATABASE_URL"
+    elif asyncio.run(server_reachable(LOCAL_SERVER)):
+        yield LOCAL_SERVER, "the local server on 127.0.0.1:5432"
+    else:
+        with embedded_postgres(data_dir) as dsn:
+            yield dsn, "an embedded PostgreSQL"
 
 
 def default_data_dir() -> Path:

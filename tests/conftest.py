@@ -4,10 +4,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import inspect
-import os
 import shutil
 import tempfile
 import types
@@ -24,33 +22,15 @@ from aioresponses import aioresponses
 from aioresponses import core as aioresponses_core
 
 from aggregator import storage
-from aggregator.local_postgres import dsn_with_search_path, embedded_postgres
-
-LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-async def _reachable(dsn: str) -> bool:
-    try:
-        conn = await asyncpg.connect(dsn, timeout=3)
-    except (OSError, asyncpg.PostgresError, TimeoutError):
-        return False
-    await conn.close()
-    return True
+from aggregator.local_postgres import any_postgres, dsn_with_search_path
 
 
 @pytest.fixture(scope="session")
 def server_dsn() -> Iterator[str]:
-    configured = os.environ.get("DATABASE_URL")
-    if configured:
-        yield configured
-        return
-    if asyncio.run(_reachable(LOCAL_SERVER)):
-        yield LOCAL_SERVER
-        return
     # Outside pytest's private temp tree: the embedded server drops root to its own user.
     data = Path(tempfile.mkdtemp(prefix="aggregator-test-pg-"))
     try:
-        with embedded_postgres(data / "pgdata") as dsn:
+        with any_postgres(data / "pgdata") as (dsn, _where):
             yield dsn
     finally:
         shutil.rmtree(data, ignore_errors=True)

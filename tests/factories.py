@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncpg
 
+from aggregator.simulators import portfolio as world
+
 
 async def add_account(
     conn: asyncpg.Connection, email: str, refresh_token: str | None = None, *, active: bool = True
@@ -46,3 +48,13 @@ async def add_site(
 async def stored_rows(conn: asyncpg.Connection) -> dict[tuple[int, str], dict]:
     rows = await conn.fetch("select * from daily_analytics order by site_id, date")
     return {(r["site_id"], r["date"].isoformat()): dict(r) for r in rows}
+
+
+async def seed(dsn: str, portfolio: world.Portfolio) -> world.Portfolio:
+    """Seed a simulated portfolio into the schema behind `dsn`; return it for chaining."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await world.seed_portfolio(conn, portfolio)
+    finally:
+        await conn.close()
+    return portfolio

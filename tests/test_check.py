@@ -9,8 +9,6 @@ import os
 import sys
 from pathlib import Path
 
-import asyncpg
-
 from aggregator import matomo
 from aggregator.check import (
     AccountInfo,
@@ -27,7 +25,7 @@ from aggregator.google_oauth import MissingRefreshToken, ReconnectRequired
 from aggregator.gsc import AccountAccess
 from aggregator.model import GscAccount, Site
 from aggregator.simulators import portfolio as world
-from tests.factories import add_account, add_site
+from tests.factories import add_account, add_site, seed
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRETS = (world.MATOMO_TOKEN, world.CLIENT_SECRET, "demo-refresh-token-")
@@ -262,14 +260,6 @@ def test_render_is_one_aligned_table_problems_first_then_the_summary() -> None:
 
 
 # --- real Postgres and simulators over 127.0.0.1 ----------------------------------------------
-
-
-async def seed(db: str, portfolio: world.Portfolio) -> None:
-    conn = await asyncpg.connect(db)
-    try:
-        await world.seed_portfolio(conn, portfolio)
-    finally:
-        await conn.close()
 
 
 def settings_for(db: str, matomo_sim, google_sim, **changes):

@@ -4,28 +4,21 @@ from __future__ import annotations
 
 from datetime import date, timedelta
 
-import asyncpg
 import pytest
 
 from aggregator.dates import Window
 from aggregator.demo import simulated_settings
 from aggregator.pipeline import RunRequest, run_job
 from aggregator.simulators import portfolio as world
-from tests.factories import stored_rows
+from tests.factories import seed, stored_rows
 
 TODAY = date(2025, 6, 10)
 WINDOW = Window(date(2025, 6, 1), date(2025, 6, 9))
 
 
 @pytest.fixture
-async def seeded(db: str):
-    portfolio = world.make_portfolio(30, 3, revoked_account=True, unreachable_every=7)
-    conn = await asyncpg.connect(db)
-    try:
-        await world.seed_portfolio(conn, portfolio)
-    finally:
-        await conn.close()
-    return portfolio
+async def seeded(db: str) -> world.Portfolio:
+    return await seed(db, world.make_portfolio(30, 3, revoked_account=True, unreachable_every=7))
 
 
 def expected_matomo(matomo, portfolio, window: Window):

@@ -7,11 +7,9 @@ endpoint is the real local server from test_google_oauth. Backoff never really s
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import json
 import math
-import types
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import date, timedelta
 from pathlib import Path
@@ -22,7 +20,6 @@ import aiohttp
 import pytest
 import structlog
 from aioresponses import aioresponses
-from aioresponses import core as aioresponses_core
 from yarl import URL
 
 from aggregator import gsc, search_console_data
@@ -105,22 +102,6 @@ def hanging_request() -> tuple[asyncio.Event, Callable[..., Awaitable[None]]]:
         await asyncio.Event().wait()
 
     return started, never_answer
-
-
-class _ResponseWithStreamWriter(aiohttp.ClientResponse):
-    """aioresponses 0.7.9 predates aiohttp 3.14's required `stream_writer` (aioresponses#289)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("stream_writer", types.SimpleNamespace(output_size=0))
-        super().__init__(*args, **kwargs)
-
-
-@pytest.fixture
-def mocked(monkeypatch: pytest.MonkeyPatch) -> Iterator[aioresponses]:
-    if "stream_writer" in inspect.signature(aiohttp.ClientResponse).parameters:
-        monkeypatch.setattr(aioresponses_core, "ClientResponse", _ResponseWithStreamWriter)
-    with aioresponses() as mock:
-        yield mock
 
 
 @pytest.fixture

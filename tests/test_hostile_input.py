@@ -14,7 +14,6 @@ import math
 from datetime import date, timedelta
 from typing import Any
 
-import asyncpg
 import pytest
 from aiohttp import web
 from hypothesis import HealthCheck, given, settings
@@ -42,7 +41,7 @@ from aggregator.search_console_data import (
 )
 from aggregator.simulators import GoogleSimulator, SimServer
 from aggregator.simulators import portfolio as world
-from tests.factories import stored_rows
+from tests.factories import seed, stored_rows
 
 MAX_INT = 2**31 - 1
 MAX_BIGINT = 2**63 - 1
@@ -387,14 +386,6 @@ def _google(portfolio: world.Portfolio, answers: dict[str, Any] | None = None):
     )
 
 
-async def _seed(dsn: str, portfolio: world.Portfolio) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await world.seed_portfolio(conn, portfolio)
-    finally:
-        await conn.close()
-
-
 async def test_odd_domains_all_resolve_to_their_properties(db, conn) -> None:
     """Duplicates differing in case or a trailing dot, a scheme, `www.` and an IDN: each site
     finds its property and gets its numbers; nothing fails."""
@@ -408,7 +399,7 @@ async def test_odd_domains_all_resolve_to_their_properties(db, conn) -> None:
         ],
     )
     # Site 2 duplicates site 1's property; the simulator keys by property, so register once.
-    await _seed(db, portfolio)
+    await seed(db, portfolio)
     async with world.matomo_simulator(portfolio, today=TODAY) as matomo, _google(portfolio) as g:
         settings_ = simulated_settings(db, matomo.url, g.url, gsc_max_qps_per_client=100)
         outcome = await run_job(settings_, RunRequest(WINDOW))
@@ -437,7 +428,7 @@ async def test_bad_records_become_per_site_errors_and_the_rest_is_stored(db, con
         "sc-domain:s4.example": {"rows": "not a list"},
         "sc-domain:s5.example": {"rows": [{"keys": [day], "clicks": "7", "impressions": 9}]},
     }
-    await _seed(db, portfolio)
+    await seed(db, portfolio)
     async with ScriptedMatomo(matomo_answers) as m, _google(portfolio, google_answers) as g:
         settings_ = simulated_settings(db, m.url, g.url, gsc_max_qps_per_client=100)
         outcome = await run_job(settings_, RunRequest(WINDOW))
@@ -469,7 +460,7 @@ async def test_oversized_answers_fail_their_batch_or_site_only(db, conn, monkeyp
     domains = ["big.example", "fine.example"]
     portfolio = _portfolio(domains, [f"sc-domain:{d}" for d in domains])
     padding = {"rows": [], "responseAggregationType": "byProperty", "pad": "x" * 3_000_000}
-    await _seed(db, portfolio)
+    await seed(db, portfolio)
     async with ScriptedMatomo({}) as m, _google(portfolio, {"sc-domain:big.example": padding}) as g:
         settings_ = simulated_settings(db, m.url, g.url, gsc_max_qps_per_client=100)
         outcome = await run_job(settings_, RunRequest(WINDOW))

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
-import asyncpg
 import pytest
 from aiohttp import web
 
 from aggregator.simulators import GoogleSimulator
 from aggregator.simulators import portfolio as world
+from tests.factories import seed
 
 FROM, TO = date(2025, 6, 1), date(2025, 6, 9)
 TODAY = date(2025, 6, 10)
@@ -136,14 +136,8 @@ async def wait_for_log_event(
 
 
 @pytest.fixture
-async def seeded(db: str):
-    portfolio = world.make_portfolio(12, 2)
-    conn = await asyncpg.connect(db)
-    try:
-        await world.seed_portfolio(conn, portfolio)
-    finally:
-        await conn.close()
-    return portfolio
+async def seeded(db: str) -> world.Portfolio:
+    return await seed(db, world.make_portfolio(12, 2))
 
 
 class QueriesHang(GoogleSimulator):

@@ -364,16 +364,20 @@ class GoogleSimulator(SimServer):
             )
         return None
 
+    async def _admit(self, request: web.Request) -> SimAccount:
+        """The gate of every API call: an injected fault, the latency, then the bearer token."""
+        fault = self._fault()
+        if fault is not None:
+            raise fault
+        await self._delay()
+        return self._authenticate(request)
+
     async def _sites_list(self, request: web.Request) -> web.StreamResponse:
         self.sites_requests += 1
         try:
-            fault = self._fault()
-            if fault is not None:
-                raise fault
-            if self.hang:
+            if self.hang and self.fail_next <= 0:
                 return await self._hang_forever(request)
-            await self._delay()
-            account = self._authenticate(request)
+            account = await self._admit(request)
             self.sites_requests_by_account[account.email] += 1
         except GoogleError as error:
             return error.response()
@@ -393,13 +397,9 @@ class GoogleSimulator(SimServer):
         site_url = unquote(raw_site)
         self.query_requests += 1
         try:
-            fault = self._fault()
-            if fault is not None:
-                raise fault
-            if self.hang:
+            if self.hang and self.fail_next <= 0:
                 return await self._hang_forever(request)
-            await self._delay()
-            account = self._authenticate(request)
+            account = await self._admit(request)
             self.query_requests_by_account[account.email] += 1
             self._check_rate(account.email)
             if account.email in self.quota_exhausted_accounts:

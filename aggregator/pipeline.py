@@ -146,7 +146,10 @@ def default_source(name: SourceName) -> Source:
     return gsc
 
 
-def _sites_for(source: SourceName, sites: Sequence[Site], accounts: Mapping[int, GscAccount]):
+def _sites_for(
+    source: SourceName, sites: Sequence[Site], accounts: Mapping[int, GscAccount]
+) -> list[Site]:
+    """The sites this source serves: a Matomo id, or an active Google account."""
     if source == "matomo":
         return [s for s in sites if s.matomo_site_id is not None]
     return [s for s in sites if s.gsc_account_id in accounts]
@@ -234,7 +237,7 @@ async def run_job(
         rows_upserted=written,
         errors=errors,
         seconds=time.monotonic() - started,
-        windows={name: (start, end) for name, (_, start, end) in plan.items()},
+        windows={name: (share.start, share.end) for name, share in plan.items()},
         rows=rows,
         sites={s.id: s.domain for s in sites},
         interrupted=interrupted,
@@ -284,10 +287,25 @@ def _check_requested_domains(domains: Sequence[str], sites: Sequence[Site]) -> N
         )
 
 
-async def _plan(conn, settings, request, sites, accounts):
+@dataclass(frozen=True, slots=True)
+class SourcePlan:
+    """One source's share of a run: its sites and its own window."""
+
+    sites: list[Site]
+    start: date
+    end: date
+
+
+async def _plan(
+    conn: asyncpg.Connection,
+    settings: Settings,
+    request: RunRequest,
+    sites: Sequence[Site],
+    accounts: Mapping[int, GscAccount],
+) -> dict[SourceName, SourcePlan]:
     """Per source: its sites and its window. GSC's default window reaches back over every day
     still stored as provisional, so provisional numbers become final without an operator."""
-    plan: dict[SourceName, tuple[list[Site], date, date]] = {}
+    plan: dict[SourceName, SourcePlan] = {}
     for name in request.sources:
         chosen = _sites_for(name, sites, accounts)
         if not chosen:
@@ -298,41 +316,49 @@ async def _plan(conn, settings, request, sites, accounts):
             oldest = await storage.oldest_provisional_gsc_day(conn, [s.id for s in chosen])
             if oldest is not None and oldest < start:
                 start = oldest
-        plan[name] = (chosen, start, end)
+        plan[name] = SourcePlan(chosen, start, end)
     skipped = [s.domain for s in sites if s.gsc_account_id and s.gsc_account_id not in accounts]
     if skipped and "gsc" in request.sources:
         log.warning("gsc.account_inactive", sites=len(skipped), example=skipped[0])
     return plan
 
 
-async def _collect(settings, request, plan, accounts, sources, table, stop, progress) -> str | None:
+async def _collect(
+    settings: Settings,
+    request: RunRequest,
+    plan: Mapping[SourceName, SourcePlan],
+    accounts: Mapping[int, GscAccount],
+    sources: Mapping[SourceName, Source] | None,
+    table: DailyTable,
+    stop: asyncio.Event,
+    progress: ProgressSink,
+) -> str | None:
     """Drain every source into `table` until done, the deadline, or `stop`; return why it was
     cut short (None when complete). Whatever arrived before a cut is kept and stored."""
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.http_connect_timeout)
     connector = aiohttp.TCPConnector(limit=100)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+
+        def open_source(name: SourceName, share: SourcePlan) -> AsyncIterator[SourceRecord]:
+            source = sources[name] if sources else default_source(name)
+            return source(
+                SourceInput(
+                    sites=share.sites,
+                    accounts=accounts,
+                    start=share.start,
+                    end=share.end,
+                    settings=settings,
+                    session=session,
+                    final_only=request.final_only,
+                )
+            )
+
         tasks = [
             asyncio.create_task(
-                _drain(
-                    name,
-                    (sources[name] if sources else default_source(name))(
-                        SourceInput(
-                            sites=chosen,
-                            accounts=accounts,
-                            start=start,
-                            end=end,
-                            settings=settings,
-                            session=session,
-                            final_only=request.final_only,
-                        )
-                    ),
-                    chosen,
-                    table,
-                    progress,
-                ),
+                _drain(name, open_source(name, share), share.sites, table, progress),
                 name=f"source-{name}",
             )
-            for name, (chosen, start, end) in plan.items()
+            for name, share in plan.items()
         ]
         if not tasks:
             return None

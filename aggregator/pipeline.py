@@ -189,10 +189,8 @@ async def run_job(
     """
     started = time.monotonic()
     stop = stop or asyncio.Event()
-    dsn = settings.database_url
-    if dsn is None:
-        settings.require_database()
-    pool = await storage.connect(dsn)
+    settings.require_database()
+    pool = await storage.connect(settings.database_url)
     try:
         async with pool.acquire() as conn:
             await storage.require_schema(conn)

@@ -199,7 +199,7 @@ async def print_report(
         out,
         "Sample rows",
         ("site", "date", "visits", "clicks", "impressions", "position", "final"),
-        [tuple("-" if v is None else v for v in row.values()) for row in sample],
+        [tuple(_cell(v) for v in row.values()) for row in sample],
     )
     _table(out, "HTTP requests", ("kind", "count"), list(requests.items()))
     windows = ", ".join(f"{name} {a}..{b}" for name, (a, b) in outcome.windows.items())
@@ -211,6 +211,14 @@ async def print_report(
     )
     for error in outcome.errors[:10]:
         print(f"  {error.source:<7} {error.site}: {_clip(error.error, 150)}", file=out)
+
+
+def _cell(value: object) -> object:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return value
 
 
 def _clip(text: str, width: int) -> str:

@@ -18,7 +18,7 @@ from aggregator.dates import DateError, parse_day, resolve_window, today_in
 from aggregator.logs import configure_logging
 from aggregator.pipeline import ALL_SOURCES, RunOutcome, RunRequest, UsageError, run_job
 from aggregator.progress import terminal_progress
-from aggregator.text_table import table_lines
+from aggregator.text_table import error_lines, table_lines
 
 EXIT_OK, EXIT_PARTIAL, EXIT_UNUSABLE = 0, 1, 2
 COMMANDS = ("run", "migrate", "status", "accounts", "demo", "check")
@@ -295,8 +295,8 @@ def print_summary(outcome: RunOutcome, out: TextIO) -> None:
         f"{len(outcome.errors)} errors in {outcome.seconds:.1f}s ({windows})",
         file=out,
     )
-    for error in outcome.errors:
-        print(f"  {error.source:<8} {error.site}: {error.error}", file=out)
+    for line in error_lines(outcome.errors):
+        print(f"  {line}", file=out)
 
 
 def _migrate_command(args: argparse.Namespace, settings: Settings) -> int:

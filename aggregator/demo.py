@@ -23,7 +23,7 @@ from aggregator.local_postgres import default_data_dir, dsn_with_search_path, em
 from aggregator.pipeline import RunOutcome, RunRequest, run_job
 from aggregator.progress import terminal_progress
 from aggregator.simulators import portfolio as world
-from aggregator.text_table import table_lines
+from aggregator.text_table import error_lines, table_lines
 
 DEMO_SCHEMA = "aggregator_demo"
 
@@ -209,8 +209,8 @@ async def print_report(
         f"in {seconds:.1f}s; windows: {windows}; {len(outcome.errors)} errors",
         file=out,
     )
-    for error in outcome.errors[:10]:
-        print(f"  {error.source:<7} {error.site}: {_clip(error.error, 150)}", file=out)
+    for line in error_lines(outcome.errors)[:10]:
+        print(f"  {line}", file=out)
 
 
 def _cell(value: object) -> object:

@@ -29,6 +29,20 @@ def _masking_processor(secrets: Iterable[str]):
     return mask
 
 
+class _CurrentStderr:
+    """Whatever sys.stderr is at the moment of writing.
+
+    A live progress display swaps sys.stderr for a proxy that prints above its bars; a logger
+    bound to the original stream would draw through them instead.
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(
     *,
     secrets: Iterable[str] = (),
@@ -36,8 +50,7 @@ def configure_logging(
     verbose: bool = False,
     quiet: bool = False,
 ) -> None:
-    stream = stream or sys.stderr
-    as_json = not stream.isatty()
+    as_json = not (stream or sys.stderr).isatty()
     renderer = (
         structlog.processors.JSONRenderer()
         if as_json
@@ -55,6 +68,6 @@ def configure_logging(
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
         ),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=structlog.PrintLoggerFactory(stream or _CurrentStderr()),
         cache_logger_on_first_use=False,
     )

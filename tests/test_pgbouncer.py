@@ -67,10 +67,15 @@ def _upstream(server_dsn: str) -> dict[str, str]:
     }
 
 
-def _run_as() -> list[str]:
-    """PgBouncer refuses to run as root: drop to `postgres` (or `nobody`) when we are root."""
+def _run_as(upstream_host: str) -> list[str]:
+    """PgBouncer refuses to run as root: drop to the owner of the upstream's socket directory
+    (an embedded server's is private to its own user), else `postgres` (or `nobody`)."""
     if os.geteuid() != 0:
         return []
+    if upstream_host.startswith("/"):
+        owner = pwd.getpwuid(Path(upstream_host).stat().st_uid).pw_name
+        if owner != "root":
+            return ["-u", owner]
     for user in ("postgres", "nobody"):
         try:
             pwd.getpwnam(user)
@@ -151,7 +156,9 @@ pidfile = {workdir / "pgbouncer.pid"}
     for path in workdir.iterdir():
         path.chmod(0o644)
     process = subprocess.Popen(
-        [binary, *_run_as(), str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        [binary, *_run_as(upstream["host"]), str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + STARTUP_SECONDS

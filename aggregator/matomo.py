@@ -64,6 +64,10 @@ class MatomoError(Exception):
     """Matomo answered, but not with usable numbers; sending the same request again won't help."""
 
 
+class MatomoAccessRefused(MatomoError):
+    """Matomo refused MATOMO_TOKEN itself (wrong, expired or without any view access)."""
+
+
 class MatomoTransientError(Exception):
     """A fault that the same request may well not meet next time: timeouts, 5xx, proxy pages."""
 
@@ -139,17 +143,24 @@ def error_message(payload: Any) -> str | None:
     return message if isinstance(message, str) and message.strip() else "no message given"
 
 
+def raise_for_error_envelope(answer: Any, what: str) -> None:
+    """MatomoAccessRefused or MatomoError when a whole answer to `what` is Matomo's error
+    envelope; a wrong token reads as "no access" (the call ran as anonymous)."""
+    message = error_message(answer)
+    if message is None:
+        return
+    if _ACCESS_REFUSAL.search(message):
+        raise MatomoAccessRefused(f"Matomo refused token or access for {what}: {message}")
+    raise MatomoError(f"Matomo rejected {what}: {message}")
+
+
 def bulk_results(answer: Any, expected: int) -> list[Any]:
     """The per-site sub-results of a bulk answer, or MatomoError if the answer as a whole is bad.
 
     A list of another length cannot be matched to sites by position, so the batch fails rather than
     risk storing one site's numbers under another.
     """
-    message = error_message(answer)
-    if message is not None:
-        if _ACCESS_REFUSAL.search(message):
-            raise MatomoError(f"Matomo refused token or access for the bulk request: {message}")
-        raise MatomoError(f"Matomo rejected the bulk request: {message}")
+    raise_for_error_envelope(answer, "the bulk request")
     if not isinstance(answer, list):
         raise MatomoError(f"Matomo bulk answer is {_kind(answer)}, expected a list")
     if len(answer) != expected:
@@ -406,20 +417,12 @@ def decode_answer(status: int, content_type: str, body: bytes) -> Any:
 # --- access check (`aggregator check`) ---------------------------------------------------------
 
 
-class MatomoAccessRefused(MatomoError):
-    """Matomo refused MATOMO_TOKEN itself (wrong, expired or without any view access)."""
-
-
 VIEW_ACCESS_METHOD = "SitesManager.getSitesIdWithAtLeastViewAccess"
 
 
 def parse_site_ids(answer: Any) -> frozenset[int]:
     """The site ids of a `getSitesIdWithAtLeastViewAccess` answer (ints or numeric strings)."""
-    message = error_message(answer)
-    if message is not None:
-        if _ACCESS_REFUSAL.search(message):
-            raise MatomoAccessRefused(f"Matomo refused MATOMO_TOKEN: {message}")
-        raise MatomoError(f"Matomo rejected {VIEW_ACCESS_METHOD}: {message}")
+    raise_for_error_envelope(answer, VIEW_ACCESS_METHOD)
     if not isinstance(answer, list):
         raise MatomoError(f"Matomo answered {VIEW_ACCESS_METHOD} with {_kind(answer)}")
     ids = set()

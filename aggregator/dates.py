@@ -21,6 +21,10 @@ class Window:
     end: date
     explicit: bool = True
 
+    def __post_init__(self) -> None:
+        if self.start > self.end:
+            raise ValueError(f"start {self.start} is after end {self.end}")
+
     def days(self) -> list[date]:
         return [self.start + timedelta(days=n) for n in range((self.end - self.start).days + 1)]
 

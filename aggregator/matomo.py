@@ -18,7 +18,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import date
 from typing import Any
 
 import aiohttp
@@ -32,6 +32,7 @@ from tenacity import (
 )
 
 from aggregator.config import ConfigError, Secret, Settings
+from aggregator.dates import Window
 from aggregator.http_body import read_capped
 from aggregator.model import MatomoDay, Site, SiteError
 from aggregator.redaction import Redactor
@@ -87,7 +88,7 @@ async def fetch_matomo_visits(
     """
     if settings.matomo_url is None or settings.matomo_token is None:
         raise ConfigError("MATOMO_URL and MATOMO_TOKEN must both be set to fetch Matomo visits")
-    days = days_between(start, end)
+    days = Window(start, end).days()
     tracked = [site for site in sites if site.matomo_site_id is not None]
     size = settings.matomo_batch_size
     batches = [tracked[i : i + size] for i in range(0, len(tracked), size)]
@@ -104,13 +105,6 @@ async def fetch_matomo_visits(
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-
-
-def days_between(start: date, end: date) -> list[date]:
-    """Every day from start to end, both included."""
-    if end < start:
-        raise ValueError(f"Matomo window ends ({end}) before it starts ({start})")
-    return [start + timedelta(days=offset) for offset in range((end - start).days + 1)]
 
 
 def build_bulk_form(

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from datetime import date, timedelta
 from typing import Any
 
+from aggregator.dates import Window
 from aggregator.model import GscDay
 
 # The most rows one searchAnalytics.query answer may hold (module-level so tests can shrink it).
@@ -132,15 +133,13 @@ def days_from_search_analytics(
         first_incomplete = _first_incomplete_date(body)
     retained_from = first_incomplete and first_incomplete - timedelta(days=RETENTION_DAYS)
     days: list[GscDay] = []
-    day = start
-    while day <= end:
+    for day in Window(start, end).days():
         final = first_incomplete is None or day < first_incomplete
         row = rows.get(day)
         if row is not None:
             days.append(GscDay(site_id, day, *row, final=final))
         elif final and (retained_from is None or day >= retained_from):
             days.append(GscDay(site_id, day, 0, 0, None, None, final=True))
-        day += timedelta(days=1)
     return days
 
 

@@ -117,7 +117,8 @@ def source_status(facts: SourceFacts, today: date, window_days: int) -> SourceSt
     missing a month of data; its source turns stale only once its target day is expected."""
     target = freshness_target(today, facts.source)
     first = max(target - timedelta(days=window_days - 1), facts.deployed_on)
-    expected = Window(first, target).days()  # empty when deployed after the target day
+    # A site deployed after its target day expects nothing yet.
+    expected = Window(first, target).days() if first <= target else []
     return SourceStatus(
         site=facts.site,
         source=facts.source,

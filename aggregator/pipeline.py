@@ -277,8 +277,8 @@ async def _store(
 
 
 def _check_requested_domains(domains: Sequence[str], sites: Sequence[Site]) -> None:
-    found = {storage.normalize_domain(s.domain) for s in sites}
-    unknown = [d for d in domains if storage.normalize_domain(d) not in found]
+    found = {storage.domain_key(s.domain) for s in sites}
+    unknown = [d for d in domains if storage.domain_key(d) not in found]
     if unknown:
         raise UsageError(
             f"--site {unknown[0]} is not a monitored site (active, deployed) in table sites"

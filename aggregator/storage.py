@@ -147,7 +147,7 @@ async def load_sites(conn: asyncpg.Connection, domains: Sequence[str] = ()) -> l
                or lower(rtrim(domain, '.')) = any($1::text[]))
         order by id
         """,
-        [normalize_domain(d) for d in domains],
+        [domain_key(d) for d in domains],
     )
     return [
         Site(
@@ -161,7 +161,9 @@ async def load_sites(conn: asyncpg.Connection, domains: Sequence[str] = ()) -> l
     ]
 
 
-def normalize_domain(domain: str) -> str:
+def domain_key(domain: str) -> str:
+    """How `--site` matches sites.domain: the same folding as the SQL in load_sites
+    (`lower(rtrim(domain, '.'))`), so Python and Postgres agree on what "the same site" is."""
     return domain.strip().lower().rstrip(".")
 
 

@@ -94,7 +94,7 @@ def mocked(monkeypatch: pytest.MonkeyPatch) -> Iterator[aioresponses]:
 
 @pytest.fixture(autouse=True)
 def _reset_logging() -> Iterator[None]:
-    """In-process CLI tests configure structlog onto a captured stream that pytest then closes;
-    put the defaults back so the next test does not log into a closed file."""
+    """structlog's configuration is process-wide: a test that runs the CLI in-process must not
+    leave its level, renderer or stream to the tests after it."""
     yield
     structlog.reset_defaults()

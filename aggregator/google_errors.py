@@ -13,11 +13,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
-from aggregator.google_oauth import backoff_delay
-
 _RATE_REASONS = frozenset({"ratelimitexceeded", "userratelimitexceeded"})
 _EXHAUSTED_REASONS = frozenset({"quotaexceeded", "dailylimitexceeded"})
 _MAX_MESSAGE_CHARS = 400
+_RETRY_BASE_SECONDS = 1.0
+_RETRY_CAP_SECONDS = 30.0
 
 
 class ErrorKind(Enum):
@@ -86,3 +86,12 @@ def rate_limit_delay(
     if retry_after is None:
         return backoff_delay(failures, rand=rand)
     return retry_after + rand()
+
+
+def backoff_delay(attempt: int, *, rand: Callable[[], float] = random.random) -> float:
+    """Exponential backoff with jitter for the n-th failed attempt (1-based).
+
+    Jitter spreads out retries of many concurrent tasks that failed together.
+    """
+    ceiling = min(_RETRY_CAP_SECONDS, _RETRY_BASE_SECONDS * 2 ** (attempt - 1))
+    return ceiling / 2 + rand() * ceiling / 2

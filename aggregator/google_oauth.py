@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
-import random
 import threading
 import urllib.error
 import urllib.request
@@ -26,6 +25,7 @@ from google.auth import transport
 from google.oauth2.credentials import Credentials
 
 from aggregator.config import Settings
+from aggregator.google_errors import backoff_delay
 from aggregator.model import AccountRefresh, GscAccount
 from aggregator.redaction import Redactor
 
@@ -35,8 +35,6 @@ Sleep = Callable[[float], Awaitable[None]]
 
 # A token this close to its expiry is refreshed before use rather than sent and rejected.
 _EXPIRY_MARGIN = timedelta(minutes=5)
-_RETRY_BASE_SECONDS = 1.0
-_RETRY_CAP_SECONDS = 30.0
 # google-auth retries these statuses itself with a blocking, uncancellable time.sleep; the
 # transport reports them as TransportError instead so that AccountToken's bounded, injectable
 # backoff is the only retry policy.
@@ -320,12 +318,3 @@ class AccountToken:
         return expiry is not None and expiry - _EXPIRY_MARGIN <= datetime.now(UTC).replace(
             tzinfo=None
         )
-
-
-def backoff_delay(attempt: int, *, rand: Callable[[], float] = random.random) -> float:
-    """Exponential backoff with jitter for the n-th failed attempt (1-based).
-
-    Jitter spreads out retries of many concurrent tasks that failed together.
-    """
-    ceiling = min(_RETRY_CAP_SECONDS, _RETRY_BASE_SECONDS * 2 ** (attempt - 1))
-    return ceiling / 2 + rand() * ceiling / 2

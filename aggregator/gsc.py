@@ -32,11 +32,12 @@ from aggregator.config import Settings
 from aggregator.google_errors import (
     ErrorKind,
     GoogleError,
+    backoff_delay,
     classify_google_error,
     parse_retry_after,
     rate_limit_delay,
 )
-from aggregator.google_oauth import AccountToken, Sleep, TokenError, backoff_delay
+from aggregator.google_oauth import AccountToken, Sleep, TokenError
 from aggregator.http_body import read_capped
 from aggregator.model import AccountRefresh, GscAccount, GscDay, Site, SiteError
 from aggregator.pacing import Pacer

@@ -20,17 +20,17 @@ from urllib.parse import parse_qsl
 import pytest
 
 from aggregator.config import Secret, Settings
+from aggregator.google_errors import backoff_delay
 from aggregator.google_oauth import (
     AccountToken,
     ClientMisconfigured,
     MissingRefreshToken,
     ReconnectRequired,
-    Redactor,
     TokenEndpointUnavailable,
     TokenError,
-    backoff_delay,
 )
 from aggregator.model import GscAccount
+from aggregator.redaction import Redactor
 
 OAUTH_FIXTURES = Path(__file__).parent / "fixtures" / "oauth"
 CLIENT_ID = "123-test.apps.googleusercontent.com"

@@ -237,7 +237,7 @@ def _run_command(args: argparse.Namespace, settings: Settings) -> int:
         dry_run=args.dry_run,
         final_only=args.gsc_final_only,
     )
-    settings.require_database()
+    settings.require_database()  # fail with one line before any progress display is drawn
     with terminal_progress(sys.stderr.isatty()) as progress:
         outcome = _run_async(lambda stop: run_job(settings, request, stop=stop, progress=progress))
     if request.dry_run:

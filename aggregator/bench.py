@@ -115,10 +115,11 @@ def peak_rss_mb() -> float:
 
 
 async def _child_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
-    from aggregator import gsc, matomo  # noqa: F401  (imported before the baseline is taken)
+    from aggregator import matomo  # noqa: F401  (imported before the baseline is taken)
     from aggregator.dates import resolve_window, today_in
     from aggregator.demo import simulated_settings
     from aggregator.pipeline import RunRequest, run_job
+    from aggregator.search_console import client  # noqa: F401
 
     baseline = peak_rss_mb()
     settings = simulated_settings(

@@ -29,16 +29,17 @@ from typing import Any, Literal, TextIO
 import aiohttp
 import asyncpg
 
-from aggregator import gsc, matomo, storage
+from aggregator import matomo, storage
 from aggregator.config import Settings
-from aggregator.google_oauth import (
+from aggregator.model import Site
+from aggregator.search_console import client as gsc
+from aggregator.search_console.answers import candidate_properties, pick_property
+from aggregator.search_console.oauth import (
     ClientMisconfigured,
     MissingRefreshToken,
     ReconnectRequired,
     TokenEndpointUnavailable,
 )
-from aggregator.model import Site
-from aggregator.search_console_data import candidate_properties, pick_property
 from aggregator.text_table import table_lines
 
 EXIT_OK, EXIT_PROBLEMS = 0, 1

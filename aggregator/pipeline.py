@@ -130,7 +130,7 @@ def default_source(name: SourceName) -> Source:
             )
 
         return matomo
-    from aggregator.gsc import fetch_gsc_performance
+    from aggregator.search_console.client import fetch_gsc_performance
 
     def gsc(given: SourceInput) -> AsyncIterator[SourceRecord]:
         return fetch_gsc_performance(

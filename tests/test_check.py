@@ -21,9 +21,9 @@ from aggregator.check import (
 )
 from aggregator.config import Secret, Settings
 from aggregator.demo import simulated_settings
-from aggregator.google_oauth import MissingRefreshToken, ReconnectRequired
-from aggregator.gsc import AccountAccess
 from aggregator.model import GscAccount, Site
+from aggregator.search_console.client import AccountAccess
+from aggregator.search_console.oauth import MissingRefreshToken, ReconnectRequired
 from aggregator.simulators import portfolio as world
 from tests.factories import add_account, add_site, seed
 

@@ -19,10 +19,9 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aggregator import gsc, matomo
+from aggregator import matomo
 from aggregator.dates import Window
 from aggregator.demo import simulated_settings
-from aggregator.google_errors import ErrorKind, classify_google_error
 from aggregator.matomo import (
     MatomoError,
     MatomoTransientError,
@@ -32,13 +31,15 @@ from aggregator.matomo import (
 )
 from aggregator.model import GscDay
 from aggregator.pipeline import RunRequest, run_job
-from aggregator.search_console_data import (
+from aggregator.search_console import client as gsc
+from aggregator.search_console.answers import (
     GscDataError,
     candidate_properties,
     days_from_search_analytics,
     normalize_domain,
     pick_property,
 )
+from aggregator.search_console.errors import ErrorKind, classify_google_error
 from aggregator.simulators import GoogleSimulator, SimServer
 from aggregator.simulators import portfolio as world
 from tests.factories import seed, stored_rows

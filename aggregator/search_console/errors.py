@@ -2,7 +2,7 @@
 
 Google answers "slow down", "quota gone for today" and "no permission" all with 403; this
 module turns a status and error body into the ErrorKind that says how to react, and computes
-the waits. Pure: the client in aggregator.gsc does the reacting.
+the waits. Pure: the client in aggregator.search_console.client does the reacting.
 """
 
 from __future__ import annotations

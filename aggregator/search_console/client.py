@@ -7,7 +7,7 @@ ends in GscDay records or one SiteError that tells the operator what to fix: no 
 no invented zeros.
 
 This module is the edge: HTTP, pacing, concurrency and the reaction to each error. What an
-answer means is aggregator.search_console_data, what an error means aggregator.google_errors.
+answer means is .answers, what an error means .errors (both in this package).
 """
 
 from __future__ import annotations
@@ -27,22 +27,12 @@ import aiohttp
 import structlog
 from yarl import URL
 
-from aggregator import search_console_data
 from aggregator.config import Settings
-from aggregator.google_errors import (
-    ErrorKind,
-    GoogleError,
-    backoff_delay,
-    classify_google_error,
-    parse_retry_after,
-    rate_limit_delay,
-)
-from aggregator.google_oauth import AccountToken, Sleep, TokenError
 from aggregator.http_body import read_capped
 from aggregator.model import AccountRefresh, GscAccount, GscDay, Site, SiteError
-from aggregator.pacing import Pacer
 from aggregator.redaction import Redactor
-from aggregator.search_console_data import (
+from aggregator.search_console import answers
+from aggregator.search_console.answers import (
     GscDataError,
     accessible_properties,
     candidate_properties,
@@ -51,6 +41,16 @@ from aggregator.search_console_data import (
     pick_property,
     search_analytics_request,
 )
+from aggregator.search_console.errors import (
+    ErrorKind,
+    GoogleError,
+    backoff_delay,
+    classify_google_error,
+    parse_retry_after,
+    rate_limit_delay,
+)
+from aggregator.search_console.oauth import AccountToken, Sleep, TokenError
+from aggregator.search_console.pacing import Pacer
 
 log = structlog.get_logger(__name__)
 
@@ -217,10 +217,10 @@ class _SearchConsole:
                     self._start,
                     self._end,
                     final_only=self._final_only,
-                    start_row=len(pages) * search_console_data.ROW_LIMIT,
+                    start_row=len(pages) * answers.ROW_LIMIT,
                 )
                 pages.append(await self._call(run, "POST", path, body, subject=prop))
-                if len(page_rows(pages[-1])) < search_console_data.ROW_LIMIT:
+                if len(page_rows(pages[-1])) < answers.ROW_LIMIT:
                     break
             merged = {**pages[0], "rows": [row for page in pages for row in page_rows(page)]}
             return days_from_search_analytics(

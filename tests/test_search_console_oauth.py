@@ -20,8 +20,10 @@ from urllib.parse import parse_qsl
 import pytest
 
 from aggregator.config import Secret, Settings
-from aggregator.google_errors import backoff_delay
-from aggregator.google_oauth import (
+from aggregator.model import GscAccount
+from aggregator.redaction import Redactor
+from aggregator.search_console.errors import backoff_delay
+from aggregator.search_console.oauth import (
     AccountToken,
     ClientMisconfigured,
     MissingRefreshToken,
@@ -29,8 +31,6 @@ from aggregator.google_oauth import (
     TokenEndpointUnavailable,
     TokenError,
 )
-from aggregator.model import GscAccount
-from aggregator.redaction import Redactor
 
 OAUTH_FIXTURES = Path(__file__).parent / "fixtures" / "oauth"
 CLIENT_ID = "123-test.apps.googleusercontent.com"

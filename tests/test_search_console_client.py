@@ -22,18 +22,11 @@ import structlog
 from aioresponses import aioresponses
 from yarl import URL
 
-from aggregator import gsc, search_console_data
 from aggregator.demo import simulated_settings
-from aggregator.google_errors import (
-    ErrorKind,
-    classify_google_error,
-    parse_retry_after,
-    rate_limit_delay,
-)
-from aggregator.gsc import fetch_gsc_performance
 from aggregator.model import AccountRefresh, GscAccount, GscDay, Site, SiteError
-from aggregator.pacing import PACING_HEADROOM, Pacer
-from aggregator.search_console_data import (
+from aggregator.search_console import answers as search_console_data
+from aggregator.search_console import client as gsc
+from aggregator.search_console.answers import (
     RETENTION_DAYS,
     GscDataError,
     accessible_properties,
@@ -43,8 +36,16 @@ from aggregator.search_console_data import (
     pick_property,
     search_analytics_request,
 )
+from aggregator.search_console.client import fetch_gsc_performance
+from aggregator.search_console.errors import (
+    ErrorKind,
+    classify_google_error,
+    parse_retry_after,
+    rate_limit_delay,
+)
+from aggregator.search_console.pacing import PACING_HEADROOM, Pacer
 from aggregator.simulators import portfolio as world
-from tests.test_google_oauth import (
+from tests.test_search_console_oauth import (
     CLIENT_SECRET,
     INVALID_CLIENT,
     INVALID_GRANT,

@@ -3,7 +3,7 @@
 Which property holds a site's data (Search Console spells hosts in punycode and lists
 `sc-domain:` and URL-prefix properties side by side), the searchAnalytics.query body for daily
 site totals, and the GscDay records an answer stands for, checked before anything is stored.
-Kept apart from the client in aggregator.gsc so these rules are read and tested on their own.
+Kept apart from the client (.client) so these rules are read and tested on their own.
 """
 
 from __future__ import annotations

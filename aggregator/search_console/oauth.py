@@ -25,9 +25,9 @@ from google.auth import transport
 from google.oauth2.credentials import Credentials
 
 from aggregator.config import Settings
-from aggregator.google_errors import backoff_delay
 from aggregator.model import AccountRefresh, GscAccount
 from aggregator.redaction import Redactor
+from aggregator.search_console.errors import backoff_delay
 
 log = structlog.get_logger(__name__)
 

@@ -1,24 +1,32 @@
 """Configuration from the environment (and an optional `.env`), validated once, up front.
 
-Everything the job needs is read here so that a typo fails the run before any network or
-database work, with one line naming the variable to fix (exit 2).
+Every setting is one row of `SETTINGS`: its variable, the `Settings` field it fills, its kind,
+its default and, for numbers, the range it must fall in. Reading, validation, the error line
+and the README's configuration table all come from that one table, so a new setting is one
+row plus one `Settings` field (whose default is `default_of(...)` the row's). A typo fails the
+run before any network or database work, with one line naming the variable and what it accepts
+(exit 2), never a traceback and never a hang on an absurd value.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import Any, Literal
+from urllib.parse import SplitResult, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from dotenv import dotenv_values
 
-DEFAULT_GOOGLE_TOKEN_URL = "https://oauth2.googleapis.com/token"
-DEFAULT_GSC_API_URL = "https://searchconsole.googleapis.com"
 _REFRESH_TOKEN_VAR = re.compile(r"^GSC_REFRESH_TOKEN_(\d+)$")
+_HOST_LABEL = re.compile(r"(?!-)[\w-]{1,63}(?<!-)")
+
+Kind = Literal["dsn", "url", "secret", "text", "zone", "number", "count"]
 
 
 class ConfigError(Exception):
@@ -52,6 +60,224 @@ class Secret:
 
 
 @dataclass(frozen=True)
+class Setting:
+    """One environment variable: what it fills, what it means, what it accepts.
+
+    `kind` decides the parsing: `number` (finite float) and `count` (whole number) must lie in
+    [`low`, `high`] and refuse a blank value; `url` is an http(s) URL with a well-formed host
+    and port; `dsn` a postgres:// DSN; `secret`, `text` and `zone` are strings (blank = unset).
+    """
+
+    variable: str
+    field: str
+    kind: Kind
+    meaning: str
+    default: str | float | None = None
+    low: float = 0.0
+    high: float = 0.0
+    unit: str = ""
+
+    @property
+    def allowed(self) -> str:
+        """What the variable accepts, as the README's table and the error line say it."""
+        if self.kind in ("number", "count"):
+            what = "a number" if self.kind == "number" else "a whole number"
+            unit = f" {self.unit}" if self.unit else ""
+            return f"{what} from {_figure(self.low)} to {_figure(self.high)}{unit}"
+        return {
+            "dsn": "postgresql://USER:PASSWORD@HOST:PORT/DB (port 1..65535)",
+            "url": "http(s)://HOST[:PORT][/PATH] (port 1..65535, no user:password@)",
+            "zone": "an IANA time zone such as Europe/Berlin",
+        }.get(self.kind, "any text")
+
+    def read(self, env: Mapping[str, str]) -> object:
+        """The validated value of this setting in `env`; raise ConfigError if it is invalid."""
+        raw = env.get(self.variable)
+        value = raw.strip() if raw is not None else ""
+        if self.kind in ("number", "count"):
+            if raw is None:
+                return self.default
+            return self._number(value)
+        if not value:
+            value = self.default if isinstance(self.default, str) else ""
+            if not value:
+                return None
+        if self.kind == "dsn":
+            _check_dsn(self.variable, value)
+            return Secret(value)
+        if self.kind == "url":
+            _check_url(self.variable, value)
+            return value.rstrip("/")
+        if self.kind == "secret":
+            return Secret(value)
+        if self.kind == "zone":
+            return self._zone(value)
+        return value
+
+    def _number(self, value: str) -> float | int:
+        try:
+            number: float | int = int(value) if self.kind == "count" else float(value)
+        except ValueError:
+            number = math.nan
+        if not (math.isfinite(number) and self.low <= number <= self.high):
+            raise ConfigError(f"{self.variable} must be {self.allowed}, got {value[:40]!r}")
+        return number
+
+    def _zone(self, value: str) -> ZoneInfo:
+        try:
+            return ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            raise ConfigError(
+                f"{self.variable} must be {self.allowed}, got {value[:40]!r}"
+            ) from None
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "DATABASE_URL",
+        "database_url",
+        "dsn",
+        "Postgres DSN: Supabase direct, session pooler (5432) or transaction pooler (6543); "
+        "`?sslmode=require` is honoured",
+    ),
+    Setting("MATOMO_URL", "matomo_url", "url", "Matomo base URL"),
+    Setting("MATOMO_TOKEN", "matomo_token", "secret", "Matomo `token_auth` (POST body only)"),
+    Setting(
+        "GOOGLE_CLIENT_ID", "google_client_id", "text", "the OAuth client of the refresh tokens"
+    ),
+    Setting("GOOGLE_CLIENT_SECRET", "google_client_secret", "secret", "that client's secret"),
+    Setting(
+        "GOOGLE_TOKEN_URL",
+        "google_token_url",
+        "url",
+        "token endpoint",
+        default="https://oauth2.googleapis.com/token",
+    ),
+    Setting(
+        "GSC_API_URL",
+        "gsc_api_url",
+        "url",
+        "Search Console API root",
+        default="https://searchconsole.googleapis.com",
+    ),
+    Setting("AGGREGATOR_TIMEZONE", "timezone", "zone", 'zone of "yesterday"', default="UTC"),
+    Setting(
+        "GSC_MAX_QPS_PER_ACCOUNT",
+        "gsc_max_qps_per_account",
+        "number",
+        "Search Console queries/s per Google account",
+        default=10.0,
+        low=0.01,
+        high=1000,
+        unit="queries/s",
+    ),
+    Setting(
+        "GSC_MAX_QPS_PER_CLIENT",
+        "gsc_max_qps_per_client",
+        "number",
+        "Search Console queries/s per OAuth client, shared by all its accounts "
+        "(default: a new Cloud project's 60/min)",
+        default=1.0,
+        low=0.01,
+        high=1000,
+        unit="queries/s",
+    ),
+    Setting(
+        "MATOMO_BATCH_SIZE",
+        "matomo_batch_size",
+        "count",
+        "sites per Matomo bulk request",
+        default=100,
+        low=1,
+        high=1000,
+    ),
+    Setting(
+        "MATOMO_CONCURRENCY",
+        "matomo_concurrency",
+        "count",
+        "Matomo requests in flight",
+        default=4,
+        low=1,
+        high=64,
+    ),
+    Setting(
+        "HTTP_CONNECT_TIMEOUT_SECONDS",
+        "http_connect_timeout",
+        "number",
+        "connect timeout of every HTTP call",
+        default=10.0,
+        low=0.1,
+        high=600,
+        unit="seconds",
+    ),
+    Setting(
+        "MATOMO_TIMEOUT_SECONDS",
+        "matomo_timeout",
+        "number",
+        "total time of one Matomo request",
+        default=180.0,
+        low=0.1,
+        high=3600,
+        unit="seconds",
+    ),
+    Setting(
+        "GSC_TIMEOUT_SECONDS",
+        "gsc_timeout",
+        "number",
+        "total time of one Search Console or token request",
+        default=60.0,
+        low=0.1,
+        high=3600,
+        unit="seconds",
+    ),
+    Setting(
+        "HTTP_MAX_ATTEMPTS",
+        "http_max_attempts",
+        "count",
+        "attempts for a transient failure (timeouts, 5xx, 429)",
+        default=5,
+        low=1,
+        high=20,
+    ),
+    Setting(
+        "GSC_QUOTA_MAX_WAIT_SECONDS",
+        "gsc_quota_max_wait",
+        "number",
+        "longest total back-off of one query on quota errors",
+        default=120.0,
+        low=1,
+        high=3600,
+        unit="seconds",
+    ),
+    Setting(
+        "AGGREGATOR_DEADLINE_SECONDS",
+        "run_deadline",
+        "number",
+        "the whole run's deadline; what was fetched is stored",
+        default=3 * 3600.0,
+        low=1,
+        high=86400,
+        unit="seconds",
+    ),
+    Setting(
+        "AGGREGATOR_LOCK_WAIT_SECONDS",
+        "lock_wait",
+        "number",
+        "how long a run waits for another run on the same database",
+        default=60.0,
+        low=0,
+        high=3600,
+        unit="seconds",
+    ),
+)
+
+
+def default_of(variable: str) -> Any:
+    """The default of `variable` in SETTINGS, so `Settings` states each default only there."""
+    return next(s.default for s in SETTINGS if s.variable == variable)
+
+
+@dataclass(frozen=True)
 class Settings:
     """Validated settings. Secrets are wrapped so that printing a Settings leaks nothing."""
 
@@ -61,21 +287,20 @@ class Settings:
     google_client_id: str | None = None
     google_client_secret: Secret | None = None
     gsc_refresh_tokens: Mapping[int, Secret] = field(default_factory=dict)
-    google_token_url: str = DEFAULT_GOOGLE_TOKEN_URL
-    gsc_api_url: str = DEFAULT_GSC_API_URL
+    google_token_url: str = default_of("GOOGLE_TOKEN_URL")
+    gsc_api_url: str = default_of("GSC_API_URL")
     timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo("UTC"))
-    # Defaults survive a new Cloud project's 60 queries/min: 1 query/s per OAuth client.
-    gsc_max_qps_per_account: float = 10.0
-    gsc_max_qps_per_client: float = 1.0
-    matomo_batch_size: int = 100
-    matomo_concurrency: int = 4
-    http_connect_timeout: float = 10.0
-    matomo_timeout: float = 180.0
-    gsc_timeout: float = 60.0
-    http_max_attempts: int = 5
-    gsc_quota_max_wait: float = 120.0
-    run_deadline: float = 3 * 3600.0
-    lock_wait: float = 60.0
+    gsc_max_qps_per_account: float = default_of("GSC_MAX_QPS_PER_ACCOUNT")
+    gsc_max_qps_per_client: float = default_of("GSC_MAX_QPS_PER_CLIENT")
+    matomo_batch_size: int = default_of("MATOMO_BATCH_SIZE")
+    matomo_concurrency: int = default_of("MATOMO_CONCURRENCY")
+    http_connect_timeout: float = default_of("HTTP_CONNECT_TIMEOUT_SECONDS")
+    matomo_timeout: float = default_of("MATOMO_TIMEOUT_SECONDS")
+    gsc_timeout: float = default_of("GSC_TIMEOUT_SECONDS")
+    http_max_attempts: int = default_of("HTTP_MAX_ATTEMPTS")
+    gsc_quota_max_wait: float = default_of("GSC_QUOTA_MAX_WAIT_SECONDS")
+    run_deadline: float = default_of("AGGREGATOR_DEADLINE_SECONDS")
+    lock_wait: float = default_of("AGGREGATOR_LOCK_WAIT_SECONDS")
 
     @property
     def matomo_configured(self) -> bool:
@@ -102,97 +327,106 @@ def read_environment(env_file: Path | None = Path(".env")) -> dict[str, str]:
 
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Validate `env` into Settings; raise ConfigError with a one-line, secret-free message."""
-    get = _Reader(env)
-    database_url = get.text("DATABASE_URL")
-    if database_url is not None:
-        _check_dsn(database_url)
-    matomo_url = get.url("MATOMO_URL")
+    values = {setting.field: setting.read(env) for setting in SETTINGS}
     tokens: dict[int, Secret] = {}
     for name, value in env.items():
         match = _REFRESH_TOKEN_VAR.match(name)
         if match and value.strip():
             tokens[int(match.group(1))] = Secret(value.strip())
-    return Settings(
-        database_url=Secret(database_url) if database_url else None,
-        matomo_url=matomo_url.rstrip("/") if matomo_url else None,
-        matomo_token=get.secret("MATOMO_TOKEN"),
-        google_client_id=get.text("GOOGLE_CLIENT_ID"),
-        google_client_secret=get.secret("GOOGLE_CLIENT_SECRET"),
-        gsc_refresh_tokens=tokens,
-        google_token_url=get.url("GOOGLE_TOKEN_URL") or DEFAULT_GOOGLE_TOKEN_URL,
-        gsc_api_url=(get.url("GSC_API_URL") or DEFAULT_GSC_API_URL).rstrip("/"),
-        timezone=get.zone("AGGREGATOR_TIMEZONE"),
-        gsc_max_qps_per_account=get.positive("GSC_MAX_QPS_PER_ACCOUNT", 10.0),
-        gsc_max_qps_per_client=get.positive("GSC_MAX_QPS_PER_CLIENT", 1.0),
-        matomo_batch_size=int(get.positive("MATOMO_BATCH_SIZE", 100, integer=True)),
-        matomo_concurrency=int(get.positive("MATOMO_CONCURRENCY", 4, integer=True)),
-        http_connect_timeout=get.positive("HTTP_CONNECT_TIMEOUT_SECONDS", 10.0),
-        matomo_timeout=get.positive("MATOMO_TIMEOUT_SECONDS", 180.0),
-        gsc_timeout=get.positive("GSC_TIMEOUT_SECONDS", 60.0),
-        http_max_attempts=int(get.positive("HTTP_MAX_ATTEMPTS", 5, integer=True)),
-        gsc_quota_max_wait=get.positive("GSC_QUOTA_MAX_WAIT_SECONDS", 120.0),
-        run_deadline=get.positive("AGGREGATOR_DEADLINE_SECONDS", 3 * 3600.0),
-        lock_wait=get.positive("AGGREGATOR_LOCK_WAIT_SECONDS", 60.0),
-    )
+    return Settings(gsc_refresh_tokens=tokens, **values)  # type: ignore[arg-type]
 
 
-def _check_dsn(dsn: str) -> None:
-    parts = urlsplit(dsn)
+def configuration_table() -> list[str]:
+    """The README's configuration table (Markdown lines), generated from SETTINGS.
+
+    `python -m aggregator.config` prints it; a test keeps the README in step with it.
+    """
+    lines = ["| variable | meaning | default | allowed |", "| --- | --- | --- | --- |"]
+    for setting in SETTINGS:
+        default = "" if setting.default is None else f"`{_figure(setting.default)}`"
+        lines.append(
+            f"| `{setting.variable}` | {setting.meaning} | {default} | {setting.allowed} |"
+        )
+        if setting.variable == "GOOGLE_CLIENT_SECRET":
+            lines.append(
+                "| `GSC_REFRESH_TOKEN_<ACCOUNT_ID>` | overrides `gsc_accounts.refresh_token` "
+                "for that account | | any text |"
+            )
+    return lines
+
+
+def _figure(value: str | float) -> str:
+    """A default or bound as an operator writes it: 60 rather than 60.0."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _check_url(variable: str, value: str) -> None:
+    """An http(s) URL whose host and port a connection can use, and no credentials in it."""
+    parts = _split(variable, value)
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError(f"{variable} must be an http(s) URL: http(s)://HOST[:PORT][/PATH]")
+    if "@" in parts.netloc:
+        raise ConfigError(
+            f"{variable} must not carry user:password@ (it would be printed and sent on)"
+        )
+    _check_host(variable, parts, required=True)
+
+
+def _check_dsn(variable: str, value: str) -> None:
+    """A postgres:// DSN whose every host (asyncpg accepts `h1:5432,h2:5433`) and port are usable.
+
+    The DSN holds the database password, so no part of it is ever echoed.
+    """
+    example = "postgresql://postgres:PASSWORD@db.REF.supabase.co:5432/postgres"
+    parts = _split(variable, value)
     if parts.scheme not in ("postgres", "postgresql"):
         raise ConfigError(
-            "DATABASE_URL must start with postgresql:// or postgres:// "
-            "(for example postgresql://postgres:PASSWORD@db.REF.supabase.co:5432/postgres)"
+            f"{variable} must start with postgresql:// or postgres:// (for example {example})"
+        )
+    hosts = parts.netloc.rpartition("@")[2]
+    for host in hosts.split(","):
+        # A DSN without a host (a Unix socket given as ?host=/path) is fine.
+        _check_host(variable, _split(variable, f"//{host}"), required=False)
+
+
+def _split(variable: str, value: str) -> SplitResult:
+    try:
+        return urlsplit(value)
+    except ValueError:
+        raise ConfigError(
+            f"{variable} has a malformed host: an IPv6 address goes in brackets, as [2001:db8::1]"
+        ) from None
+
+
+def _check_host(variable: str, parts: SplitResult, *, required: bool) -> None:
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ConfigError(f"{variable} has a bad port: it must be a number from 1 to 65535")
+    host = parts.hostname or ""
+    if not host:
+        if required:
+            raise ConfigError(f"{variable} has no host: http(s)://HOST[:PORT][/PATH]")
+        return
+    if "[" in parts.netloc:
+        try:
+            ipaddress.IPv6Address(host.partition("%")[0])
+        except ValueError:
+            raise ConfigError(
+                f"{variable} has a malformed IPv6 host: write it as [2001:db8::1]"
+            ) from None
+        return
+    name = host.removesuffix(".")
+    if len(name) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in name.split(".")):
+        raise ConfigError(
+            f"{variable} has a malformed host: letters, digits, '-' and '.', "
+            "or an IPv6 address in brackets"
         )
 
 
-class _Reader:
-    """Typed getters over the environment; blank values count as unset."""
-
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self._env = env
-
-    def text(self, name: str) -> str | None:
-        value = self._env.get(name, "").strip()
-        return value or None
-
-    def secret(self, name: str) -> Secret | None:
-        value = self.text(name)
-        return Secret(value) if value else None
-
-    def url(self, name: str) -> str | None:
-        value = self.text(name)
-        if value is None:
-            return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ConfigError(f"{name} must be an http(s) URL, got {_shown(value)!r}")
-        return value
-
-    def zone(self, name: str) -> ZoneInfo:
-        value = self.text(name) or "UTC"
-        try:
-            return ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ConfigError(
-                f"{name}={value!r} is not an IANA time zone (for example Europe/Berlin)"
-            ) from None
-
-    def positive(self, name: str, default: float, *, integer: bool = False) -> float:
-        value = self.text(name)
-        if value is None:
-            return default
-        try:
-            number = int(value) if integer else float(value)
-        except ValueError:
-            kind = "a whole number" if integer else "a number"
-            raise ConfigError(f"{name} must be {kind} greater than 0, got {value!r}") from None
-        if not number > 0 or number == float("inf"):
-            raise ConfigError(f"{name} must be greater than 0, got {value!r}")
-        return number
-
-
-def _shown(url: str) -> str:
-    """A URL safe to echo: user info and query string (which may carry a token) removed."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    return f"{parts.scheme}://{host}{parts.path}" if parts.scheme else url[:40]
+if __name__ == "__main__":
+    print("\n".join(configuration_table()))

@@ -1,6 +1,21 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from aggregator.config import ConfigError, Secret, load_settings, read_environment
+from aggregator import cli
+from aggregator.config import (
+    SETTINGS,
+    ConfigError,
+    Secret,
+    Setting,
+    Settings,
+    configuration_table,
+    load_settings,
+    read_environment,
+)
 
 
 def test_defaults_survive_a_new_cloud_projects_quota() -> None:
@@ -62,3 +77,157 @@ def test_env_file_is_read_and_the_environment_wins(tmp_path, monkeypatch) -> Non
     merged = read_environment(env_file)
     assert merged["MATOMO_URL"] == "https://from-env.example"
     assert merged["MATOMO_TOKEN"] == "quoted token"
+
+
+# --- Every setting is checked at start-up against its documented range ----------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+NUMBER_GARBAGE = ("", "  ", "fast", "nan", "NaN", "inf", "-inf", "-Infinity", "-1", "1e300")
+BAD_URLS = (
+    "matomo.example.com",
+    "ftp://h.example/x",
+    "http://",
+    "http://[::1",
+    "http://[zz",
+    "http://[zz]/",
+    "http://h.example:99999",
+    "http://h.example:notaport",
+    "http://h.example:0/",
+    "http://user:pw@h.example/",
+    "http://bad_host!/",
+    "http://-h.example/",
+    "http://h..example/",
+)
+BAD_DSNS = (
+    "mysql://x@y/z",
+    "postgresql://u:pw-xyz@h:notaport/db",
+    "postgresql://u:pw-xyz@h:99999/db",
+    "postgresql://u:pw-xyz@h:0/db",
+    "postgresql://u:pw-xyz@[::1/db",
+    "postgresql://u:pw-xyz@[zz]/db",
+    "postgresql://u:pw-xyz@bad host/db",
+    "postgresql://u:pw-xyz@h1:5432,h2:70000/db",
+)
+BAD_ZONES = ("Mars/Olympus", "../../etc/passwd", "x" * 300)
+
+
+def bad_values(setting: Setting) -> tuple[str, ...]:
+    """Values outside what `setting` documents: garbage, non-finite, below and above its range."""
+    if setting.kind in ("number", "count"):
+        extra = [str(setting.low - 1), str(setting.high * 10 + 1), "9" * 5000]
+        if setting.low > 0:
+            extra += ["0", "1e-320", str(setting.low / 2)]
+        if setting.kind == "count":
+            extra.append(f"{setting.low + 0.5}")
+        return (*NUMBER_GARBAGE, *extra)
+    return {"url": BAD_URLS, "dsn": BAD_DSNS, "zone": BAD_ZONES}.get(setting.kind, ())
+
+
+BAD_SETTINGS = [
+    pytest.param(setting, value, id=f"{setting.variable}={value[:24]!r}")
+    for setting in SETTINGS
+    for value in bad_values(setting)
+]
+
+
+def test_every_number_url_dsn_and_zone_setting_has_bad_values_to_try() -> None:
+    checked = {param.values[0].variable for param in BAD_SETTINGS}
+    open_text = {s.variable for s in SETTINGS if s.kind in ("secret", "text")}
+    assert checked | open_text == {s.variable for s in SETTINGS}
+
+
+@pytest.mark.parametrize(("setting", "value"), BAD_SETTINGS)
+def test_a_bad_setting_is_one_line_exit_2_through_the_cli(
+    setting: Setting, value: str, tmp_path, monkeypatch, capsys
+) -> None:
+    for name in [*os.environ]:
+        if name.startswith(("MATOMO_", "GOOGLE_", "GSC_", "AGGREGATOR_", "HTTP_", "DATABASE_")):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(setting.variable, value)
+    assert cli.main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("aggregator: error: "), err
+    assert setting.variable in err and "Traceback" not in err
+    assert "pw-xyz" not in err
+    if setting.kind in ("number", "count"):
+        assert setting.allowed in err
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("DATABASE_URL", "postgresql://postgres:pw-xyz@db.example:notaport/postgres"),
+        ("DATABASE_URL", "postgresql://postgres:pw-xyz@db.example:123456/postgres"),
+        ("DATABASE_URL", "postgresql://postgres:pw-xyz@[2001:db8::1/postgres"),
+        ("MATOMO_URL", "http://[::1"),
+        ("MATOMO_URL", "http://m.example:notaport"),
+        ("GSC_API_URL", "http://[zz"),
+        ("GSC_API_URL", "http://g.example:99999"),
+        ("GSC_TIMEOUT_SECONDS", "1e300"),
+        ("GSC_MAX_QPS_PER_ACCOUNT", "1e-320"),
+    ],
+)
+def test_the_reported_bad_settings_exit_2_in_a_real_process(variable, value, tmp_path) -> None:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MATOMO_", "GOOGLE_", "GSC_", "AGGREGATOR_", "HTTP_", "DATABASE_"))
+    }
+    env["DATABASE_URL"] = "postgresql://postgres@127.0.0.1:1/none"
+    env[variable] = value
+    result = subprocess.run(
+        [sys.executable, "-m", "aggregator", "run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=30,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and variable in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "pw-xyz" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://postgres:pw@db.abc.supabase.co:5432/postgres?sslmode=require",
+        "postgres://postgres.abc:pw@aws-0-eu-central-1.pooler.supabase.com:6543/postgres",
+        "postgresql://postgres@[::1]:5432/test",
+        "postgresql://postgres@h1.example:5432,h2.example:5433/test",
+        "postgresql:///test?host=/var/run/postgresql",
+    ],
+)
+def test_usable_dsns_are_accepted(dsn: str) -> None:
+    assert load_settings({"DATABASE_URL": dsn}).require_database() == dsn
+
+
+def test_in_range_values_are_read_with_their_type() -> None:
+    settings = load_settings(
+        {
+            "GSC_TIMEOUT_SECONDS": " 0.5 ",
+            "MATOMO_BATCH_SIZE": "1000",
+            "AGGREGATOR_LOCK_WAIT_SECONDS": "0",
+            "MATOMO_URL": "http://[::1]:8080/matomo/",
+            "GSC_API_URL": "http://127.0.0.2:9",
+        }
+    )
+    assert settings.gsc_timeout == 0.5 and settings.matomo_batch_size == 1000
+    assert isinstance(settings.matomo_batch_size, int) and settings.lock_wait == 0
+    assert settings.matomo_url == "http://[::1]:8080/matomo"
+
+
+def test_settings_defaults_are_the_tables() -> None:
+    defaults = Settings()
+    for setting in SETTINGS:
+        if setting.kind in ("number", "count", "url"):
+            assert getattr(defaults, setting.field) == setting.default, setting.variable
+
+
+def test_the_readme_shows_every_setting_with_its_range() -> None:
+    readme = (ROOT / "README.md").read_text()
+    missing = [line for line in configuration_table() if line not in readme]
+    assert not missing, "README.md lacks (python -m aggregator.config prints them):\n" + "\n".join(
+        missing
+    )

@@ -36,6 +36,7 @@ from aggregator.dates import Window
 from aggregator.http_body import read_capped
 from aggregator.model import MatomoDay, Site, SiteError
 from aggregator.redaction import Redactor
+from aggregator.redirects import REDIRECT_STATUSES, refused_redirect
 
 log = structlog.get_logger(__name__)
 
@@ -362,8 +363,15 @@ async def _post_with_retries(
 async def _post_once(endpoint: _Endpoint, form: dict[str, str]) -> Any:
     try:
         async with endpoint.session.post(
-            endpoint.url, data=form, timeout=endpoint.timeout
+            endpoint.url, data=form, timeout=endpoint.timeout, allow_redirects=False
         ) as response:
+            if response.status in REDIRECT_STATUSES:
+                location = response.headers.get("Location")
+                raise MatomoError(
+                    refused_redirect(
+                        "Matomo", "MATOMO_URL", endpoint.url, response.status, location
+                    )
+                )
             body = await read_capped(response, MAX_RESPONSE_BYTES, _too_big)
             return decode_answer(response.status, response.content_type, body)
     except TimeoutError:

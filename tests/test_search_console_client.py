@@ -57,6 +57,8 @@ from tests.test_search_console_oauth import (
 GSC_FIXTURES = Path(__file__).parent / "fixtures" / "gsc"
 API = "https://gsc.test"
 SITES_URL = URL(f"{API}/webmasters/v3/sites")
+# What Google answers when nothing matched: no rows, but still its aggregation type.
+EMPTY_ANSWER = {"responseAggregationType": "byProperty"}
 START, END = date(2024, 5, 1), date(2024, 5, 3)
 ACCOUNT_A = GscAccount(1, "a@example.com", "1//refresh-token-a")
 ACCOUNT_B = GscAccount(2, "b@example.com", "1//refresh-token-b")
@@ -254,7 +256,7 @@ def test_final_only_answers_claim_nothing_after_the_newest_row() -> None:
     days = days_from_search_analytics(1, body, START, END, final_only=True)
 
     assert days == [GscDay(1, day(0), 3, 30, 0.1, 2.0, final=True)]
-    assert days_from_search_analytics(1, {}, START, END, final_only=True) == []
+    assert days_from_search_analytics(1, EMPTY_ANSWER, START, END, final_only=True) == []
 
 
 @pytest.mark.parametrize(
@@ -432,7 +434,7 @@ async def test_two_accounts_fetch_their_sites_and_report_refreshes(
 async def test_domain_property_path_is_sent_percent_encoded(
     mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
 ) -> None:
-    mocked.post(query_url("sc-domain:example.com"), payload={})
+    mocked.post(query_url("sc-domain:example.com"), payload=EMPTY_ANSWER)
     site = Site(1, "example.com", gsc_account_id=1, gsc_property="sc-domain:example.com")
 
     await run(token_endpoint, [site])
@@ -517,7 +519,7 @@ async def test_properties_are_resolved_from_one_sites_list_per_account(
     }
     mocked.get(SITES_URL, payload=listing)
     for prop in ("sc-domain:one.com", "https://two.com/", "https://www.three.com/"):
-        mocked.post(query_url(prop), payload={})
+        mocked.post(query_url(prop), payload=EMPTY_ANSWER)
     sites = [
         Site(1, "one.com", gsc_account_id=1),
         Site(2, "TWO.com.", gsc_account_id=1),
@@ -632,7 +634,7 @@ async def test_429_without_retry_after_backs_off(
     php_body = gsc_fixture("issue_google-api-php-client_1778__429_rate_limit_exceeded.json")
     mocked.post(url, status=429, payload=php_body)
     mocked.post(url, status=429, payload=php_body)
-    mocked.post(url, payload={})
+    mocked.post(url, payload=EMPTY_ANSWER)
     site = Site(1, "a.com", gsc_account_id=1, gsc_property="sc-domain:a.com")
 
     records = await run(token_endpoint, [site])
@@ -675,7 +677,7 @@ async def test_403_rate_limit_exceeded_is_retried(
         }
     }
     mocked.post(url, status=403, payload=body)
-    mocked.post(url, payload={})
+    mocked.post(url, payload=EMPTY_ANSWER)
     site = Site(1, "a.com", gsc_account_id=1, gsc_property="sc-domain:a.com")
 
     records = await run(token_endpoint, [site])
@@ -693,7 +695,7 @@ async def test_load_quota_stops_asking_that_account(
         status=403,
         payload=gsc_fixture("singer_tap__403_quota_exceeded.json"),
     )
-    mocked.post(query_url("sc-domain:b.org"), payload={})
+    mocked.post(query_url("sc-domain:b.org"), payload=EMPTY_ANSWER)
     sites = [
         Site(1, "a1.com", gsc_account_id=1, gsc_property="sc-domain:a1.com"),
         Site(2, "a2.com", gsc_account_id=1, gsc_property="sc-domain:a2.com"),
@@ -728,7 +730,7 @@ async def test_no_access_is_a_per_site_error_naming_the_property(
     expected: str,
 ) -> None:
     mocked.post(query_url("https://a.com/"), status=status, payload=gsc_fixture(fixture))
-    mocked.post(query_url("sc-domain:ok.com"), payload={})
+    mocked.post(query_url("sc-domain:ok.com"), payload=EMPTY_ANSWER)
     sites = [
         Site(1, "a.com", gsc_account_id=1, gsc_property="https://a.com/"),
         Site(2, "ok.com", gsc_account_id=1, gsc_property="sc-domain:ok.com"),
@@ -811,7 +813,7 @@ async def test_network_errors_are_retried(
     url = query_url("sc-domain:a.com")
     mocked.post(url, exception=aiohttp.ClientConnectionError("reset"))
     mocked.post(url, exception=TimeoutError())
-    mocked.post(url, payload={})
+    mocked.post(url, payload=EMPTY_ANSWER)
     site = Site(1, "a.com", gsc_account_id=1, gsc_property="sc-domain:a.com")
 
     records = await run(token_endpoint, [site])
@@ -853,7 +855,7 @@ async def test_logs_carry_no_secret(
     url = query_url("sc-domain:a.com")
     mocked.post(url, status=401, payload={"error": {"code": 401, "status": "UNAUTHENTICATED"}})
     mocked.post(url, status=503, body=f"upstream saw {CLIENT_SECRET} and ya29.access-2")
-    mocked.post(url, payload={})
+    mocked.post(url, payload=EMPTY_ANSWER)
     site = Site(1, "a.com", gsc_account_id=1, gsc_property="sc-domain:a.com")
 
     with structlog.testing.capture_logs() as logs:
@@ -886,7 +888,7 @@ async def test_every_request_passes_its_account_pacer_and_the_shared_client_pace
         payload={"siteEntry": [{"siteUrl": "sc-domain:a1.com", "permissionLevel": "siteOwner"}]},
     )
     for prop in ("sc-domain:a1.com", "sc-domain:a2.com", "sc-domain:b1.com", "sc-domain:b2.com"):
-        mocked.post(query_url(prop), payload={})
+        mocked.post(query_url(prop), payload=EMPTY_ANSWER)
     sites = [
         Site(1, "a1.com", gsc_account_id=1),
         Site(2, "a2.com", gsc_account_id=1, gsc_property="sc-domain:a2.com"),
@@ -1001,7 +1003,7 @@ async def test_paced_run_against_a_per_second_quota_gets_no_429(sleep: RecordedS
 async def test_stopping_early_cancels_the_remaining_work(
     mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
 ) -> None:
-    mocked.post(query_url("sc-domain:fast.com"), payload={})
+    mocked.post(query_url("sc-domain:fast.com"), payload=EMPTY_ANSWER)
     started, never_answer = hanging_request()
     mocked.post(query_url("sc-domain:slow.com"), callback=never_answer)
     sites = [

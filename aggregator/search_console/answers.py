@@ -19,6 +19,7 @@ from aggregator.model import GscDay
 # The most rows one searchAnalytics.query answer may hold (module-level so tests can shrink it).
 ROW_LIMIT = 25_000
 _UNVERIFIED = "siteunverifieduser"
+_SEARCH_ANALYTICS_KEYS = frozenset({"rows", "responseAggregationType", "metadata"})
 
 
 class GscDataError(ValueError):
@@ -150,7 +151,17 @@ _Row = tuple[int, int, float | None, float | None]
 
 
 def page_rows(body: Mapping[str, Any]) -> list[Any]:
-    """The rows of one answer; Google omits the key when nothing matched."""
+    """The rows of one searchAnalytics.query answer; Google omits the key when nothing matched.
+
+    An answer without rows is Google's only if it still says how it aggregated (Google always
+    sends `responseAggregationType`) or carries `metadata`: a bare `{}` from a proxy, a captive
+    portal or a foreign host would otherwise read as "no clicks" and overwrite stored numbers.
+    """
+    if not _SEARCH_ANALYTICS_KEYS.intersection(body):
+        raise GscDataError(
+            "the answer has none of rows, responseAggregationType or metadata: not a "
+            "Search Analytics answer"
+        )
     rows = body.get("rows", [])
     if not isinstance(rows, list):
         raise GscDataError(f"'rows' is {type(rows).__name__}, expected a list")

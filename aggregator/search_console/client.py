@@ -31,6 +31,7 @@ from aggregator.config import Settings
 from aggregator.http_body import read_capped
 from aggregator.model import AccountRefresh, GscAccount, GscDay, Site, SiteError
 from aggregator.redaction import Redactor
+from aggregator.redirects import REDIRECT_STATUSES, refused_redirect
 from aggregator.search_console import answers
 from aggregator.search_console.answers import (
     GscDataError,
@@ -344,7 +345,15 @@ class _SearchConsole:
             json=payload,
             headers={"Authorization": f"Bearer {token}"},
             timeout=self._timeout,
+            allow_redirects=False,
         ) as response:
+            if response.status in REDIRECT_STATUSES:
+                location = response.headers.get("Location")
+                raise SiteFailure(
+                    refused_redirect(
+                        "Search Console", "GSC_API_URL", str(url), response.status, location
+                    )
+                )
             raw = await read_capped(
                 response,
                 MAX_RESPONSE_BYTES,
@@ -355,7 +364,9 @@ class _SearchConsole:
             )
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
             try:
-                body: object = json.loads(raw)
+                body: object = (
+                    json.loads(raw) if response.content_type == "application/json" else None
+                )
             # Proxies' HTML error pages, truncated or non-UTF-8 bodies; absurd nesting.
             except (ValueError, RecursionError):
                 body = None

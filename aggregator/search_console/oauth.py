@@ -27,6 +27,7 @@ from google.oauth2.credentials import Credentials
 from aggregator.config import Settings
 from aggregator.model import AccountRefresh, GscAccount
 from aggregator.redaction import Redactor
+from aggregator.redirects import REDIRECT_STATUSES, refused_redirect
 from aggregator.search_console.errors import backoff_delay
 
 log = structlog.get_logger(__name__)
@@ -94,6 +95,20 @@ class TokenEndpointUnavailable(TokenError):
     """The token endpoint kept failing transiently (5xx, network) for every allowed attempt."""
 
 
+class TokenEndpointRedirected(TokenError):
+    """The token endpoint answered with a redirect, which is refused (see aggregator.redirects)."""
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows 301/302/303 by default; returning None makes it hand back the 3xx."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_RefuseRedirects)
+
+
 class _Response(transport.Response):
     """google-auth's response interface, filled from urllib."""
 
@@ -136,7 +151,7 @@ class UrllibRequest(transport.Request):
     ) -> _Response:
         request = urllib.request.Request(url, data=body, headers=dict(headers or {}), method=method)
         try:
-            with urllib.request.urlopen(request, timeout=timeout or self._timeout) as answer:
+            with _OPENER.open(request, timeout=timeout or self._timeout) as answer:
                 response = _Response(answer.status, dict(answer.headers), answer.read())
         except urllib.error.HTTPError as error:
             with error:
@@ -147,6 +162,15 @@ class UrllibRequest(transport.Request):
             raise google_exceptions.TransportError(
                 f"token endpoint unreachable: {type(error).__name__}: {reason}"
             ) from None
+        if response.status in REDIRECT_STATUSES:
+            location = next(
+                (v for k, v in response.headers.items() if k.lower() == "location"), None
+            )
+            raise TokenEndpointRedirected(
+                refused_redirect(
+                    "The token endpoint", "GOOGLE_TOKEN_URL", url, response.status, location
+                )
+            )
         if response.status in _TRANSIENT_STATUSES:
             raise google_exceptions.TransportError(
                 f"token endpoint answered HTTP {response.status}"
@@ -282,7 +306,18 @@ class AccountToken:
                 client_secret=settings.google_client_secret.reveal(),
             )
             try:
-                await in_daemon_thread(credentials.refresh, request)
+                # urllib's timeout bounds each socket read, not the exchange: a trickling
+                # endpoint would hold the account until the run's deadline without this.
+                async with asyncio.timeout(settings.gsc_timeout):
+                    await in_daemon_thread(credentials.refresh, request)
+            except TokenEndpointRedirected as error:
+                raise self._safe(
+                    TokenEndpointRedirected(
+                        f"cannot refresh the token of Google account {self.account.email}: {error}"
+                    )
+                ) from None
+            except TimeoutError:
+                problem = f"no complete answer within GSC_TIMEOUT_SECONDS={settings.gsc_timeout:g}"
             except google_exceptions.RefreshError as error:
                 if not error.retryable:
                     raise self._safe(explain_refresh_error(self.account, error)) from None

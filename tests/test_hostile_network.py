@@ -1,0 +1,234 @@
+"""Hostile networks on real sockets: redirects, impostor answers and trickling servers.
+
+A recorder on another loopback address (127.0.0.2) stands in for a host the operator never
+configured: it records everything it receives and answers `200 {}`. Each endpoint (Matomo, the
+token endpoint, Search Console) in turn redirects there with every redirect status; the
+foreign host must receive nothing, the run must name the target host, and the numbers stored
+before must be untouched. A trickling server must be given up within the configured timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date
+
+import asyncpg
+import pytest
+from aiohttp import web
+
+from aggregator.dates import Window
+from aggregator.demo import simulated_settings
+from aggregator.pipeline import RunOutcome, RunRequest, run_job
+from aggregator.redirects import REDIRECT_STATUSES
+from aggregator.simulators import SimServer
+from aggregator.simulators import portfolio as world
+from tests.factories import seed
+
+FROM, TO = date(2025, 6, 1), date(2025, 6, 4)
+TODAY = date(2025, 6, 10)
+FOREIGN_HOST = "127.0.0.2"
+MATOMO_COLUMNS = ("matomo_visits", "matomo_actions", "matomo_updated_at")
+GSC_COLUMNS = ("gsc_clicks", "gsc_impressions", "gsc_ctr", "gsc_position", "gsc_final")
+
+
+class ForeignHost(SimServer):
+    """Records every request it receives and answers `200 {}`, as a captive portal might."""
+
+    def __init__(self) -> None:
+        super().__init__(host=FOREIGN_HOST)
+        self.received: list[str] = []
+
+    def build_app(self) -> web.Application:
+        app = self._new_app()
+        app.router.add_route("*", "/{tail:.*}", self._record)
+        return app
+
+    async def _record(self, request: web.Request) -> web.Response:
+        body = (await request.read()).decode(errors="replace")
+        self.received.append(f"{request.method} {request.path_qs} {dict(request.headers)} {body}")
+        return web.json_response({})
+
+
+class Redirector(SimServer):
+    """Answers every request with `status` pointing at `target` (path and query included)."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__()
+        self.target = target
+        self.status = 302
+        self.requests = 0
+
+    def build_app(self) -> web.Application:
+        app = self._new_app()
+        app.router.add_route("*", "/{tail:.*}", self._redirect)
+        return app
+
+    async def _redirect(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        location = f"{self.target}{request.path}?landing=secret-path"
+        return web.Response(status=self.status, headers={"Location": location})
+
+
+class Trickle(SimServer):
+    """Answers 200 and then one byte of JSON whitespace every 0.1 s, never finishing."""
+
+    def build_app(self) -> web.Application:
+        app = self._new_app()
+        app.router.add_route("*", "/{tail:.*}", self._trickle)
+        return app
+
+    async def _trickle(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        while not self._closing.is_set():
+            await response.write(b" ")
+            await asyncio.sleep(0.1)
+        return response
+
+
+@dataclass
+class Stored:
+    dsn: str
+    portfolio: world.Portfolio
+
+    async def rows(self) -> dict[tuple[int, date], Mapping[str, object]]:
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            rows = await conn.fetch("select * from daily_analytics")
+        finally:
+            await conn.close()
+        return {(r["site_id"], r["date"]): dict(r) for r in rows}
+
+
+@pytest.fixture
+async def stored(db: str) -> Stored:
+    """A small portfolio whose every day already holds numbers no simulator would produce."""
+    portfolio = await seed(db, world.make_portfolio(4, 2))
+    conn = await asyncpg.connect(db)
+    try:
+        await conn.execute(
+            """
+            insert into daily_analytics (site_id, date, matomo_visits, matomo_actions,
+                matomo_updated_at, gsc_clicks, gsc_impressions, gsc_ctr, gsc_position,
+                gsc_final, gsc_updated_at)
+            select s.id, d::date, 777, 7, now(), 555, 5555, 0.1, 2.5, true, now()
+            from sites s, generate_series($1::date, $2::date, interval '1 day') d
+            """,
+            FROM,
+            TO,
+        )
+    finally:
+        await conn.close()
+    return Stored(db, portfolio)
+
+
+def columns(rows: Mapping[tuple[int, date], Mapping[str, object]], names: tuple[str, ...]):
+    return {key: tuple(row[name] for name in names) for key, row in rows.items()}
+
+
+async def run(
+    stored: Stored, matomo_url: str, google_url: str, /, **endpoints: object
+) -> RunOutcome:
+    """One run over FROM..TO with the simulators' URLs, some replaced by `endpoints`."""
+    settings = simulated_settings(
+        stored.dsn,
+        matomo_url,
+        google_url,
+        gsc_max_qps_per_account=100,
+        gsc_max_qps_per_client=100,
+        http_max_attempts=1,
+    )
+    settings = dataclasses.replace(settings, **endpoints)
+    return await asyncio.wait_for(run_job(settings, RunRequest(Window(FROM, TO))), 30)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "variable", "untouched"),
+    [
+        ("matomo_url", "MATOMO_URL", MATOMO_COLUMNS),
+        ("google_token_url", "GOOGLE_TOKEN_URL", GSC_COLUMNS),
+        ("gsc_api_url", "GSC_API_URL", GSC_COLUMNS),
+    ],
+)
+async def test_no_redirect_is_followed_and_nothing_reaches_the_foreign_host(
+    stored: Stored, endpoint: str, variable: str, untouched: tuple[str, ...]
+) -> None:
+    before = columns(await stored.rows(), untouched)
+    async with (
+        world.matomo_simulator(stored.portfolio, today=TODAY) as matomo,
+        world.google_simulator(stored.portfolio, today=TODAY) as google,
+        ForeignHost() as foreign,
+        Redirector(foreign.url) as redirector,
+    ):
+        for status in sorted(REDIRECT_STATUSES):
+            redirector.status = status
+            requests_before = redirector.requests
+            outcome = await run(stored, matomo.url, google.url, **{endpoint: redirector.url})
+            assert redirector.requests > requests_before, status
+            assert outcome.status == "partial", (status, outcome.errors)
+            failed = [e.error for e in outcome.errors]
+            assert failed and all(
+                f"HTTP {status} redirecting to {foreign.url}" in e and variable in e for e in failed
+            ), failed
+            assert not any("landing" in e or "secret-path" in e for e in failed)
+        assert foreign.received == []
+    assert columns(await stored.rows(), untouched) == before
+
+
+async def test_an_impostor_answering_200_empty_object_writes_nothing(stored: Stored) -> None:
+    conn = await asyncpg.connect(stored.dsn)
+    try:
+        # Stored properties, so the queries themselves (not only sites.list) meet the impostor.
+        await conn.execute("update sites set gsc_property = 'sc-domain:' || domain")
+    finally:
+        await conn.close()
+    before = await stored.rows()
+    async with (
+        world.google_simulator(stored.portfolio, today=TODAY) as google,
+        ForeignHost() as impostor,
+    ):
+        # Matomo and Search Console both answer `{}`; the token endpoint is real.
+        outcome = await run(stored, impostor.url, google.url, gsc_api_url=impostor.url)
+        assert outcome.status in ("partial", "failed")
+        assert impostor.received, "the impostor was asked"
+        errors = {(e.source, e.site): e.error for e in outcome.errors}
+        assert {source for source, _ in errors} == {"matomo", "gsc"}
+        assert any("not a Search Analytics answer" in e for e in errors.values()), errors
+        # The token endpoint answering `{}` fails the account, not the run.
+        token_outcome = await run(
+            stored, impostor.url, google.url, google_token_url=f"{impostor.url}/token"
+        )
+        assert any(e.source == "gsc" for e in token_outcome.errors)
+    after = await stored.rows()
+    assert columns(after, GSC_COLUMNS) == columns(before, GSC_COLUMNS)
+    assert columns(after, MATOMO_COLUMNS) == columns(before, MATOMO_COLUMNS)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "timeout_setting"),
+    [
+        ("matomo_url", "matomo_timeout"),
+        ("google_token_url", "gsc_timeout"),
+        ("gsc_api_url", "gsc_timeout"),
+    ],
+)
+async def test_a_trickling_endpoint_is_given_up_within_its_timeout(
+    stored: Stored, endpoint: str, timeout_setting: str
+) -> None:
+    async with (
+        world.matomo_simulator(stored.portfolio, today=TODAY) as matomo,
+        world.google_simulator(stored.portfolio, today=TODAY) as google,
+        Trickle() as trickle,
+    ):
+        began = time.monotonic()
+        outcome = await run(
+            stored, matomo.url, google.url, **{endpoint: trickle.url, timeout_setting: 1}
+        )
+        seconds = time.monotonic() - began
+    assert outcome.errors, "the trickling endpoint failed its sites"
+    # Each byte arrives well within any per-read timeout: only a total deadline ends this.
+    assert seconds < 8, f"{endpoint} took {seconds:.1f}s with a 1 s timeout"

@@ -317,7 +317,10 @@ class AccountToken:
                     )
                 ) from None
             except TimeoutError:
-                problem = f"no complete answer within GSC_TIMEOUT_SECONDS={settings.gsc_timeout:g}"
+                problem = (
+                    "token endpoint unreachable: no complete answer within "
+                    f"GSC_TIMEOUT_SECONDS={settings.gsc_timeout:g}"
+                )
             except google_exceptions.RefreshError as error:
                 if not error.retryable:
                     raise self._safe(explain_refresh_error(self.account, error)) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -21,6 +22,7 @@ from aggregator.progress import terminal_progress
 from aggregator.text_table import error_lines, table_lines
 
 EXIT_OK, EXIT_PARTIAL, EXIT_UNUSABLE = 0, 1, 2
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a process killed by SIGPIPE
 COMMANDS = ("run", "migrate", "status", "accounts", "demo", "check")
 
 
@@ -96,12 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     status_parser = commands.add_parser(
         "status",
-        help="data freshness per site and source, completion and recent runs",
-        description="Freshness per monitored site and source, missing days and completion over "
-        f"{status.WINDOW_DAYS} days, and the last {status.RUNS_SHOWN} runs. Exit status: "
-        "0 all fresh, 1 something is stale, 2 configuration or database unusable.",
+        help="is the data fresh? the verdict per source, then what needs attention",
+        description="Per source: how many sites are fresh, behind, failing or new, the due "
+        f"day, completion, run durations and API error rate over {status.WINDOW_DAYS} days; "
+        "then the sites that need attention, one line per cause. Exit status: 0 nothing "
+        "behind or failing, 1 something is, 2 configuration or database unusable.",
     )
     status_parser.add_argument("--json", action="store_true", help="one JSON document")
+    status_parser.add_argument("--all", action="store_true", help="list every site")
 
     check_parser = commands.add_parser(
         "check",
@@ -204,6 +208,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[args.command](args, settings)
     except (ConfigError, DateError, UsageError, storage.StorageError) as exc:
         return _fail(str(exc), sys.stderr)
+    except BrokenPipeError:
+        return _reader_went_away()
+
+
+def _reader_went_away() -> int:
+    """`aggregator status --json | head`: the reader closed the pipe. End quietly, as `cat`
+    does: point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 def _run_async(coro_factory: Callable[[asyncio.Event], Coroutine[Any, Any, int]]) -> int:

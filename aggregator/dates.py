@@ -7,6 +7,18 @@ from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 DEFAULT_LOOKBACK_DAYS = 4
+PACIFIC = ZoneInfo("America/Los_Angeles")
+SOURCES = ("matomo", "gsc")
+# Days between a site's Matomo due day (yesterday) and its Search Console due day. Google
+# finalises a Pacific day two to three days after it ends, and the contract treats days before
+# (Pacific today - 3) as final when an answer carries no firstIncompleteDate, so a run's newest
+# final day can be Pacific today - 4. A quiet site never gets provisional rows (a provisional
+# day without a row stays NULL), so only final days prove it fresh. A nightly run scheduled
+# before Pacific midnight (any zone east of California) sees Pacific "today" as the local
+# yesterday: hence four days before the local yesterday. Busy sites' provisional rows are
+# usually far newer; a failing fetch is reported at once through the last run's errors, so the
+# slack delays no alarm about a broken source.
+GSC_DUE_LAG_DAYS = 4
 
 
 class DateError(ValueError):
@@ -45,6 +57,20 @@ def parse_day(text: str, flag: str) -> date:
 def today_in(zone: ZoneInfo, now: datetime | None = None) -> date:
     """Today's date in `zone`: 'yesterday' is a local notion, not a UTC one."""
     return (now or datetime.now(tz=zone)).astimezone(zone).date()
+
+
+def due_day(source: str, today: date) -> date:
+    """The newest day `source` must have numbers for (provisional ones count for Search
+    Console) for a site to be fresh, `today` being the date in AGGREGATOR_TIMEZONE.
+
+    Matomo: yesterday. Search Console: `GSC_DUE_LAG_DAYS` before yesterday (see above): the
+    newest day a nightly run made in the last 24 hours is sure to have stored, even for a site
+    without traffic, wherever the job runs.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}")
+    yesterday = today - timedelta(days=1)
+    return yesterday - timedelta(days=GSC_DUE_LAG_DAYS) if source == "gsc" else yesterday
 
 
 def resolve_window(

@@ -1,12 +1,15 @@
 """`aggregator status`: freshness rules as pure functions, the SQL on real Postgres, the CLI as
-cron and monitors run it (exit 0 fresh, 1 stale, 2 unusable)."""
+cron and monitors run it (exit 0 fresh, 1 behind or failing, 2 unusable)."""
 
+import asyncio
 import json
+import os
+import sys
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from aggregator import status, storage
-from aggregator.dates import today_in
+from aggregator.dates import due_day, today_in
 from aggregator.model import SiteError
 from aggregator.status import RunSummary, SourceFacts, build_report
 from tests.factories import add_account, add_site
@@ -14,110 +17,148 @@ from tests.test_cli import aggregator, one_line_error
 
 TODAY = date(2024, 5, 10)
 LONG_AGO = date(2020, 1, 1)
+UTC_ZONE = ZoneInfo("UTC")
 
 
-def days_back(first: int, last: int, today: date = TODAY) -> frozenset[date]:
-    """Days from `first` to `last` days before today, inclusive."""
-    return frozenset(today - timedelta(days=n) for n in range(last, first - 1, -1))
+def facts(source: str, last: date | None, present: int = 0, deployed=LONG_AGO, **kw):
+    return SourceFacts("example.com", source, deployed, last, present, **kw)
 
 
-def facts(source: str, last: date | None, days=frozenset(), deployed=LONG_AGO, **kw):
-    return SourceFacts("example.com", source, deployed, last, days, **kw)
+def one(fact: SourceFacts, error: str | None = None) -> status.SourceStatus:
+    errors = {(fact.site, fact.source): error} if error else {}
+    return build_report(TODAY, [fact], [], errors).sources[0]
 
 
-def one(fact: SourceFacts) -> status.SourceStatus:
-    return build_report(TODAY, [fact], []).sources[0]
+def test_due_days_matomo_yesterday_search_console_four_days_before() -> None:
+    assert due_day("matomo", TODAY) == date(2024, 5, 9)
+    assert due_day("gsc", TODAY) == date(2024, 5, 5)
 
 
-def test_matomo_is_due_yesterday_and_gsc_final_three_days_ago() -> None:
-    assert not one(facts("matomo", TODAY - timedelta(days=1))).stale
-    assert one(facts("matomo", TODAY - timedelta(days=2))).stale
-    assert not one(facts("gsc", TODAY - timedelta(days=3))).stale
-    assert one(facts("gsc", TODAY - timedelta(days=4))).stale
-    assert one(facts("gsc", None)).stale
+def test_a_source_is_fresh_when_its_numbers_reach_the_due_day() -> None:
+    assert one(facts("matomo", date(2024, 5, 9))).state == "fresh"
+    assert one(facts("matomo", date(2024, 5, 8))).state == "behind"
+    assert one(facts("gsc", date(2024, 5, 5))).state == "fresh"
+    assert one(facts("gsc", date(2024, 5, 4))).state == "behind"
+    assert one(facts("gsc", None)).state == "behind"
 
 
-def test_a_site_deployed_after_the_target_day_is_not_yet_due() -> None:
-    fresh = one(facts("gsc", None, deployed=TODAY - timedelta(days=2)))
-    assert not fresh.stale
-    assert fresh.expected_days == 0
+def test_the_last_runs_error_makes_a_source_failing_even_with_recent_numbers() -> None:
+    failing = one(facts("matomo", date(2024, 5, 9)), "HTTP 500 from Matomo")
+    assert failing.state == "failing" and failing.needs_attention
 
 
-def test_missing_days_count_only_the_window_ending_at_the_target() -> None:
-    # Matomo's window is the 30 days ending yesterday; two gaps inside it, one day outside.
-    present = days_back(1, 30) - {TODAY - timedelta(days=5), TODAY - timedelta(days=9)}
-    result = one(facts("matomo", TODAY - timedelta(days=1), present | {TODAY - timedelta(40)}))
-    assert result.expected_days == 30
-    assert result.missing == (TODAY - timedelta(days=9), TODAY - timedelta(days=5))
+def test_a_site_deployed_after_the_due_day_is_new_not_behind() -> None:
+    new = one(facts("gsc", None, deployed=date(2024, 5, 7)))
+    assert new.state == "new" and new.expected_days == 0 and not new.needs_attention
+    # ...while Matomo, due yesterday, already expects the deployment day onwards.
+    assert one(facts("matomo", None, deployed=date(2024, 5, 7))).expected_days == 3
 
 
-def test_days_before_deployment_are_not_missing() -> None:
-    result = one(facts("matomo", None, deployed=TODAY - timedelta(days=4)))
-    assert result.expected_days == 4  # deployment day through yesterday
-    assert len(result.missing) == 4
-
-
-def test_completion_rate_counts_site_day_source_cells() -> None:
+def test_completion_counts_each_sources_window_ending_at_its_due_day() -> None:
     report = build_report(
-        TODAY,
-        [
-            facts("matomo", TODAY - timedelta(days=1), days_back(1, 30)),  # 30 of 30
-            facts("gsc", TODAY - timedelta(days=3), days_back(3, 22)),  # 20 of 30
-        ],
-        [],
+        TODAY, [facts("matomo", date(2024, 5, 9), 30), facts("gsc", date(2024, 5, 5), 20)], []
     )
     assert report.completion() == (50, 60)
     assert report.completion("gsc") == (20, 30)
     payload = status.as_json(report)
-    assert payload["completion"]["rate"] == round(50 / 60, 4)
-    assert payload["completion"]["sources"]["matomo"]["rate"] == 1.0
+    assert payload["sources"]["matomo"]["completion"]["rate"] == 1.0
+    assert payload["sources"]["gsc"]["completion"]["present"] == 20
 
 
-def test_render_marks_stale_rows_and_summarises_runs() -> None:
-    started = datetime(2024, 5, 10, 0, 0, tzinfo=UTC)
-    run = RunSummary(started, started + timedelta(seconds=95), "partial", 12, 3, "gsc a.com: 403")
-    report = build_report(
-        TODAY,
-        [facts("matomo", TODAY - timedelta(days=1)), facts("gsc", TODAY - timedelta(days=7))],
-        [run],
-    )
-    text = status.render(report, ZoneInfo("Europe/Berlin"))
-    lines = text.splitlines()
-    matomo_line, gsc_line = (line for line in lines if line.startswith("example.com"))
-    assert gsc_line.endswith("STALE") and matomo_line.endswith("ok")
-    assert "2024-05-10 02:00  partial  95s" in text  # started in the configured zone
-    assert "gsc a.com: 403" in text
-    assert lines[-1].startswith("STALE: 1 of 2")
+def test_causes_group_the_same_error_across_sites() -> None:
+    def failing(site: str) -> SourceFacts:
+        return SourceFacts(site, "gsc", LONG_AGO, date(2024, 5, 8), 30)
+
+    sites = [f"s{n}.com" for n in range(5)]
+    errors = {(s, "gsc"): f"account a@x cannot access sc-domain:{s}" for s in sites}
+    report = build_report(TODAY, [failing(s) for s in sites], [], errors)
+    (cause,) = report.causes()
+    assert cause.cause == "account a@x cannot access sc-domain:<site>"
+    assert cause.sites == tuple(sites)
+    text = status.render(report, UTC_ZONE)
+    assert "gsc  failing  5      account a@x cannot access sc-domain:<site>" in text
+    assert "e.g. s0.com, s1.com, s2.com, …" in text
+
+
+def test_an_error_naming_no_monitored_site_is_reported_as_a_run_failure() -> None:
+    report = build_report(TODAY, [], [], {("(run)", "pipeline"): "run lock lost"})
+    assert not report.ok
+    assert "run     failing: pipeline (run): run lock lost" in status.render(report, UTC_ZONE)
+
+
+def test_run_figures_median_completion_and_api_error_rate() -> None:
+    start = datetime(2024, 5, 9, 2, tzinfo=UTC)
+
+    def run(day: int, seconds: int, state: str, api: dict) -> RunSummary:
+        began = start - timedelta(days=day)
+        return RunSummary(began, began + timedelta(seconds=seconds), state, 10, 0, None, api)
+
+    runs = [
+        run(0, 100, "partial", {"matomo": (10, 1), "gsc": (100, 3)}),
+        run(1, 300, "ok", {"matomo": (10, 0), "gsc": (100, 1)}),
+        run(2, 200, "ok", {}),  # before stats were recorded: not counted as zero errors
+    ]
+    figures = build_report(TODAY, [], runs).figures()
+    assert figures.median_seconds == 200
+    assert figures.runs == 3 and figures.ok == 2
+    assert figures.error_rate("matomo") == 1 / 20
+    assert figures.error_rate("gsc") == 4 / 200
+    assert build_report(TODAY, [], runs[2:]).figures().error_rate("gsc") is None
+
+
+def test_api_counts_ignore_malformed_stats() -> None:
+    assert status.api_counts(None) == {}
+    assert status.api_counts("not json") == {}
+    good = {"requests": 4, "failed_requests": 1, "retries": 2}
+    stats = {"matomo": good, "gsc": {"requests": "4", "failed_requests": 1}, "x": 3}
+    assert status.api_counts(json.dumps(stats)) == {"matomo": (4, 1)}
+    assert status.api_counts({"gsc": {"requests": True, "failed_requests": 0}}) == {}
 
 
 async def test_load_facts_reads_configured_sources_of_monitored_sites(conn) -> None:
-    today = date(2024, 5, 10)
     account = await add_account(conn, "a@example.com", "tok")
     both = await add_site(conn, "both.com", matomo_site_id=1, gsc_account_id=account)
     await add_site(conn, "matomo-only.com", matomo_site_id=2)
     await add_site(conn, "retired.com", matomo_site_id=3, active=False)
+    await add_site(conn, "undeployed.com", matomo_site_id=4, deployed=False)
     await deploy_all(conn, date(2024, 1, 1))
+    await conn.execute("update sites set deployed_at = null where domain = 'undeployed.com'")
     await storage.upsert_daily_rows(
         conn,
         [
             storage.DailyRow(both, date(2024, 5, 8), matomo=(5, 9), gsc=(1, 10, 0.1, 3.0, False)),
-            storage.DailyRow(both, date(2024, 5, 6), gsc=(2, 20, 0.1, 4.0, True)),
+            storage.DailyRow(both, date(2024, 5, 4), gsc=(2, 20, 0.1, 4.0, True)),
             storage.DailyRow(both, date(2024, 3, 1), matomo=(1, 1)),  # before the window
         ],
     )
-    found = {(f.site, f.source): f for f in await status.load_facts(conn, today, ZoneInfo("UTC"))}
+    found = {(f.site, f.source): f for f in await status.load_facts(conn, TODAY, UTC_ZONE)}
     assert set(found) == {
         ("both.com", "matomo"),
         ("both.com", "gsc"),
         ("matomo-only.com", "matomo"),
     }
     assert found["both.com", "matomo"].last_day == date(2024, 5, 8)
-    assert found["both.com", "matomo"].days == {date(2024, 5, 8)}
-    assert found["both.com", "gsc"].last_day == date(2024, 5, 6)
+    assert found["both.com", "matomo"].present_days == 1
+    # Provisional numbers count: the newest GSC day is the provisional one.
+    assert found["both.com", "gsc"].last_day == date(2024, 5, 8)
     assert found["both.com", "gsc"].provisional_until == date(2024, 5, 8)
-    assert found["both.com", "gsc"].days == {date(2024, 5, 6)}
+    assert found["both.com", "gsc"].present_days == 1  # the window ends at the due day, 5 May
+    assert found["both.com", "gsc"].account == "a@example.com"
     assert found["matomo-only.com", "matomo"].last_day is None
     assert found["both.com", "matomo"].deployed_on == date(2024, 1, 1)
+
+
+async def test_load_runs_reads_stats_only_where_the_column_exists(conn) -> None:
+    since = datetime.now(UTC) - timedelta(days=1)
+    await seed_run(conn, [])
+    (run,) = await status.load_runs(conn, since)
+    assert run.api == {}
+    await conn.execute("alter table aggregator_runs add column if not exists stats jsonb")
+    await conn.execute(
+        """update aggregator_runs set stats = '{"gsc": {"requests": 8, "failed_requests": 2}}'"""
+    )
+    (run,) = await status.load_runs(conn, since)
+    assert run.api == {"gsc": (8, 2)}
 
 
 async def deploy_all(conn, day: date) -> None:
@@ -127,45 +168,54 @@ async def deploy_all(conn, day: date) -> None:
 
 
 async def seed_run(conn, errors: list[SiteError]) -> None:
-    today = today_in(ZoneInfo("UTC"))
+    today = today_in(UTC_ZONE)
     run_id = await storage.start_run(conn, today, today, 1)
     await storage.finish_run(conn, run_id, status="partial", rows_upserted=7, errors=errors)
 
 
-async def test_cli_exits_0_when_fresh_and_1_when_stale(db, conn, tmp_path) -> None:
-    yesterday = today_in(ZoneInfo("UTC")) - timedelta(days=1)
+async def test_cli_exits_0_when_fresh_and_1_when_behind_or_failing(db, conn, tmp_path) -> None:
+    yesterday = today_in(UTC_ZONE) - timedelta(days=1)
     site = await add_site(conn, "fresh.com", matomo_site_id=1)
     await deploy_all(conn, yesterday)
     await storage.upsert_daily_rows(conn, [storage.DailyRow(site, yesterday, matomo=(3, 4))])
-    await seed_run(conn, [SiteError("b.com", "matomo", "HTTP 500 from Matomo")])
+    await seed_run(conn, [])
     env = {"DATABASE_URL": db}
 
     fresh = aggregator("status", env=env, cwd=tmp_path)
     assert fresh.returncode == 0, fresh.stderr
-    assert "all fresh" in fresh.stdout
-    assert "matomo b.com: HTTP 500 from Matomo" in fresh.stdout
+    assert "all fresh" in fresh.stdout.splitlines()[0]
+    assert "API errors" in fresh.stdout and "n/a" in fresh.stdout  # no stats column yet
 
-    await add_site(conn, "stale.com", matomo_site_id=2)  # nothing stored
-    await deploy_all(conn, yesterday)
-    stale = aggregator("status", env=env, cwd=tmp_path)
-    assert stale.returncode == 1, stale.stderr
-    assert any(
-        line.startswith("stale.com") and "STALE" in line for line in stale.stdout.splitlines()
-    )
+    await seed_run(conn, [SiteError("fresh.com", "matomo", "HTTP 500 from Matomo")])
+    failing = aggregator("status", env=env, cwd=tmp_path)
+    assert failing.returncode == 1, failing.stderr
+    assert "failing  1      HTTP 500 from Matomo" in failing.stdout
 
-
-async def test_cli_json_is_one_document_with_the_report(db, conn, tmp_path) -> None:
-    await add_site(conn, "stale.com", matomo_site_id=2)
-    await deploy_all(conn, today_in(ZoneInfo("UTC")) - timedelta(days=10))
     await seed_run(conn, [])
-    result = aggregator("status", "--json", env={"DATABASE_URL": db}, cwd=tmp_path)
-    assert result.returncode == 1, result.stderr
-    payload = json.loads(result.stdout)
-    assert payload["stale"] is True
-    assert set(payload) >= {"today", "targets", "completion", "freshness", "runs"}
-    (row,) = payload["freshness"]
-    assert row["site"] == "stale.com" and row["source"] == "matomo" and row["stale"]
-    assert payload["runs"][0]["rows_upserted"] == 7 and payload["runs"][0]["errors"] == 0
+    await add_site(conn, "behind.com", matomo_site_id=2)  # nothing stored
+    await deploy_all(conn, yesterday)
+    behind = aggregator("status", env=env, cwd=tmp_path)
+    assert behind.returncode == 1, behind.stderr
+    assert "matomo  behind  1      nothing stored yet  e.g. behind.com" in behind.stdout
+
+
+async def test_cli_json_closed_pipe_ends_quietly(db, conn, tmp_path) -> None:
+    for n in range(300):
+        await add_site(conn, f"s{n}.com", matomo_site_id=n)
+    await deploy_all(conn, today_in(UTC_ZONE) - timedelta(days=10))
+    env = {"DATABASE_URL": db}
+    base = aggregator("status", "--json", "--all", env=env, cwd=tmp_path)
+    assert len(base.stdout) > 65536  # more than a pipe holds: the writer must meet the closed end
+    reader = await asyncio.create_subprocess_shell(
+        f"{sys.executable} -m aggregator status --json --all | head -c 10",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **env},
+        cwd=tmp_path,
+    )
+    out, err = await asyncio.wait_for(reader.communicate(), 60)
+    assert out.decode() == base.stdout[:10]
+    assert err.decode() == ""  # no BrokenPipeError traceback
 
 
 def test_cli_without_schema_exits_2(empty_db, tmp_path) -> None:

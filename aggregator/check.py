@@ -87,7 +87,9 @@ REQUIRED_COLUMNS: Mapping[str, tuple[str, ...]] = {
         "sites_total",
         "rows_upserted",
         "errors",
+        "stats",
     ),
+    "gsc_learned_rates": ("scope", "key", "queries_per_second", "learned_at"),
 }
 
 

@@ -31,6 +31,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from aggregator.api_stats import SourceStats
 from aggregator.config import ConfigError, Secret, Settings
 from aggregator.dates import Window
 from aggregator.http_body import read_capped
@@ -46,7 +47,7 @@ SOURCE = "matomo"
 BACKOFF_INITIAL_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 30.0
 
-_RETRYABLE_STATUSES = frozenset({408, 429})
+_RETRYABLE_STATUSES = frozenset({408})
 _DATE_KEY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 # A wrong token is reported as "no access" (the call runs as anonymous): both read as refusal.
 _ACCESS_REFUSAL = re.compile(
@@ -74,18 +75,25 @@ class MatomoTransientError(Exception):
     """A fault that the same request may well not meet next time: timeouts, 5xx, proxy pages."""
 
 
+class MatomoRateLimited(MatomoTransientError):
+    """Matomo (or a proxy in front of it) answered 429: slow down."""
+
+
 async def fetch_matomo_visits(
     sites: Sequence[Site],
     start: date,
     end: date,
     settings: Settings,
     session: aiohttp.ClientSession,
+    *,
+    stats: SourceStats | None = None,
 ) -> AsyncIterator[MatomoDay | SiteError]:
     """Yield a MatomoDay per day start..end for every site with a Matomo id, or one SiteError.
 
     Batches run concurrently, at most `matomo_concurrency` POSTs in flight, and each batch's records
     are yielded as soon as it finishes so that an interrupted run keeps what it already fetched.
-    Closing or cancelling the generator cancels the batches still running.
+    Closing or cancelling the generator cancels the batches still running. Every request is
+    counted into `stats`.
     """
     if settings.matomo_url is None or settings.matomo_token is None:
         raise ConfigError("MATOMO_URL and MATOMO_TOKEN must both be set to fetch Matomo visits")
@@ -94,7 +102,7 @@ async def fetch_matomo_visits(
     size = settings.matomo_batch_size
     batches = [tracked[i : i + size] for i in range(0, len(tracked), size)]
     log.info("matomo.fetch", sites=len(tracked), batches=len(batches), days=len(days))
-    endpoint = _endpoint_for(settings, session, settings.matomo_concurrency)
+    endpoint = _endpoint_for(settings, session, settings.matomo_concurrency, stats)
     pending = {asyncio.create_task(_fetch_batch(endpoint, batch, days)) for batch in batches}
     try:
         while pending:
@@ -267,10 +275,14 @@ class _Endpoint:
     in_flight: asyncio.Semaphore
     backoff_initial: float
     backoff_max: float
+    stats: SourceStats
 
 
 def _endpoint_for(
-    settings: Settings, session: aiohttp.ClientSession, concurrency: int
+    settings: Settings,
+    session: aiohttp.ClientSession,
+    concurrency: int,
+    stats: SourceStats | None = None,
 ) -> _Endpoint:
     """The one Matomo endpoint of a run (callers have checked MATOMO_URL and MATOMO_TOKEN)."""
     assert settings.matomo_url is not None and settings.matomo_token is not None
@@ -285,6 +297,7 @@ def _endpoint_for(
         in_flight=asyncio.Semaphore(concurrency),
         backoff_initial=BACKOFF_INITIAL_SECONDS,
         backoff_max=BACKOFF_MAX_SECONDS,
+        stats=stats or SourceStats(),
     )
 
 
@@ -352,7 +365,12 @@ async def _post_with_retries(
         async for attempt in retrying:
             with attempt:
                 async with endpoint.in_flight:
-                    answer = await _post_once(endpoint, form)
+                    endpoint.stats.sent(retry=attempt.retry_state.attempt_number > 1)
+                    try:
+                        answer = await _post_once(endpoint, form)
+                    except (MatomoError, MatomoTransientError) as failure:
+                        endpoint.stats.failed(rate_limited=isinstance(failure, MatomoRateLimited))
+                        raise
     except MatomoTransientError as exc:
         raise MatomoError(
             f"Matomo unreachable after {endpoint.max_attempts} attempts: {exc}"
@@ -395,6 +413,8 @@ def decode_answer(status: int, content_type: str, body: bytes) -> Any:
     The status alone is not trusted: Matomo sends most errors with 200, and a proxy in front of
     it can answer 200 with an HTML page, which is worth another try.
     """
+    if status == 429:
+        raise MatomoRateLimited("HTTP 429")
     if status >= 500 or status in _RETRYABLE_STATUSES:
         raise MatomoTransientError(f"HTTP {status}")
     try:

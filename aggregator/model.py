@@ -60,11 +60,16 @@ class GscDay:
 
 @dataclass(frozen=True, slots=True)
 class SiteError:
-    """A per-site failure of one source. `error` must be safe to store: no secret, no token."""
+    """A per-site failure of one source. `error` must be safe to store: no secret, no token.
+
+    `skipped`: the source did not try the site because of how it is set up (no property the
+    account can reach), as opposed to trying and failing; counted apart in the run's stats.
+    """
 
     site: str
     source: str
     error: str
+    skipped: bool = False
 
 
 @dataclass(frozen=True, slots=True)

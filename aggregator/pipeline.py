@@ -19,6 +19,7 @@ import asyncpg
 import structlog
 
 from aggregator import storage
+from aggregator.api_stats import SourceStats
 from aggregator.config import ConfigError, Settings
 from aggregator.dates import Window
 from aggregator.model import (
@@ -54,6 +55,7 @@ class SourceInput:
     settings: Settings
     session: aiohttp.ClientSession
     final_only: bool
+    stats: SourceStats = field(default_factory=SourceStats)
 
 
 Source = Callable[[SourceInput], AsyncIterator[SourceRecord]]
@@ -75,6 +77,7 @@ class DailyTable:
     rows: dict[tuple[int, date], storage.DailyRow] = field(default_factory=dict)
     errors: list[SiteError] = field(default_factory=list)
     refreshes: list[AccountRefresh] = field(default_factory=list)
+    stats: dict[str, SourceStats] = field(default_factory=dict)
 
     def add(self, record: SourceRecord) -> None:
         if isinstance(record, MatomoDay):
@@ -113,6 +116,7 @@ class RunOutcome:
     rows: list[storage.DailyRow]
     sites: dict[int, str]
     interrupted: str | None = None
+    stats: dict[str, SourceStats] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -126,7 +130,12 @@ def default_source(name: SourceName) -> Source:
 
         def matomo(given: SourceInput) -> AsyncIterator[SourceRecord]:
             return fetch_matomo_visits(
-                given.sites, given.start, given.end, given.settings, given.session
+                given.sites,
+                given.start,
+                given.end,
+                given.settings,
+                given.session,
+                stats=given.stats,
             )
 
         return matomo
@@ -141,6 +150,7 @@ def default_source(name: SourceName) -> Source:
             given.settings,
             given.session,
             final_only=given.final_only,
+            stats=given.stats,
         )
 
     return gsc
@@ -226,7 +236,9 @@ async def run_job(
             status = final_status(len(rows), errors, interrupted is not None)
             written = 0
             if run_id is not None:
-                written = await _store(pool, run_id, status, rows, table.refreshes, errors)
+                written = await _store(
+                    pool, run_id, status, rows, table.refreshes, errors, table.stats
+                )
     finally:
         await pool.close()
     outcome = RunOutcome(
@@ -239,6 +251,7 @@ async def run_job(
         rows=rows,
         sites={s.id: s.domain for s in sites},
         interrupted=interrupted,
+        stats=table.stats,
     )
     log.info(
         "run.finished",
@@ -259,6 +272,7 @@ async def _store(
     rows: Sequence[storage.DailyRow],
     refreshes: Sequence[AccountRefresh],
     errors: Sequence[SiteError],
+    stats: Mapping[str, SourceStats],
 ) -> int:
     """Write everything fetched in one go; a database failure here is one clear StorageError."""
     try:
@@ -266,7 +280,12 @@ async def _store(
             written = await storage.upsert_daily_rows(conn, rows)
             await storage.record_account_refreshes(conn, refreshes)
             await storage.finish_run(
-                conn, run_id, status=status, rows_upserted=written, errors=errors
+                conn,
+                run_id,
+                status=status,
+                rows_upserted=written,
+                errors=errors,
+                stats={name: figures.as_json() for name, figures in stats.items()},
             )
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
         raise storage.StorageError(
@@ -292,6 +311,7 @@ class SourcePlan:
     sites: list[Site]
     start: date
     end: date
+    skipped: int = 0  # sites left out before the source starts (an inactive Google account)
 
 
 async def _plan(
@@ -304,6 +324,7 @@ async def _plan(
     """Per source: its sites and its window. GSC's default window reaches back over every day
     still stored as provisional, so provisional numbers become final without an operator."""
     plan: dict[SourceName, SourcePlan] = {}
+    skipped = [s.domain for s in sites if s.gsc_account_id and s.gsc_account_id not in accounts]
     for name in request.sources:
         chosen = _sites_for(name, sites, accounts)
         if not chosen:
@@ -314,8 +335,7 @@ async def _plan(
             oldest = await storage.oldest_provisional_gsc_day(conn, [s.id for s in chosen])
             if oldest is not None and oldest < start:
                 start = oldest
-        plan[name] = SourcePlan(chosen, start, end)
-    skipped = [s.domain for s in sites if s.gsc_account_id and s.gsc_account_id not in accounts]
+        plan[name] = SourcePlan(chosen, start, end, len(skipped) if name == "gsc" else 0)
     if skipped and "gsc" in request.sources:
         log.warning("gsc.account_inactive", sites=len(skipped), example=skipped[0])
     return plan
@@ -339,6 +359,7 @@ async def _collect(
 
         def open_source(name: SourceName, share: SourcePlan) -> AsyncIterator[SourceRecord]:
             source = sources[name] if sources else default_source(name)
+            table.stats[name] = SourceStats(sites_skipped=share.skipped)
             return source(
                 SourceInput(
                     sites=share.sites,
@@ -348,6 +369,7 @@ async def _collect(
                     settings=settings,
                     session=session,
                     final_only=request.final_only,
+                    stats=table.stats[name],
                 )
             )
 
@@ -390,22 +412,27 @@ async def _drain(
     table: DailyTable,
     progress: ProgressSink,
 ) -> None:
-    """Feed one source into the table. A bug in a source fails that source, not the run."""
+    """Feed one source into the table. A bug in a source fails that source, not the run.
+
+    How its sites ended goes into the source's stats, however the source ends."""
     ids = {site.domain: site.id for site in sites}
     seen: set[int] = set()
     failed: set[int] = set()
+    skipped: set[int] = set()
+    stats = table.stats[name]
+    began = time.monotonic()
     progress.start(name, len(sites))
     try:
         async for record in stream:
             table.add(record)
             if isinstance(record, SiteError):
-                failed.add(ids.get(record.site, -1))
+                (skipped if record.skipped else failed).add(ids.get(record.site, -1))
                 seen.add(ids.get(record.site, -1))
             elif isinstance(record, MatomoDay | GscDay):
                 seen.add(record.site_id)
             else:
                 continue
-            progress.update(name, len(seen), len(failed))
+            progress.update(name, len(seen), len(failed | skipped))
     except asyncio.CancelledError:
         raise
     except Exception as exc:
@@ -417,3 +444,8 @@ async def _drain(
                 error=f"{name} source failed unexpectedly: {type(exc).__name__}",
             )
         )
+    finally:
+        stats.sites_failed = len(failed)
+        stats.sites_skipped += len(skipped - failed)
+        stats.sites_ok = len(seen - failed - skipped)
+        stats.seconds = time.monotonic() - began

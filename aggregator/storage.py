@@ -21,7 +21,14 @@ import asyncpg
 from aggregator.config import Secret, Settings
 from aggregator.model import AccountRefresh, GscAccount, Site, SiteError
 
-REQUIRED_TABLES = ("gsc_accounts", "sites", "daily_analytics", "aggregator_runs")
+# gsc_learned_rates comes with migration 004: its absence means the schema predates it.
+REQUIRED_TABLES = (
+    "gsc_accounts",
+    "sites",
+    "daily_analytics",
+    "aggregator_runs",
+    "gsc_learned_rates",
+)
 MIGRATIONS_TABLE = "aggregator_schema_migrations"
 SQL_DIR = Path(__file__).parent / "sql"
 
@@ -331,11 +338,14 @@ async def finish_run(
     rows_upserted: int,
     errors: Sequence[SiteError],
     finished_at: datetime | None = None,
+    stats: Mapping[str, Mapping[str, float]] | None = None,
 ) -> None:
+    """Close a run row; `stats` is each source's API figures (aggregator.api_stats)."""
     await conn.execute(
         """
         update aggregator_runs
-        set finished_at = coalesce($2, now()), status = $3, rows_upserted = $4, errors = $5::jsonb
+        set finished_at = coalesce($2, now()), status = $3, rows_upserted = $4,
+            errors = $5::jsonb, stats = $6::jsonb
         where id = $1
         """,
         run_id,
@@ -343,6 +353,7 @@ async def finish_run(
         status,
         rows_upserted,
         json.dumps([{"site": e.site, "source": e.source, "error": e.error} for e in errors]),
+        json.dumps(stats or {}),
     )
 
 

@@ -27,6 +27,7 @@ import aiohttp
 import structlog
 from yarl import URL
 
+from aggregator.api_stats import SourceStats
 from aggregator.config import Settings
 from aggregator.http_body import read_capped
 from aggregator.model import AccountRefresh, GscAccount, GscDay, Site, SiteError
@@ -69,6 +70,10 @@ GscRecord = GscDay | SiteError | AccountRefresh
 
 class SiteFailure(Exception):
     """A site's GSC numbers could not be fetched; the message is safe to store."""
+
+
+class PropertyUnreachable(SiteFailure):
+    """The account can read none of the site's candidate properties: the site is skipped."""
 
 
 class AccountQuotaExhausted(SiteFailure):
@@ -121,8 +126,10 @@ class _SearchConsole:
         end: date,
         *,
         final_only: bool,
+        stats: SourceStats | None = None,
     ) -> None:
         self._settings = settings
+        self._stats = stats or SourceStats()
         self._session = session
         self._start = start
         self._end = end
@@ -153,7 +160,7 @@ class _SearchConsole:
                         "fix sites.gsc_account_id or activate the account"
                     )
                     for site in account_sites:
-                        emit(SiteError(site.domain, SOURCE, message))
+                        emit(SiteError(site.domain, SOURCE, message, skipped=True))
                 else:
                     group.create_task(self._run_account(account, account_sites, emit))
 
@@ -197,15 +204,17 @@ class _SearchConsole:
             emit(token.outcome)
 
     async def _site_records(self, run: _AccountRun, site: Site) -> list[GscRecord]:
+        skipped = False
         try:
             return list(await self._fetch_site(run, site))
         except (SiteFailure, TokenError) as failure:
             message = str(failure)
+            skipped = isinstance(failure, PropertyUnreachable)
         except Exception as unexpected:
             # One odd answer must not cost the other sites their numbers; the log keeps the trace.
             log.exception("gsc.site_crashed", account=run.account.email, site=site.domain)
             message = f"unexpected {type(unexpected).__name__}: {unexpected}"
-        return [SiteError(site.domain, SOURCE, self._redact(message))]
+        return [SiteError(site.domain, SOURCE, self._redact(message), skipped=skipped)]
 
     async def _fetch_site(self, run: _AccountRun, site: Site) -> list[GscDay]:
         prop = site.gsc_property or await self._resolve_property(run, site)
@@ -244,7 +253,7 @@ class _SearchConsole:
         prop = pick_property(site.domain, await run.accessible(list_sites))
         if prop is None:
             first, second, third = candidate_properties(site.domain)
-            raise SiteFailure(
+            raise PropertyUnreachable(
                 f"Google account {run.account.email} cannot access {first}, {second} or {third}: "
                 "add the property in Search Console or set sites.gsc_property"
             )
@@ -275,19 +284,23 @@ class _SearchConsole:
                 pass
             run.check_quota()
             retry_after: float | None = None
+            self._stats.sent(retry=failures > 0 or renewed)
             try:
                 status, retry_after, body = await self._send(method, url, token, payload)
             except (aiohttp.ClientError, TimeoutError) as error:
+                self._stats.failed()
                 kind, problem = ErrorKind.TRANSIENT, f"network error: {type(error).__name__}"
                 log.warning("gsc.query", account=email, property=subject, error=problem)
             else:
                 log.debug("gsc.query", account=email, property=subject, status=status)
                 if status == 200:
                     if not isinstance(body, Mapping):
+                        self._stats.failed()
                         raise SiteFailure(f"Search Console answered {subject} with non-JSON data")
                     return body
                 error = classify_google_error(status, body)
                 kind, problem = error.kind, self._describe(error)
+                self._stats.failed(rate_limited=kind is ErrorKind.RATE_LIMITED)
                 if kind is ErrorKind.UNAUTHENTICATED and not renewed:
                     renewed = True
                     await run.token.renew(token)
@@ -386,16 +399,18 @@ async def fetch_gsc_performance(
     session: aiohttp.ClientSession,
     *,
     final_only: bool = False,
+    stats: SourceStats | None = None,
 ) -> AsyncIterator[GscDay | SiteError | AccountRefresh]:
     """Search Console numbers for `sites` over start..end (Pacific-time days, inclusive).
 
     Yields each site's GscDay records or one SiteError as soon as that site is done, so an
     interrupted run keeps what it fetched, and one AccountRefresh per account whose token
     refresh was attempted. Sites without gsc_account_id are not GSC sites and are ignored.
+    Every request is counted into `stats`.
     """
     if start > end:
         raise ValueError(f"start {start} is after end {end}")
-    console = _SearchConsole(settings, session, start, end, final_only=final_only)
+    console = _SearchConsole(settings, session, start, end, final_only=final_only, stats=stats)
     ready: asyncio.Queue[GscRecord | None] = asyncio.Queue()
     producer = asyncio.create_task(console.run(sites, accounts, ready.put_nowait))
     producer.add_done_callback(lambda _: ready.put_nowait(None))

@@ -11,7 +11,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from datetime import date
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from aggregator import __version__, accounts, check, demo, status, storage
 from aggregator.config import ConfigError, Settings, load_settings, read_environment
@@ -19,6 +19,7 @@ from aggregator.dates import DateError, parse_day, resolve_window, today_in
 from aggregator.logs import configure_logging
 from aggregator.pipeline import ALL_SOURCES, RunOutcome, RunRequest, UsageError, run_job
 from aggregator.progress import terminal_progress
+from aggregator.redaction import masked_output
 from aggregator.text_table import error_lines, table_lines
 
 EXIT_OK, EXIT_PARTIAL, EXIT_UNUSABLE = 0, 1, 2
@@ -175,7 +176,7 @@ def _secrets_of(settings: Settings) -> list[str]:
     if settings.database_url is not None:
         password = urlsplit(settings.database_url.reveal()).password
         if password:
-            secrets.append(password)
+            secrets.extend((password, unquote(password)))
     return secrets
 
 
@@ -185,6 +186,11 @@ def _fail(message: str, stream: TextIO) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    with masked_output():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(_with_default_command(sys.argv[1:] if argv is None else argv))
     try:
         settings = load_settings(read_environment())

@@ -1,32 +1,49 @@
-"""Logging: JSON lines under cron, readable lines in a terminal, secrets masked in both."""
+"""Logging: JSON lines under cron, readable lines in a terminal, secrets masked in both.
+
+The libraries' own standard-library logging (asyncpg after a pooler restart, aiohttp, asyncio,
+google-auth), Python warnings and an uncaught exception all go through the same processors, so
+cron sees one JSON line per event, tracebacks included, and nothing bypasses the masking.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
 from collections.abc import Iterable
+from types import TracebackType
 from typing import Any, TextIO
 
 import structlog
 
-from aggregator.redaction import Redactor
+from aggregator.redaction import redact, register_secret
+
+log = structlog.get_logger(__name__)
+_HANDLER_NAME = "aggregator"
 
 
-def _masking_processor(secrets: Iterable[str]):
-    """Replace any known secret value (in any spelling) found in a string field with ***.
+def _masked(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {key: _masked(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_masked(item) for item in value]
+    return value
+
+
+def mask_secrets(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Replace every registered secret (in any spelling) in the event's text with ***.
 
     Sources never log secrets on purpose; this is the net under them, so that an exception text
-    echoing a URL or a request body cannot leak a token into cron mail or a log store.
+    echoing a URL or a request body cannot leak a token into cron mail or a log store. Access
+    tokens are registered when Google issues them, so the set grows during a run.
     """
-    redact = Redactor(*(s for s in secrets if len(s) >= 4))
+    return {key: _masked(value) for key, value in event.items()}
 
-    def mask(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
-        for key, value in event.items():
-            if isinstance(value, str):
-                event[key] = redact(value)
-        return event
 
-    return mask
+def _mask_rendered(_logger: Any, _name: str, line: str) -> str:
+    """The rendered line once more: a renderer may have joined or escaped text into a spelling."""
+    return redact(line)
 
 
 class _CurrentStderr:
@@ -43,6 +60,13 @@ class _CurrentStderr:
         sys.stderr.flush()
 
 
+def _log_uncaught(
+    kind: type[BaseException], error: BaseException, traceback: TracebackType | None
+) -> None:
+    """An uncaught exception as one masked log event instead of a raw traceback on stderr."""
+    log.critical("aggregator.crashed", exc_info=(kind, error, traceback))
+
+
 def configure_logging(
     *,
     secrets: Iterable[str] = (),
@@ -50,24 +74,63 @@ def configure_logging(
     verbose: bool = False,
     quiet: bool = False,
 ) -> None:
+    for secret in secrets:
+        register_secret(secret)
     as_json = not (stream or sys.stderr).isatty()
     renderer = (
         structlog.processors.JSONRenderer()
         if as_json
         else structlog.dev.ConsoleRenderer(colors=True)
     )
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        mask_secrets,
+    ]
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    output = stream or _CurrentStderr()
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            _masking_processor(secrets),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-        ),
-        logger_factory=structlog.PrintLoggerFactory(stream or _CurrentStderr()),
+        processors=[*shared, renderer, _mask_rendered],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(output),
         cache_logger_on_first_use=False,
     )
+    _route_standard_logging(shared, renderer, output, verbose=verbose)
+    sys.excepthook = _log_uncaught
+
+
+def _route_standard_logging(
+    shared: list[Any], renderer: Any, output: Any, *, verbose: bool
+) -> None:
+    """Send every library's `logging` records through the same processors and stream."""
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            renderer,
+            _mask_rendered,
+        ],
+    )
+    handler = logging.StreamHandler(output)
+    handler.setFormatter(formatter)
+    handler.set_name(_HANDLER_NAME)
+    root = logging.getLogger()
+    for previous in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
+        root.removeHandler(previous)
+    root.addHandler(handler)
+    # Libraries' INFO is chatter (aiohttp access lines, asyncpg notices); their warnings count.
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.captureWarnings(True)
+
+
+def reset_logging() -> None:
+    """Undo configure_logging (for a process that runs the CLI more than once, like tests)."""
+    structlog.reset_defaults()
+    root = logging.getLogger()
+    for ours in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
+        root.removeHandler(ours)
+    root.setLevel(logging.WARNING)
+    logging.captureWarnings(False)
+    sys.excepthook = sys.__excepthook__

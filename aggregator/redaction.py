@@ -1,8 +1,56 @@
-"""Masking secrets out of any text that leaves the process: errors, logs, stored messages."""
+"""Masking secrets out of any text that leaves the process: errors, logs, stored messages, output.
+
+A secret can come back in many spellings: raw, URL-encoded by a server echoing a form
+(`quote` and `quote_plus`), JSON-escaped, or base64/base64url-encoded (padded or not) by a
+proxy echoing an `Authorization` header or a whole request body. In base64 a secret's spelling
+depends on where it starts inside the encoded data, so each of the three alignments is masked
+by the run of characters that only the secret's bytes determine.
+
+Every secret the process learns (settings at start-up, refresh tokens read from the database,
+access tokens when Google issues them) is registered with `SECRETS`, the one redactor that logs
+(`aggregator.logs`), stored errors (`aggregator.storage`) and command output go through. A
+`Redactor` made for one purpose registers its secrets there too, so a secret once known is
+masked everywhere.
+"""
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import json
+import math
+import re
+import sys
+from collections.abc import Iterator
+from typing import Any, TextIO
 from urllib.parse import quote, quote_plus
+
+MASK = "***"
+# Shorter values are not masked process-wide: "rt" would mangle every word containing it.
+MIN_SECRET_CHARS = 4
+# Base64 fragments shorter than this could match innocent text by chance.
+_MIN_BASE64_FRAGMENT = 6
+
+
+def spellings(secret: str) -> set[str]:
+    """Every spelling of `secret` this module masks (fragments of base64 included)."""
+    found = {secret, quote(secret, safe=""), quote_plus(secret), json.dumps(secret)[1:-1]}
+    data = secret.encode()
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        whole = encode(data).decode()
+        found.update({whole, whole.rstrip("=")})
+        found.update(f for f in _aligned_fragments(data, encode) if len(f) >= _MIN_BASE64_FRAGMENT)
+    return {s for s in found if s}
+
+
+def _aligned_fragments(data: bytes, encode) -> Iterator[str]:
+    """For each of the 3 byte offsets at which `data` may start inside encoded bytes, the
+    base64 characters that depend on `data` alone (6 bits each, none shared with neighbours)."""
+    for shift in range(3):
+        encoded = encode(b"\0" * shift + data).decode()
+        first = math.ceil(8 * shift / 6)
+        last = (8 * (shift + len(data))) // 6
+        yield encoded[first:last]
 
 
 class Redactor:
@@ -13,18 +61,70 @@ class Redactor:
     """
 
     def __init__(self, *secrets: str | None) -> None:
-        self._secrets: set[str] = set()
+        self._spellings: set[str] = set()
+        self._pattern: re.Pattern[str] | None = None
         for secret in secrets:
             self.add(secret)
 
     def add(self, secret: str | None) -> None:
-        if secret:
-            # An endpoint that echoes the request form echoes it URL-encoded ("1//0g" is
-            # "1%2F%2F0g" there), so those spellings are secrets too.
-            self._secrets.update({secret, quote(secret, safe=""), quote_plus(secret)})
+        if not secret:
+            return
+        new = spellings(secret) - self._spellings
+        if new:
+            self._spellings |= new
+            self._pattern = None
+        if self is not SECRETS:
+            register_secret(secret)
 
     def __call__(self, text: str) -> str:
-        # Longest first, so a secret containing another is replaced whole.
-        for secret in sorted(self._secrets, key=len, reverse=True):
-            text = text.replace(secret, "***")
-        return text
+        if not self._spellings:
+            return text
+        if self._pattern is None:
+            # Longest first, so a secret containing another is replaced whole.
+            ordered = sorted(self._spellings, key=len, reverse=True)
+            self._pattern = re.compile("|".join(map(re.escape, ordered)))
+        return self._pattern.sub(MASK, text)
+
+
+SECRETS = Redactor()
+
+
+def register_secret(secret: str | None) -> None:
+    """Mask `secret` (in every spelling) in everything the process logs, stores or prints."""
+    if secret and len(secret) >= MIN_SECRET_CHARS:
+        SECRETS.add(secret)
+
+
+def redact(text: str) -> str:
+    """`text` with every registered secret masked."""
+    return SECRETS(text)
+
+
+class MaskedStream:
+    """A text stream that masks registered secrets in everything written through it.
+
+    Commands print tables, JSON and summaries built from stored errors and API messages; this
+    is the last net under all of them. Everything else (isatty, fileno, encoding) is the
+    wrapped stream's.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(redact(text))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def masked_output() -> Iterator[None]:
+    """sys.stdout and sys.stderr masked for the duration (restored afterwards)."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = MaskedStream(sys.stdout), MaskedStream(sys.stderr)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved

@@ -20,6 +20,7 @@ import asyncpg
 
 from aggregator.config import Secret, Settings
 from aggregator.model import AccountRefresh, GscAccount, Site, SiteError
+from aggregator.redaction import redact, register_secret
 
 # gsc_learned_rates comes with migration 004: its absence means the schema predates it.
 REQUIRED_TABLES = (
@@ -185,6 +186,7 @@ async def load_active_accounts(
     for row in rows:
         override = token_overrides.get(row["id"])
         token = override.reveal() if override else row["refresh_token"]
+        register_secret(token)
         accounts[row["id"]] = GscAccount(id=row["id"], email=row["email"], refresh_token=token)
     return accounts
 
@@ -316,7 +318,7 @@ async def record_account_refreshes(
             last_error = $3
         where id = $1
         """,
-        [(r.account_id, r.at, r.error) for r in refreshes],
+        [(r.account_id, r.at, r.error and redact(r.error)) for r in refreshes],
     )
 
 
@@ -352,7 +354,9 @@ async def finish_run(
         finished_at,
         status,
         rows_upserted,
-        json.dumps([{"site": e.site, "source": e.source, "error": e.error} for e in errors]),
+        json.dumps(
+            [{"site": e.site, "source": e.source, "error": redact(e.error)} for e in errors]
+        ),
         json.dumps(stats or {}),
     )
 

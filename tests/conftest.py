@@ -17,12 +17,12 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
-import structlog
 from aioresponses import aioresponses
 from aioresponses import core as aioresponses_core
 
-from aggregator import storage
+from aggregator import redaction, storage
 from aggregator.local_postgres import any_postgres, dsn_with_search_path
+from aggregator.logs import reset_logging
 
 
 @pytest.fixture(scope="session")
@@ -93,8 +93,9 @@ def mocked(monkeypatch: pytest.MonkeyPatch) -> Iterator[aioresponses]:
 
 
 @pytest.fixture(autouse=True)
-def _reset_logging() -> Iterator[None]:
-    """structlog's configuration is process-wide: a test that runs the CLI in-process must not
-    leave its level, renderer or stream to the tests after it."""
+def _reset_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Logging and the registry of secrets to mask are process-wide: a test that runs the CLI
+    in-process must not leave its level, renderer, stream or secrets to the tests after it."""
+    monkeypatch.setattr(redaction, "SECRETS", redaction.Redactor())
     yield
-    structlog.reset_defaults()
+    reset_logging()

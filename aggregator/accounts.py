@@ -26,13 +26,26 @@ from aggregator import storage
 from aggregator.config import ConfigError, Settings
 from aggregator.pipeline import UsageError
 from aggregator.text_table import table_lines
+from aggregator.token_health import PUBLISH_ADVICE
 
 SCOPE = "https://www.googleapis.com/auth/webmasters.readonly"
+# Asked too so the ID token says which Google account consented (its `email` claim).
+IDENTITY_SCOPES = ("openid", "https://www.googleapis.com/auth/userinfo.email")
 AUTH_URI = "https://accounts.google.com/o/oauth2/auth"
 MISSING_LIBRARY = "accounts add needs google-auth-oauthlib: pip install 'aggregator[accounts]'"
 
-Consent = Callable[[], str]
-"""Runs Google's consent flow for one account and returns the refresh token it granted."""
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a consent granted: the refresh token and the email of the account that signed in
+    (None when Google did not say)."""
+
+    refresh_token: str
+    email: str | None
+
+
+Consent = Callable[[], Grant]
+"""Runs Google's consent flow for one account and returns what it granted."""
 
 T = TypeVar("T")
 
@@ -135,8 +148,8 @@ def installed_app_consent(
         raise ConfigError(MISSING_LIBRARY) from None
     config = client_config(settings, secrets_file)
 
-    def consent() -> str:
-        flow = InstalledAppFlow.from_client_config(config, scopes=[SCOPE])
+    def consent() -> Grant:
+        flow = InstalledAppFlow.from_client_config(config, scopes=[SCOPE, *IDENTITY_SCOPES])
         try:
             credentials = flow.run_local_server(port=0, open_browser=open_browser, prompt="consent")
         except Exception as exc:  # oauthlib's and the server's errors: one line, not a traceback
@@ -144,9 +157,41 @@ def installed_app_consent(
             raise UsageError(f"Google consent failed: {reason}") from None
         if not credentials.refresh_token:
             raise UsageError("Google granted no refresh token: run `accounts add` again")
-        return credentials.refresh_token
+        return Grant(credentials.refresh_token, signed_in_email(credentials.id_token))
 
     return consent
+
+
+def signed_in_email(id_token: str | None) -> str | None:
+    """The `email` claim of the ID token the token endpoint returned with the grant. Its
+    signature is not checked: it came straight from Google's token endpoint over TLS in the
+    same exchange, which OpenID Connect accepts in place of the signature."""
+    if not id_token:
+        return None
+    from google.auth import jwt
+
+    try:
+        claims = jwt.decode(id_token, verify=False)
+    except ValueError:
+        return None
+    email = claims.get("email") if isinstance(claims, dict) else None
+    return email if isinstance(email, str) and email else None
+
+
+def refused_grant(named: str, grant: Grant) -> str | None:
+    """Why a grant must not be stored for `named`, or None: a token of another account would
+    silently read that account's properties under this account's name."""
+    if grant.email is None:
+        return (
+            f"Google did not say which account signed in, so the token is not stored for {named}:"
+            " run `accounts add` again and allow the email permission"
+        )
+    if grant.email.strip().lower() != named.strip().lower():
+        return (
+            f"signed in as {grant.email}, not {named}: nothing stored. Run `aggregator accounts "
+            f"add {named}` and choose {named} on Google's account screen"
+        )
+    return None
 
 
 # --- database ---------------------------------------------------------------------------------
@@ -181,13 +226,25 @@ async def list_accounts(
     ]
 
 
+async def require_token_health(conn: asyncpg.Connection) -> None:
+    """The token-health columns (migration 005) exist, or one line saying to migrate."""
+    if not await storage.has_column(conn, "gsc_accounts", "connected_at"):
+        raise storage.StorageError(
+            "gsc_accounts has no connected_at column: run `aggregator migrate` first"
+        )
+
+
 async def store_refresh_token(conn: asyncpg.Connection, email: str, token: str) -> tuple[int, bool]:
-    """Store a fresh token for `email` (matched case-insensitively), reactivate the account and
-    forget its last error; return (account id, created)."""
+    """Store a fresh token for `email` (matched case-insensitively), reactivate the account,
+    forget its last error and start its token health afresh (connected now, not failing);
+    return (account id, created)."""
+    await require_token_health(conn)
     async with conn.transaction():
         account_id = await conn.fetchval(
             """
-            update gsc_accounts set refresh_token = $2, is_active = true, last_error = null
+            update gsc_accounts
+            set refresh_token = $2, is_active = true, last_error = null,
+                connected_at = now(), failing_since = null
             where lower(email) = lower($1)
             returning id
             """,
@@ -197,8 +254,8 @@ async def store_refresh_token(conn: asyncpg.Connection, email: str, token: str) 
         if account_id is not None:
             return account_id, False
         account_id = await conn.fetchval(
-            "insert into gsc_accounts (email, refresh_token, is_active) values ($1, $2, true)"
-            " returning id",
+            "insert into gsc_accounts (email, refresh_token, is_active, connected_at)"
+            " values ($1, $2, true, now()) returning id",
             email,
             token,
         )
@@ -244,10 +301,13 @@ def add(settings: Settings, email: str, consent: Consent) -> int:
     open while the operator is in the browser.
     """
     email = checked_email(email)
-    _in_database(settings, lambda conn: conn.fetchval("select 1"))
-    token = consent()
+    _in_database(settings, require_token_health)
+    grant = consent()
+    refusal = refused_grant(email, grant)
+    if refusal is not None:
+        raise UsageError(refusal)
     account_id, created = _in_database(
-        settings, lambda conn: store_refresh_token(conn, email, token)
+        settings, lambda conn: store_refresh_token(conn, email, grant.refresh_token)
     )
     print(
         f"{'added' if created else 'updated'} {email} (account {account_id}): refresh token "
@@ -258,6 +318,10 @@ def add(settings: Settings, email: str, consent: Consent) -> int:
             f"note: GSC_REFRESH_TOKEN_{account_id} is set and overrides the stored token; "
             "unset it to use the new one"
         )
+    print(
+        f"important: {PUBLISH_ADVICE}. Publishing does not extend tokens granted before it: "
+        "reconnect accounts connected while the app was in Testing"
+    )
     return 0
 
 

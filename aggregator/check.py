@@ -24,12 +24,13 @@ import textwrap
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
 import aiohttp
 import asyncpg
 
-from aggregator import matomo, storage
+from aggregator import matomo, storage, token_health
 from aggregator.config import Settings
 from aggregator.model import Site
 from aggregator.search_console import client as gsc
@@ -41,6 +42,7 @@ from aggregator.search_console.oauth import (
     TokenEndpointUnavailable,
 )
 from aggregator.text_table import table_lines
+from aggregator.token_health import TokenHealth
 
 EXIT_OK, EXIT_PROBLEMS = 0, 1
 Level = Literal["problem", "warning", "note"]
@@ -109,11 +111,12 @@ class Row:
 
 @dataclass(frozen=True, slots=True)
 class AccountInfo:
-    """A gsc_accounts row without its token."""
+    """A gsc_accounts row without its token; `health` as stored before this check."""
 
     id: int
     email: str
     active: bool
+    health: TokenHealth = field(default_factory=TokenHealth)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +151,7 @@ class Facts:
     token_overrides: frozenset[int] = frozenset()
     matomo_answer: MatomoFacts | None = None  # None: not asked
     google_access: Mapping[int, gsc.AccountAccess] = field(default_factory=dict)  # by account
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))  # for token ages
 
 
 @dataclass(frozen=True)
@@ -389,55 +393,59 @@ def _matomo_rows(facts: Facts, rows: list[Row], verified: list[str]) -> None:
 
 
 def _gsc_rows(facts: Facts, rows: list[Row], verified: list[str]) -> int:
-    """Rows per account and per unreachable site; returns how many accounts were checked."""
-    by_account: dict[int, list[Site]] = defaultdict(list)
+    """Rows per account and per unreachable site; returns how many accounts were checked.
+    Every active account's token is refreshed, those without sites too, so that none dies of
+    six months' disuse unnoticed."""
+    by_account: dict[int, list[Site]] = {a.id: [] for a in facts.accounts.values() if a.active}
     for site in facts.sites:
-        account = facts.accounts.get(site.gsc_account_id) if site.gsc_account_id else None
-        if account is not None and account.active:
-            by_account[account.id].append(site)
-    idle = sorted(a.email for a in facts.accounts.values() if a.active and a.id not in by_account)
-    for email in idle:
+        if site.gsc_account_id in by_account:
+            by_account[site.gsc_account_id].append(site)
+    for email in sorted(facts.accounts[i].email for i, sites in by_account.items() if not sites):
         rows.append(
             Row(
                 "note",
                 email,
                 "gsc account",
-                "active, but no monitored site is assigned to it: not checked",
+                "active, but no monitored site is assigned to it (its token is still refreshed)",
                 f"assign sites to it, or `aggregator accounts deactivate {email}`",
             )
         )
-    if not by_account:
+    if not any(by_account.values()):
         verified.append("Search Console: not used (no monitored site has an active account)")
-        return 0
     if not facts.gsc_configured:
         count = sum(len(sites) for sites in by_account.values())
-        rows.append(
-            Row(
-                "problem",
-                "GOOGLE_CLIENT_ID, GOOGLE_CLIENT_SECRET",
-                "configuration",
-                f"not set, but {_plural(count, 'monitored site')} have an active Google account",
-                "set both to the OAuth client that issued the refresh tokens",
+        if count:
+            rows.append(
+                Row(
+                    "problem",
+                    "GOOGLE_CLIENT_ID, GOOGLE_CLIENT_SECRET",
+                    "configuration",
+                    f"not set, but {_plural(count, 'monitored site')} have an active Google "
+                    "account",
+                    "set both to the OAuth client that issued the refresh tokens",
+                )
             )
-        )
         return 0
     checked = 0
     site_rows: list[Row] = []  # after every account's own row
     for account_id in sorted(by_account, key=lambda i: facts.accounts[i].email):
-        email = facts.accounts[account_id].email
+        info = facts.accounts[account_id]
+        email = info.email
         sites = sorted(by_account[account_id], key=lambda s: s.domain)
         access = facts.google_access.get(account_id)
         if access is None:
             continue
         checked += 1
+        health = info.health.after(access.refresh)
+        rows.extend(_token_health_rows(email, health, facts.now))
         if access.token_error is not None:
             rows.append(
                 Row(
-                    "problem",
+                    "problem" if sites else "warning",
                     email,
                     "gsc token",
                     f"{_one_line(str(access.token_error))} ({_plural(len(sites), 'site')} "
-                    "without Search Console data)",
+                    f"without Search Console data; {token_health.summary(health, facts.now)})",
                     _token_fix(access.token_error, account_id, email),
                 )
             )
@@ -461,12 +469,50 @@ def _gsc_rows(facts: Facts, rows: list[Row], verified: list[str]) -> int:
                 reachable += 1
             else:
                 site_rows.append(row)
+        connected = (
+            f" (connected {token_health.age(health.connected_at, facts.now)})"
+            if health.connected_at
+            else ""
+        )
         verified.append(
-            f"Google account {email}: token ok, {reachable} of "
-            f"{_plural(len(sites), 'site')} reachable"
+            f"Google account {email}: token ok{connected}, "
+            f"{reachable} of {_plural(len(sites), 'site')} reachable"
         )
     rows.extend(sorted(site_rows, key=lambda row: row.subject))
     return checked
+
+
+def _token_health_rows(email: str, health: TokenHealth, now: datetime) -> list[Row]:
+    """A warning when refreshes keep failing (with the likely cause), a note while a young
+    token would still die of the Testing-mode expiry."""
+    reconnect = f"`aggregator accounts add {email}`"
+    if health.failing and health.failing_since is not None and health.failing_since < now:
+        cause = token_health.failure_cause(health) or "Google's error above"
+        return [
+            Row(
+                "warning",
+                email,
+                "token health",
+                f"refreshes keep failing since {health.failing_since.date().isoformat()} "
+                f"({token_health.age(health.failing_since, now)}): {cause}",
+                f"{token_health.PUBLISH_ADVICE}; then {reconnect}"
+                if "Testing" in cause
+                else f"reconnect: {reconnect}",
+            )
+        ]
+    dies = token_health.testing_deadline(health, now)
+    if dies is None:
+        return []
+    return [
+        Row(
+            "note",
+            email,
+            "token health",
+            f"connected {token_health.age(health.connected_at, now)}: if the OAuth consent "
+            f"screen is in Testing, this token dies on {dies.isoformat()}",
+            f"{token_health.PUBLISH_ADVICE}; then reconnect: {reconnect}",
+        )
+    ]
 
 
 def resolve_property(site: Site, accessible: frozenset[str]) -> tuple[str | None, tuple[str, ...]]:
@@ -614,8 +660,27 @@ async def load_schema(conn: asyncpg.Connection) -> SchemaFacts:
 
 
 async def load_accounts(conn: asyncpg.Connection) -> dict[int, AccountInfo]:
-    rows = await conn.fetch("select id, email, is_active from gsc_accounts order by id")
-    return {r["id"]: AccountInfo(r["id"], r["email"], r["is_active"]) for r in rows}
+    """Accounts with their token health; a schema before migration 005 has no connection
+    time nor failure streak, which then read as unknown."""
+    recorded = await storage.has_column(conn, "gsc_accounts", "failing_since")
+    extra = (
+        "connected_at, failing_since" if recorded else "null as connected_at, null as failing_since"
+    )
+    rows = await conn.fetch(
+        f"select id, email, is_active, last_refresh_at, last_error, {extra}"
+        " from gsc_accounts order by id"
+    )
+    return {
+        r["id"]: AccountInfo(
+            r["id"],
+            r["email"],
+            r["is_active"],
+            TokenHealth(
+                r["connected_at"], r["last_refresh_at"], r["failing_since"], r["last_error"]
+            ),
+        )
+        for r in rows
+    }
 
 
 def quick(settings: Settings) -> Settings:
@@ -661,8 +726,7 @@ async def gather_facts(settings: Settings) -> Facts:
             token_overrides=frozenset(settings.gsc_refresh_tokens),
         )
         ask_matomo = facts.matomo_configured and any(s.matomo_site_id is not None for s in sites)
-        wanted = {s.gsc_account_id for s in sites} & active.keys()
-        to_check = [active[i] for i in sorted(wanted)] if facts.gsc_configured else []
+        to_check = [active[i] for i in sorted(active)] if facts.gsc_configured else []
         if not ask_matomo and not to_check:
             return facts
         fast = quick(settings)

@@ -510,17 +510,6 @@ async def load_facts(
     return facts
 
 
-async def has_run_stats(conn: asyncpg.Connection) -> bool:
-    """Whether aggregator_runs has the `stats` column (migration 004): older schemas lack it."""
-    return await conn.fetchval(
-        """
-        select exists (select 1 from pg_attribute
-                       where attrelid = to_regclass('aggregator_runs') and attname = 'stats'
-                         and attnum > 0 and not attisdropped)
-        """
-    )
-
-
 def api_counts(stats: object) -> dict[str, tuple[int, int]]:
     """(requests, failed_requests) per source from a run's `stats`; anything malformed or absent
     is left out, so such a run counts as "n/a" rather than as zero errors."""
@@ -547,7 +536,7 @@ async def load_runs(
     conn: asyncpg.Connection, since: datetime, limit: int = 1000
 ) -> list[RunSummary]:
     """Runs started since `since`, newest first, with their API counts when recorded."""
-    stats = "stats" if await has_run_stats(conn) else "null::jsonb"
+    stats = "stats" if await storage.has_column(conn, "aggregator_runs", "stats") else "null::jsonb"
     rows = await conn.fetch(
         f"""
         select started_at, finished_at, status, rows_upserted,

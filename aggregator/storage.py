@@ -305,17 +305,39 @@ async def upsert_daily_rows(conn: asyncpg.Connection, rows: Iterable[DailyRow]) 
     return sent
 
 
+async def has_column(conn: asyncpg.Connection, table: str, column: str) -> bool:
+    """Whether `table` (on the search path) has `column`: code reading a column a later
+    migration adds keeps working on a schema not yet migrated."""
+    return await conn.fetchval(
+        """
+        select exists (select 1 from pg_attribute
+                       where attrelid = to_regclass($1) and attname = $2
+                         and attnum > 0 and not attisdropped)
+        """,
+        table,
+        column,
+    )
+
+
 async def record_account_refreshes(
     conn: asyncpg.Connection, refreshes: Sequence[AccountRefresh]
 ) -> None:
-    """A success sets last_refresh_at and clears last_error; a failure records only the error."""
+    """A success sets last_refresh_at and clears last_error; a failure records only the error.
+    Where migration 005 is applied, failing_since keeps the first failure of the current
+    streak (cleared by a success), so `check` can say how long a token has been dead."""
     if not refreshes:
         return
+    streak = (
+        ", failing_since = case when $3::text is null then null"
+        " else coalesce(failing_since, $2) end"
+        if await has_column(conn, "gsc_accounts", "failing_since")
+        else ""
+    )
     await conn.executemany(
-        """
+        f"""
         update gsc_accounts
         set last_refresh_at = case when $3::text is null then $2 else last_refresh_at end,
-            last_error = $3
+            last_error = $3{streak}
         where id = $1
         """,
         [(r.account_id, r.at, r.error and redact(r.error)) for r in refreshes],

@@ -1,6 +1,7 @@
 """`aggregator accounts`: tokens are never shown, consent is stored, the OAuth library is optional."""
 
 import asyncio
+import base64
 import json
 import sys
 import types
@@ -8,7 +9,9 @@ import types
 import pytest
 
 from aggregator import accounts, cli
+from aggregator.accounts import Grant
 from aggregator.config import ConfigError, load_settings
+from aggregator.pipeline import UsageError
 from aggregator.storage import StorageError
 from tests.factories import add_account, add_site
 from tests.test_cli import aggregator, one_line_error
@@ -48,11 +51,12 @@ async def test_add_stores_the_consented_token_and_reactivates(db, conn, capsys) 
         "update gsc_accounts set last_error = 'invalid_grant' where id = $1", existing
     )
 
-    def consent() -> str:
-        return "rt-new-SEKRIT"
+    def consent() -> Grant:
+        return Grant("rt-new-SEKRIT", "OWNER@example.com")
 
     code = await asyncio.to_thread(accounts.add, settings, "owner@example.com", consent)
-    await asyncio.to_thread(accounts.add, settings, "second@example.com", lambda: "rt-2")
+    second = Grant("rt-2", "second@example.com")
+    await asyncio.to_thread(accounts.add, settings, "second@example.com", lambda: second)
 
     assert code == 0
     rows = await conn.fetch(
@@ -68,6 +72,46 @@ async def test_add_stores_the_consented_token_and_reactivates(db, conn, capsys) 
     assert f"updated owner@example.com (account {existing})" in out
     assert "added second@example.com" in out
     assert "rt-new-SEKRIT" not in out
+    assert '"In production"' in out and "expire after 7 days" in out
+    health = await conn.fetch("select connected_at, failing_since from gsc_accounts")
+    assert all(r["connected_at"] is not None and r["failing_since"] is None for r in health)
+
+
+@pytest.mark.parametrize(
+    ("signed_in", "refusal"),
+    [
+        ("someone-else@example.com", "signed in as someone-else@example.com, not owner@"),
+        (None, "Google did not say which account signed in"),
+    ],
+)
+async def test_add_refuses_a_token_of_another_account_and_stores_nothing(
+    db, conn, signed_in, refusal
+) -> None:
+    settings = load_settings({"DATABASE_URL": db, **CLIENT})
+    await add_account(conn, "owner@example.com", "rt-old")
+    before = [dict(r) for r in await conn.fetch("select * from gsc_accounts order by id")]
+
+    def consent() -> Grant:
+        return Grant("rt-WRONG-ACCOUNT", signed_in)
+
+    with pytest.raises(UsageError, match=refusal):
+        await asyncio.to_thread(accounts.add, settings, "owner@example.com", consent)
+    with pytest.raises(UsageError):
+        await asyncio.to_thread(accounts.add, settings, "new@example.com", consent)
+    after = [dict(r) for r in await conn.fetch("select * from gsc_accounts order by id")]
+    assert after == before  # no token stored, no account created
+
+
+def test_signed_in_email_reads_the_id_tokens_email_claim() -> None:
+    def encoded(part: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(part).encode()).decode().rstrip("=")
+
+    token = ".".join(
+        [encoded({"alg": "RS256", "typ": "JWT"}), encoded({"email": "a@example.com"}), "c2ln"]
+    )
+    assert accounts.signed_in_email(token) == "a@example.com"
+    assert accounts.signed_in_email(None) is None
+    assert accounts.signed_in_email("not-a-jwt") is None
 
 
 async def test_add_checks_the_database_before_asking_for_consent(empty_db) -> None:
@@ -100,7 +144,7 @@ def test_consent_runs_the_loopback_flow_with_the_jobs_client(monkeypatch) -> Non
 
         def run_local_server(self, **kwargs):
             calls["run"] = kwargs
-            return types.SimpleNamespace(refresh_token="rt-granted")
+            return types.SimpleNamespace(refresh_token="rt-granted", id_token=None)
 
     module = types.ModuleType("google_auth_oauthlib.flow")
     module.InstalledAppFlow = FakeFlow
@@ -112,8 +156,12 @@ def test_consent_runs_the_loopback_flow_with_the_jobs_client(monkeypatch) -> Non
 
     consent = accounts.installed_app_consent(settings, None, open_browser=False)
 
-    assert consent() == "rt-granted"
-    assert calls["scopes"] == ["https://www.googleapis.com/auth/webmasters.readonly"]
+    assert consent() == Grant("rt-granted", None)
+    assert calls["scopes"] == [
+        "https://www.googleapis.com/auth/webmasters.readonly",
+        "openid",
+        "https://www.googleapis.com/auth/userinfo.email",
+    ]
     assert calls["run"] == {"port": 0, "open_browser": False, "prompt": "consent"}
     assert calls["config"] == {
         "installed": {

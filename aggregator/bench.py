@@ -36,7 +36,7 @@ from typing import Any, TextIO
 
 import asyncpg
 
-from aggregator import storage
+from aggregator import migrations, storage
 from aggregator.local_postgres import any_postgres, dsn_with_search_path
 from aggregator.simulators import portfolio as world
 
@@ -419,7 +419,7 @@ async def run_bench(server_dsn: str, options: BenchOptions, out: TextIO) -> int:
     try:
         conn = await asyncpg.connect(dsn)
         try:
-            await storage.apply_migrations(conn)
+            await migrations.apply_migrations(conn)
         finally:
             await conn.close()
         if options.sizes:

@@ -30,7 +30,7 @@ from typing import Any, Literal, TextIO
 import aiohttp
 import asyncpg
 
-from aggregator import matomo, storage, token_health
+from aggregator import matomo, migrations, storage, token_health
 from aggregator.config import Settings
 from aggregator.model import Site
 from aggregator.search_console import client as gsc
@@ -648,13 +648,13 @@ async def load_schema(conn: asyncpg.Connection) -> SchemaFacts:
         [c for _, c in wanted],
     )
     applied = None
-    if await conn.fetchval("select to_regclass($1) is not null", storage.MIGRATIONS_TABLE):
-        versions = await conn.fetch(f"select version from {storage.MIGRATIONS_TABLE}")
+    if await conn.fetchval("select to_regclass($1) is not null", migrations.MIGRATIONS_TABLE):
+        versions = await conn.fetch(f"select version from {migrations.MIGRATIONS_TABLE}")
         applied = frozenset(row["version"] for row in versions)
     return SchemaFacts(
         missing_tables=missing_tables,
         missing_columns=tuple(row["name"] for row in rows),
-        migration_files=tuple(path.stem for path in storage.migration_files()),
+        migration_files=tuple(path.stem for path in migrations.migration_files()),
         applied=applied,
     )
 

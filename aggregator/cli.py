@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 from urllib.parse import unquote, urlsplit
 
-from aggregator import __version__, accounts, check, demo, status, storage
+from aggregator import __version__, accounts, check, demo, migrations, status, storage
 from aggregator.config import ConfigError, Settings, load_settings, read_environment
 from aggregator.dates import DateError, parse_day, resolve_window, today_in
 from aggregator.logs import configure_logging
@@ -93,7 +93,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     migrate = commands.add_parser(
-        "migrate", help="apply sql/ migrations to DATABASE_URL (idempotent)"
+        "migrate",
+        help="apply sql/ migrations to DATABASE_URL (idempotent)",
+        description="Apply the pending sql/ migrations to DATABASE_URL in one transaction: all "
+        "or nothing. An existing sites table is adopted (only missing columns are added; its "
+        "row level security, grants and policies are left alone); tables created here get row "
+        "level security and no access for Supabase's anon and authenticated roles. A database "
+        "that does not fit exits 2 with one line naming the table, the column and the fix.",
+    )
+    migrate.add_argument(
+        "--sql",
+        action="store_true",
+        help="print the SQL it would apply to this database instead (for supabase/migrations/)",
+    )
+    migrate.add_argument(
+        "--grant-read",
+        dest="readers",
+        action="append",
+        default=[],
+        metavar="ROLE",
+        help="let ROLE (e.g. authenticated, for the dashboard) read daily_analytics: the rows "
+        "of the sites it can read in sites (repeatable)",
     )
     migrate.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -321,11 +341,16 @@ def print_summary(outcome: RunOutcome, out: TextIO) -> None:
 
 
 def _migrate_command(args: argparse.Namespace, settings: Settings) -> int:
+    readers = tuple(dict.fromkeys(args.readers))
+
     async def migrate(_stop: asyncio.Event) -> int:
         pool = await storage.connect(settings.database_url)
         try:
             async with pool.acquire() as conn:
-                applied = await storage.apply_migrations(conn)
+                if args.sql:
+                    print(await migrations.pending_sql(conn, readers=readers), end="")
+                    return EXIT_OK
+                applied = await migrations.apply_migrations(conn, readers=readers)
         finally:
             await pool.close()
         where = storage.describe_dsn(settings.database_url.reveal())
@@ -333,6 +358,8 @@ def _migrate_command(args: argparse.Namespace, settings: Settings) -> int:
             print(f"applied {', '.join(applied)} to {where}")
         else:
             print(f"schema of {where} is up to date")
+        for role in readers:
+            print(f"{role} may read daily_analytics (the rows of the sites it can read)")
         return EXIT_OK
 
     settings.require_database()

@@ -16,7 +16,7 @@ from typing import TextIO
 
 import asyncpg
 
-from aggregator import storage
+from aggregator import migrations, storage
 from aggregator.config import Secret, Settings
 from aggregator.dates import resolve_window, today_in
 from aggregator.local_postgres import default_data_dir, dsn_with_search_path, embedded_postgres
@@ -79,7 +79,7 @@ async def prepare_schema(server_dsn: str, schema: str = DEMO_SCHEMA) -> str:
     dsn = dsn_with_search_path(server_dsn, schema)
     conn = await asyncpg.connect(dsn)
     try:
-        await storage.apply_migrations(conn)
+        await migrations.apply_migrations(conn)
     finally:
         await conn.close()
     return dsn

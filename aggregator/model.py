@@ -7,15 +7,21 @@ every source be tested without a database.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import date, datetime
+
+SiteId = int | str | uuid.UUID
+"""A `sites.id` exactly as asyncpg returns it: the project's table decides whether it is a
+bigint, an integer, a uuid or text. Opaque: compared and passed back to Postgres, never computed
+with, so the same code serves every type."""
 
 
 @dataclass(frozen=True, slots=True)
 class Site:
     """A monitored site as read from `sites` (already filtered to active and deployed)."""
 
-    id: int
+    id: SiteId
     domain: str
     matomo_site_id: int | None = None
     gsc_account_id: int | None = None
@@ -35,7 +41,7 @@ class GscAccount:
 class MatomoDay:
     """One site's Matomo numbers for one day (site timezone). An empty day is 0 and 0."""
 
-    site_id: int
+    site_id: SiteId
     day: date
     visits: int
     actions: int
@@ -49,7 +55,7 @@ class GscDay:
     a row in Google's answer is yielded with clicks=impressions=0 and ctr/position None.
     """
 
-    site_id: int
+    site_id: SiteId
     day: date
     clicks: int
     impressions: int

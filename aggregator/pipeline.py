@@ -29,6 +29,7 @@ from aggregator.model import (
     MatomoDay,
     Site,
     SiteError,
+    SiteId,
     SourceRecord,
 )
 from aggregator.progress import NoProgress, ProgressSink
@@ -74,7 +75,7 @@ class RunRequest:
 class DailyTable:
     """The in-memory table that sources fill; one DailyRow per (site, day)."""
 
-    rows: dict[tuple[int, date], storage.DailyRow] = field(default_factory=dict)
+    rows: dict[tuple[SiteId, date], storage.DailyRow] = field(default_factory=dict)
     errors: list[SiteError] = field(default_factory=list)
     refreshes: list[AccountRefresh] = field(default_factory=list)
     stats: dict[str, SourceStats] = field(default_factory=dict)
@@ -97,7 +98,7 @@ class DailyTable:
         else:
             raise TypeError(f"unknown record {type(record).__name__}")
 
-    def _row(self, site_id: int, day: date) -> storage.DailyRow:
+    def _row(self, site_id: SiteId, day: date) -> storage.DailyRow:
         key = (site_id, day)
         row = self.rows.get(key)
         if row is None:
@@ -114,7 +115,7 @@ class RunOutcome:
     seconds: float
     windows: dict[str, tuple[date, date]]
     rows: list[storage.DailyRow]
-    sites: dict[int, str]
+    sites: dict[SiteId, str]
     interrupted: str | None = None
     stats: dict[str, SourceStats] = field(default_factory=dict)
 
@@ -416,9 +417,9 @@ async def _drain(
 
     How its sites ended goes into the source's stats, however the source ends."""
     ids = {site.domain: site.id for site in sites}
-    seen: set[int] = set()
-    failed: set[int] = set()
-    skipped: set[int] = set()
+    seen: set[SiteId | None] = set()
+    failed: set[SiteId | None] = set()
+    skipped: set[SiteId | None] = set()
     stats = table.stats[name]
     began = time.monotonic()
     progress.start(name, len(sites))
@@ -426,8 +427,8 @@ async def _drain(
         async for record in stream:
             table.add(record)
             if isinstance(record, SiteError):
-                (skipped if record.skipped else failed).add(ids.get(record.site, -1))
-                seen.add(ids.get(record.site, -1))
+                (skipped if record.skipped else failed).add(ids.get(record.site))
+                seen.add(ids.get(record.site))
             elif isinstance(record, MatomoDay | GscDay):
                 seen.add(record.site_id)
             else:

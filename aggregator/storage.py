@@ -13,13 +13,12 @@ import socket
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import asyncpg
 
 from aggregator.config import Secret, Settings
-from aggregator.model import AccountRefresh, GscAccount, Site, SiteError
+from aggregator.model import AccountRefresh, GscAccount, Site, SiteError, SiteId
 from aggregator.redaction import redact, register_secret
 
 # gsc_learned_rates comes with migration 004: its absence means the schema predates it.
@@ -30,8 +29,6 @@ REQUIRED_TABLES = (
     "aggregator_runs",
     "gsc_learned_rates",
 )
-MIGRATIONS_TABLE = "aggregator_schema_migrations"
-SQL_DIR = Path(__file__).parent / "sql"
 
 
 class StorageError(Exception):
@@ -46,7 +43,7 @@ class RunLocked(StorageError):
 class DailyRow:
     """One (site, day) row as staged for the upsert. None for a source means: leave it alone."""
 
-    site_id: int
+    site_id: SiteId
     day: date
     matomo: tuple[int, int] | None = None
     gsc: tuple[int, int, float | None, float | None, bool] | None = None
@@ -112,38 +109,6 @@ async def require_schema(conn: asyncpg.Connection) -> None:
         raise StorageError(f"database has no table {missing[0]}: run `aggregator migrate`")
 
 
-def migration_files(sql_dir: Path = SQL_DIR) -> list[Path]:
-    files = sorted(sql_dir.glob("[0-9]*.sql"))
-    if not files:
-        raise StorageError(f"no migrations found in {sql_dir}")
-    return files
-
-
-async def apply_migrations(conn: asyncpg.Connection, sql_dir: Path = SQL_DIR) -> list[str]:
-    """Apply sql/NNN_*.sql not yet recorded, each in its own transaction; return their names.
-
-    A transaction-level advisory lock keeps two concurrent `migrate` calls from racing; it
-    works through transaction poolers too, unlike a session lock.
-    """
-    applied_now: list[str] = []
-    for path in migration_files(sql_dir):
-        async with conn.transaction():
-            await conn.execute("select pg_advisory_xact_lock(hashtext('aggregator.migrate'))")
-            await conn.execute(
-                f"create table if not exists {MIGRATIONS_TABLE} ("
-                "version text primary key, applied_at timestamptz not null default now())"
-            )
-            done = await conn.fetchval(
-                f"select 1 from {MIGRATIONS_TABLE} where version = $1", path.stem
-            )
-            if done:
-                continue
-            await conn.execute(path.read_text(encoding="utf-8"))
-            await conn.execute(f"insert into {MIGRATIONS_TABLE} (version) values ($1)", path.stem)
-            applied_now.append(path.stem)
-    return applied_now
-
-
 async def load_sites(conn: asyncpg.Connection, domains: Sequence[str] = ()) -> list[Site]:
     """Monitored sites (active and deployed), optionally only those named (case-insensitive)."""
     rows = await conn.fetch(
@@ -192,7 +157,7 @@ async def load_active_accounts(
 
 
 async def oldest_provisional_gsc_day(
-    conn: asyncpg.Connection, site_ids: Sequence[int]
+    conn: asyncpg.Connection, site_ids: Sequence[SiteId]
 ) -> date | None:
     """The oldest day still stored as provisional, so the default window can heal it."""
     return await conn.fetchval(
@@ -261,6 +226,18 @@ where ({_MATOMO_CHANGED}) or ({_GSC_CHANGED})
 """
 
 
+# The staging table takes its column types from daily_analytics itself: site_id is whatever
+# sites.id is in this project (bigint, integer, uuid or text), with no type written here.
+_CREATE_STAGE = f"""
+create temporary table aggregator_stage on commit drop as
+select site_id, date,
+       false as has_matomo, {", ".join(_MATOMO_COLUMNS)},
+       false as has_gsc, {", ".join(_GSC_COLUMNS)}
+from daily_analytics
+with no data
+"""
+
+
 def _stage_record(row: DailyRow) -> tuple:
     matomo = row.matomo or (None, None)
     gsc = row.gsc or (None, None, None, None, None)
@@ -288,16 +265,7 @@ async def upsert_daily_rows(conn: asyncpg.Connection, rows: Iterable[DailyRow]) 
             yield record
 
     async with conn.transaction():
-        await conn.execute(
-            """
-            create temporary table aggregator_stage (
-                site_id bigint, date date,
-                has_matomo boolean, matomo_visits integer, matomo_actions integer,
-                has_gsc boolean, gsc_clicks integer, gsc_impressions bigint,
-                gsc_ctr double precision, gsc_position double precision, gsc_final boolean
-            ) on commit drop
-            """
-        )
+        await conn.execute(_CREATE_STAGE)
         await conn.copy_records_to_table(
             "aggregator_stage", records=counted(), columns=_STAGE_COLUMNS
         )

@@ -20,7 +20,7 @@ import pytest
 from aioresponses import aioresponses
 from aioresponses import core as aioresponses_core
 
-from aggregator import redaction, storage
+from aggregator import migrations, redaction
 from aggregator.local_postgres import any_postgres, dsn_with_search_path
 from aggregator.logs import reset_logging
 
@@ -60,7 +60,7 @@ async def db(empty_db: str) -> AsyncIterator[str]:
     """A DSN for a new schema with the migrations applied."""
     conn = await asyncpg.connect(empty_db)
     try:
-        await storage.apply_migrations(conn)
+        await migrations.apply_migrations(conn)
     finally:
         await conn.close()
     yield empty_db

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from aggregator import matomo, storage
+from aggregator import matomo, migrations
 from aggregator.check import (
     AccountInfo,
     Facts,
@@ -387,7 +387,7 @@ async def test_pending_and_unknown_migrations_are_rows(db, conn) -> None:
     await conn.execute("delete from aggregator_schema_migrations")
     await conn.execute("insert into aggregator_schema_migrations values ('000_old')")
     pending = await run_check(Settings(database_url=Secret(db)))
-    every = ", ".join(path.stem for path in storage.migration_files())
+    every = ", ".join(path.stem for path in migrations.migration_files())
     assert [(r.level, r.problem) for r in pending.rows if r.check == "schema"] == [
         ("problem", f"not applied: {every}"),
         ("warning", "applied migrations this version does not have: 000_old"),

@@ -29,7 +29,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import asyncpg
 import pytest
 
-from aggregator import storage
+from aggregator import migrations, storage
 from aggregator.config import Secret
 from aggregator.dates import Window
 from aggregator.demo import simulated_settings
@@ -215,8 +215,8 @@ async def test_pipeline_runs_through_a_transaction_pooler(pgbouncer: Bouncer) ->
     pool = await storage.connect(Secret(dsn))
     try:
         async with pool.acquire() as conn:
-            await storage.apply_migrations(conn)
-            again = await storage.apply_migrations(conn)
+            await migrations.apply_migrations(conn)
+            again = await migrations.apply_migrations(conn)
             assert again == []
             portfolio = world.make_portfolio(40, 3, revoked_account=True)
             await world.seed_portfolio(conn, portfolio)

@@ -3,7 +3,7 @@ from datetime import UTC, date, datetime
 import asyncpg
 import pytest
 
-from aggregator import storage
+from aggregator import migrations, storage
 from aggregator.config import Secret
 from aggregator.model import AccountRefresh, SiteError
 from aggregator.storage import DailyRow, StorageError
@@ -16,11 +16,13 @@ async def test_migrations_apply_twice_cleanly(empty_db: str) -> None:
     conn = await asyncpg.connect(empty_db)
     try:
         assert await storage.missing_tables(conn) == list(storage.REQUIRED_TABLES)
-        assert await storage.apply_migrations(conn) == [p.stem for p in storage.migration_files()]
-        assert await storage.apply_migrations(conn) == []
+        assert await migrations.apply_migrations(conn) == [
+            p.stem for p in migrations.migration_files()
+        ]
+        assert await migrations.apply_migrations(conn) == []
         assert await storage.missing_tables(conn) == []
         # The SQL itself is idempotent too, even without the bookkeeping table.
-        for path in storage.migration_files():
+        for path in migrations.migration_files():
             await conn.execute(path.read_text())
         rls = await conn.fetchval(
             "select bool_and(relrowsecurity) from pg_class where oid = any($1::regclass[])",

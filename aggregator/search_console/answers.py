@@ -14,7 +14,7 @@ from datetime import date, timedelta
 from typing import Any
 
 from aggregator.dates import Window
-from aggregator.model import GscDay
+from aggregator.model import GscDay, SiteId
 
 # The most rows one searchAnalytics.query answer may hold (module-level so tests can shrink it).
 ROW_LIMIT = 25_000
@@ -105,7 +105,7 @@ def search_analytics_request(
 
 
 def days_from_search_analytics(
-    site_id: int,
+    site_id: SiteId,
     body: Mapping[str, Any],
     start: date,
     end: date,

@@ -12,6 +12,7 @@ from datetime import date
 
 import asyncpg
 
+from aggregator.model import SiteId
 from aggregator.simulators.google import GoogleSimulator, SimAccount
 from aggregator.simulators.matomo import MatomoSimulator
 
@@ -22,7 +23,7 @@ CLIENT_SECRET = "demo-client-secret"
 
 @dataclass(frozen=True, slots=True)
 class SimSite:
-    id: int
+    id: SiteId
     domain: str
     matomo_site_id: int | None
     gsc_account_id: int | None
@@ -77,8 +78,8 @@ def make_portfolio(
         )
     if unreachable_every:
         sites = [
-            _unreachable(site) if site.id % unreachable_every == 0 and site.gsc_account_id else site
-            for site in sites
+            _unreachable(site) if n % unreachable_every == 0 and site.gsc_account_id else site
+            for n, site in enumerate(sites, start=1)
         ]
     return Portfolio(sites=tuple(sites), accounts=accounts)
 

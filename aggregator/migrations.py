@@ -1,0 +1,500 @@
+"""Schema migrations: sql/NNN_*.sql applied all or nothing, refused with the fix when the
+database does not fit, and printable for projects that keep their own migration files.
+
+The job drops into Supabase projects that already exist, so `migrate` must
+- apply every pending file in one transaction: a failure leaves the database as it was;
+- check an existing `sites` (and any other table it would reuse) before touching anything, and
+  name the table, the column and the fix in one line when it cannot work with it;
+- secure only what it creates: every table created by a migration gets row level security and
+  no privilege for Supabase's `anon`/`authenticated`, whoever wrote the file; a table it did not
+  create keeps its row level security, grants and policies;
+- print the very SQL it would run (`migrate --sql`) including the bookkeeping insert, so a schema
+  applied by `supabase db push` is recognised by the next `migrate`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+from aggregator.storage import StorageError
+
+MIGRATIONS_TABLE = "aggregator_schema_migrations"
+SQL_DIR = Path(__file__).parent / "sql"
+SCHEMA_MIGRATION = "001_schema"  # the file that creates or adopts the tables checked below
+SITE_ID_TYPES = ("bigint", "integer", "uuid", "text")
+SUPABASE_API_ROLES = ("anon", "authenticated")
+
+_VERSION = re.compile(r"[0-9]{3}_[a-z0-9_]+")
+_TEXT = ("text", "character varying")
+_TIMESTAMPTZ = ("timestamp with time zone",)
+_BOOLEAN = ("boolean",)
+_INTEGER = ("integer",)
+
+# The columns 001 creates, and the types an existing column may have (the first is the one a
+# fix proposes). daily_analytics.site_id must moreover be exactly the type of sites.id.
+EXPECTED_COLUMNS: Mapping[str, Mapping[str, tuple[str, ...]]] = {
+    "gsc_accounts": {
+        "id": ("bigint", "integer"),
+        "email": _TEXT,
+        "refresh_token": _TEXT,
+        "is_active": _BOOLEAN,
+        "last_refresh_at": _TIMESTAMPTZ,
+        "last_error": _TEXT,
+    },
+    "sites": {
+        "id": SITE_ID_TYPES,
+        "domain": _TEXT,
+        "is_active": _BOOLEAN,
+        "deployed_at": _TIMESTAMPTZ,
+        "matomo_site_id": ("integer", "bigint", "smallint"),
+        "gsc_account_id": ("bigint", "integer"),
+        "gsc_property": _TEXT,
+    },
+    "daily_analytics": {
+        "site_id": SITE_ID_TYPES,
+        "date": ("date",),
+        "matomo_visits": _INTEGER,
+        "matomo_actions": _INTEGER,
+        "gsc_clicks": _INTEGER,
+        "gsc_impressions": ("bigint",),
+        "gsc_ctr": ("double precision",),
+        "gsc_position": ("double precision",),
+        "gsc_final": _BOOLEAN,
+        "matomo_updated_at": _TIMESTAMPTZ,
+        "gsc_updated_at": _TIMESTAMPTZ,
+    },
+    "aggregator_runs": {
+        "id": ("bigint", "integer"),
+        "started_at": _TIMESTAMPTZ,
+        "finished_at": _TIMESTAMPTZ,
+        "date_from": ("date",),
+        "date_to": ("date",),
+        "status": _TEXT,
+        "sites_total": _INTEGER,
+        "rows_upserted": _INTEGER,
+        "errors": ("jsonb",),
+    },
+}
+# The one table 001 adopts (adding missing columns) rather than requiring whole.
+ADOPTED_TABLE = "sites"
+# The keys the job relies on: the foreign key to sites(id) and the upsert's on conflict.
+REQUIRED_KEYS: Mapping[str, tuple[str, ...]] = {
+    "sites": ("id",),
+    "daily_analytics": ("site_id", "date"),
+}
+
+
+class MigrationError(StorageError):
+    """A migration cannot apply; nothing was changed. The message names the fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: str
+    sql: str
+
+
+def migration_files(sql_dir: Path = SQL_DIR) -> list[Path]:
+    files = sorted(sql_dir.glob("[0-9]*.sql"))
+    if not files:
+        raise StorageError(f"no migrations found in {sql_dir}")
+    return files
+
+
+def load_migrations(sql_dir: Path = SQL_DIR) -> list[Migration]:
+    migrations = []
+    for path in migration_files(sql_dir):
+        if not _VERSION.fullmatch(path.stem):
+            raise StorageError(f"migration file {path.name} is not named NNN_lowercase_words.sql")
+        migrations.append(Migration(path.stem, path.read_text(encoding="utf-8")))
+    return migrations
+
+
+# --- the SQL around the files (printed by --sql exactly as migrate runs it) -----------------------
+
+_PROLOGUE = f"""\
+-- Which tables exist before the migrations below: only the tables they create are secured.
+drop table if exists pg_temp.aggregator_tables_before;
+create temporary table aggregator_tables_before as
+    select c.oid from pg_class c join pg_namespace n on n.oid = c.relnamespace
+    where n.nspname = current_schema() and c.relkind in ('r', 'p');
+
+create table if not exists {MIGRATIONS_TABLE} (
+    version text primary key,
+    applied_at timestamptz not null default now()
+);
+"""
+
+_EPILOGUE = f"""\
+-- The tables created above hold the job's data and refresh tokens: row level security on, and no
+-- privilege for Supabase's API roles (the dashboard's read of daily_analytics is an opt-in:
+-- `aggregator migrate --grant-read ROLE`). Tables that existed before are left as they were.
+do $$
+declare
+    created regclass;
+    api_role text;
+begin
+    for created in
+        select c.oid::regclass from pg_class c join pg_namespace n on n.oid = c.relnamespace
+        where n.nspname = current_schema() and c.relkind in ('r', 'p')
+          and (c.oid not in (select oid from aggregator_tables_before)
+               or c.relname = '{MIGRATIONS_TABLE}')
+    loop
+        execute format('alter table %s enable row level security', created);
+        foreach api_role in array array[{", ".join(f"'{r}'" for r in SUPABASE_API_ROLES)}] loop
+            if exists (select 1 from pg_roles where rolname = api_role) then
+                execute format('revoke all on %s from %I', created, api_role);
+            end if;
+        end loop;
+    end loop;
+end
+$$;
+drop table pg_temp.aggregator_tables_before;
+"""
+
+
+def _recorded(migration: Migration) -> str:
+    return (
+        f"{migration.sql.rstrip()}\n\n"
+        f"insert into {MIGRATIONS_TABLE} (version) values ('{migration.version}')"
+        " on conflict (version) do nothing;\n"
+    )
+
+
+def quote_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def read_grant_sql(role: str) -> str:
+    """Let `role` (the dashboard's) read daily_analytics: only the rows of the sites it can read
+    in `sites` itself, so the dashboard's own policies on sites keep deciding who sees what."""
+    quoted = quote_identifier(role)
+    policy = quote_identifier(f"aggregator_read_{role}")
+    return (
+        f"-- Opt-in: {role} reads the daily_analytics rows of the sites it can read.\n"
+        f"grant select on daily_analytics to {quoted};\n"
+        f"drop policy if exists {policy} on daily_analytics;\n"
+        f"create policy {policy} on daily_analytics for select to {quoted}\n"
+        "    using (site_id in (select id from sites));\n"
+    )
+
+
+def migration_script(pending: Sequence[Migration], readers: Sequence[str] = ()) -> str:
+    """The SQL `migrate` runs for these pending migrations, as one file (what --sql prints)."""
+    parts = []
+    if pending:
+        parts.append(_PROLOGUE)
+        parts += [f"-- aggregator migration {m.version}\n{_recorded(m)}" for m in pending]
+        parts.append(_EPILOGUE)
+    parts += [read_grant_sql(role) for role in readers]
+    return "\n".join(parts) or "-- aggregator: nothing to apply, the schema is up to date\n"
+
+
+# --- what the database holds, and whether 001 can work with it (pure) ---------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TableFacts:
+    """An existing table of the current schema, as far as the migration cares."""
+
+    owner: str
+    owned: bool  # the migrating role owns it (or is a member of its owner)
+    columns: Mapping[str, str]  # column -> type, without modifiers
+    unique_keys: frozenset[frozenset[str]]  # column sets of non-partial unique indexes
+    may_reference_id: bool  # the migrating role may create a foreign key to its `id`
+    readable: bool  # the migrating role may select from it
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogFacts:
+    schema: str
+    role: str
+    may_create: bool  # CREATE on the schema
+    tables: Mapping[str, TableFacts]  # only the ones that exist
+
+
+def schema_conflicts(facts: CatalogFacts) -> list[str]:
+    """Why 001 cannot apply to this database, each as "table ..., column ...: ...; fix: ..."."""
+    found: list[str] = []
+    sites = facts.tables.get(ADOPTED_TABLE)
+    for table, expected in EXPECTED_COLUMNS.items():
+        existing = facts.tables.get(table)
+        if existing is None:
+            continue
+        found += _missing_column_conflicts(facts, table, existing, expected)
+        found += _type_conflicts(table, existing, expected, sites)
+        found += _key_conflicts(table, existing)
+    if sites is not None:
+        found += _site_access_conflicts(facts, sites)
+    if not facts.may_create and len(facts.tables) < len(EXPECTED_COLUMNS):
+        missing = next(t for t in EXPECTED_COLUMNS if t not in facts.tables)
+        found.append(
+            f"schema {facts.schema}: role {facts.role} may not create tables in it (table "
+            f"{missing} is missing); fix: grant create on schema {facts.schema} to {facts.role}, "
+            "or run migrate as the schema's owner (on Supabase: postgres)"
+        )
+    return found
+
+
+def _site_access_conflicts(facts: CatalogFacts, sites: TableFacts) -> list[str]:
+    """An adopted sites table may belong to another role: the job must still read it, and its
+    foreign key must be allowed to point at it."""
+    found = []
+    if not sites.readable:
+        found.append(
+            f"table sites: role {facts.role} may not read it (it belongs to {sites.owner}); "
+            f"fix: grant select on sites to {facts.role}, or connect as {sites.owner}"
+        )
+    if "daily_analytics" not in facts.tables and not sites.may_reference_id:
+        found.append(
+            f"table sites, column id: role {facts.role} may not reference it from "
+            f"daily_analytics.site_id; fix: grant references (id) on sites to {facts.role}, or "
+            f"run migrate as {sites.owner}"
+        )
+    return found
+
+
+def _type_conflicts(
+    table: str,
+    existing: TableFacts,
+    expected: Mapping[str, tuple[str, ...]],
+    sites: TableFacts | None,
+) -> list[str]:
+    found = []
+    for column, accepted in expected.items():
+        actual = existing.columns.get(column)
+        if actual is None:
+            continue
+        if table == "daily_analytics" and column == "site_id" and sites is not None:
+            wanted = sites.columns.get("id")
+            if wanted in SITE_ID_TYPES and actual != wanted:
+                found.append(
+                    f"table daily_analytics, column site_id: is {actual} but sites.id is "
+                    f"{wanted}; fix: alter table daily_analytics alter column site_id type "
+                    f"{wanted} (drop its foreign key first if one stands in the way)"
+                )
+            continue
+        if actual in accepted:
+            continue
+        if table == "sites" and column == "id":
+            found.append(
+                f"table sites, column id: is {actual}, but a site id must be one of "
+                f"{', '.join(SITE_ID_TYPES)}; fix: alter table sites alter column id type text"
+            )
+            continue
+        found.append(
+            f"table {table}, column {column}: is {actual}, the aggregator needs {accepted[0]}; "
+            f"fix: alter table {table} alter column {column} type {accepted[0]} using "
+            f"{column}::{accepted[0]} (or rename the column and run migrate again)"
+        )
+    return found
+
+
+def _key_conflicts(table: str, existing: TableFacts) -> list[str]:
+    key = REQUIRED_KEYS.get(table)
+    if key is None or frozenset(key) in existing.unique_keys:
+        return []
+    if any(column not in existing.columns for column in key):
+        return []  # reported as a missing column
+    columns = ", ".join(key)
+    return [
+        f"table {table}, column{'s' if len(key) > 1 else ''} {columns}: no primary key or unique "
+        f"constraint on ({columns}), which the aggregator needs "
+        f"({'one row per site and day' if len(key) > 1 else 'for foreign keys to it'}); "
+        f"fix: alter table {table} add unique ({columns})"
+    ]
+
+
+def _missing_column_conflicts(
+    facts: CatalogFacts, table: str, existing: TableFacts, expected: Mapping[str, tuple[str, ...]]
+) -> list[str]:
+    missing = [c for c in expected if c not in existing.columns]
+    if table == ADOPTED_TABLE and "id" in missing:
+        return [
+            "table sites, column id: missing, and every site is keyed by it; fix: alter table "
+            "sites add column id bigint generated by default as identity primary key"
+        ]
+    if not missing:
+        return []
+    if table == ADOPTED_TABLE and existing.owned:
+        return []  # 001 adds them
+    listed = ", ".join(missing)
+    adds = ", ".join(f"add column {c} {expected[c][0]}" for c in missing)
+    if table == ADOPTED_TABLE:
+        return [
+            f"table sites, column{'s' if len(missing) > 1 else ''} {listed}: missing, and role "
+            f"{facts.role} may not add them (the table belongs to {existing.owner}); fix: run "
+            f"migrate as {existing.owner}, or have {existing.owner} run: alter table sites {adds}"
+        ]
+    return [
+        f"table {table}, column{'s' if len(missing) > 1 else ''} {listed}: missing from the "
+        f"existing table; fix: alter table {table} {adds}"
+    ]
+
+
+def owner_conflicts(facts: CatalogFacts) -> list[str]:
+    """Tables the job writes and indexes must be the migrating role's own."""
+    return [
+        f"table {table}: belongs to role {existing.owner}, and the aggregator must own the tables "
+        f"it writes; fix: run migrate as {existing.owner}, or alter table {table} owner to "
+        f"{facts.role}"
+        for table, existing in facts.tables.items()
+        if table != ADOPTED_TABLE and not existing.owned
+    ]
+
+
+# --- database edge ---------------------------------------------------------------------------------
+
+_FACTS = """
+select t.name, pg_get_userbyid(c.relowner) as owner,
+       pg_has_role(c.relowner, 'MEMBER') as owned,
+       (select coalesce(jsonb_object_agg(a.attname, format_type(a.atttypid, null)), '{}')
+        from pg_attribute a
+        where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped) as columns,
+       (select coalesce(jsonb_agg(k.cols), '[]')
+        from (select jsonb_agg(a.attname) as cols
+              from pg_index i join pg_attribute a
+                on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
+              where i.indrelid = c.oid and i.indisunique and i.indpred is null
+                and i.indexprs is null
+              group by i.indexrelid) k) as unique_keys,
+       exists (select 1 from pg_attribute a where a.attrelid = c.oid and a.attname = 'id'
+               and has_column_privilege(c.oid, a.attnum, 'REFERENCES')) as may_reference_id,
+       has_table_privilege(c.oid, 'SELECT') as readable
+from unnest($1::text[]) as t(name)
+join pg_class c on c.relname = t.name and c.relkind in ('r', 'p')
+join pg_namespace n on n.oid = c.relnamespace and n.nspname = current_schema()
+"""
+
+
+async def catalog_facts(conn: asyncpg.Connection) -> CatalogFacts:
+    schema, role, may_create = await conn.fetchrow(
+        "select current_schema(), current_user,"
+        " coalesce(has_schema_privilege(current_schema(), 'CREATE'), false)"
+    )
+    if schema is None:
+        raise MigrationError(
+            "no schema to create the tables in: the search_path of DATABASE_URL names no "
+            "existing schema; fix: create the schema or correct search_path"
+        )
+    tables = {}
+    for row in await conn.fetch(_FACTS, list(EXPECTED_COLUMNS)):
+        tables[row["name"]] = TableFacts(
+            owner=row["owner"],
+            owned=row["owned"],
+            columns=json.loads(row["columns"]),
+            unique_keys=frozenset(frozenset(k) for k in json.loads(row["unique_keys"])),
+            may_reference_id=row["may_reference_id"],
+            readable=row["readable"],
+        )
+    return CatalogFacts(schema=schema, role=role, may_create=may_create, tables=tables)
+
+
+async def applied_versions(conn: asyncpg.Connection) -> frozenset[str] | None:
+    """Versions recorded in the current schema, None when nothing was ever recorded there."""
+    exists = await conn.fetchval(
+        "select exists (select 1 from pg_class c join pg_namespace n on n.oid = c.relnamespace"
+        " where n.nspname = current_schema() and c.relname = $1)",
+        MIGRATIONS_TABLE,
+    )
+    if not exists:
+        return None
+    return frozenset(
+        r["version"] for r in await conn.fetch(f"select version from {MIGRATIONS_TABLE}")
+    )
+
+
+async def _plan(
+    conn: asyncpg.Connection, migrations: Sequence[Migration], readers: Sequence[str]
+) -> list[Migration]:
+    """The pending migrations, once the database is known to fit them (MigrationError if not)."""
+    applied = await applied_versions(conn) or frozenset()
+    pending = [m for m in migrations if m.version not in applied]
+    if any(m.version == SCHEMA_MIGRATION for m in pending):
+        facts = await catalog_facts(conn)
+        conflicts = schema_conflicts(facts) + owner_conflicts(facts)
+        if conflicts:
+            more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
+            raise MigrationError(f"cannot migrate, nothing was changed: {conflicts[0]}{more}")
+    for role in readers:
+        if not await conn.fetchval(
+            "select exists (select 1 from pg_roles where rolname = $1)", role
+        ):
+            raise MigrationError(
+                f"--grant-read {role}: no such role in this database; nothing was changed"
+            )
+    return pending
+
+
+async def _refuse_unreadable_sites(conn: asyncpg.Connection, readers: Sequence[str]) -> None:
+    """The read policy shows a role the rows of the sites it can read: it must read sites.id."""
+    for role in readers:
+        readable = await conn.fetchval(
+            "select to_regclass('sites') is null"
+            " or has_column_privilege($1, to_regclass('sites'), 'id', 'SELECT')",
+            role,
+        )
+        if not readable:
+            raise MigrationError(
+                f"--grant-read {role}: role {role} cannot read table sites, and it is shown the "
+                f"daily_analytics rows of the sites it can read; fix: grant select on sites to "
+                f"{role} (with a policy for it if sites has row level security), then run migrate "
+                "again; nothing was changed"
+            )
+
+
+async def _execute(conn: asyncpg.Connection, what: str, sql: str) -> None:
+    try:
+        await conn.execute(sql)
+    except asyncpg.PostgresError as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        fix = (
+            "; fix: run migrate as the owner of the tables (on Supabase: the postgres role)"
+            if isinstance(exc, asyncpg.InsufficientPrivilegeError)
+            else ""
+        )
+        raise MigrationError(f"{what} cannot apply, nothing was changed: {reason}{fix}") from None
+
+
+async def _lock(conn: asyncpg.Connection) -> None:
+    """Two `migrate` calls on one schema queue up; a transaction lock works through poolers."""
+    await conn.execute(
+        "select pg_advisory_xact_lock(hashtext('aggregator.migrate:' || current_schema()))"
+    )
+
+
+async def apply_migrations(
+    conn: asyncpg.Connection, sql_dir: Path = SQL_DIR, *, readers: Sequence[str] = ()
+) -> list[str]:
+    """Apply the pending migrations (and the read grants asked for) in one transaction; return
+    the versions applied. MigrationError, with the database unchanged, when anything fails."""
+    migrations = load_migrations(sql_dir)
+    async with conn.transaction():
+        await _lock(conn)
+        pending = await _plan(conn, migrations, readers)
+        if pending:
+            await _execute(conn, "migration bookkeeping", _PROLOGUE)
+            for migration in pending:
+                await _execute(conn, f"migration {migration.version}", _recorded(migration))
+            await _execute(conn, "securing the new tables", _EPILOGUE)
+        await _refuse_unreadable_sites(conn, readers)
+        for role in readers:
+            await _execute(conn, f"--grant-read {role}", read_grant_sql(role))
+    return [m.version for m in pending]
+
+
+async def pending_sql(
+    conn: asyncpg.Connection, sql_dir: Path = SQL_DIR, *, readers: Sequence[str] = ()
+) -> str:
+    """What apply_migrations would run on this database, as one SQL file; nothing is changed."""
+    migrations = load_migrations(sql_dir)
+    async with conn.transaction(readonly=True):
+        pending = await _plan(conn, migrations, readers)
+        await _refuse_unreadable_sites(conn, readers)
+    return migration_script(pending, readers)

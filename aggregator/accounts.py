@@ -150,6 +150,9 @@ def installed_app_consent(
 
     def consent() -> Grant:
         flow = InstalledAppFlow.from_client_config(config, scopes=[SCOPE, *IDENTITY_SCOPES])
+        # requests re-sends a 307/308 POST body (code and client secret) to the redirect target:
+        # a redirecting GOOGLE_TOKEN_URL fails instead (see aggregator.redirects).
+        flow.oauth2session.max_redirects = 0
         try:
             credentials = flow.run_local_server(port=0, open_browser=open_browser, prompt="consent")
         except Exception as exc:  # oauthlib's and the server's errors: one line, not a traceback

@@ -137,6 +137,8 @@ def test_consent_runs_the_loopback_flow_with_the_jobs_client(monkeypatch) -> Non
     calls = {}
 
     class FakeFlow:
+        oauth2session = types.SimpleNamespace(max_redirects=30)  # requests' default
+
         @classmethod
         def from_client_config(cls, config, scopes):
             calls["config"], calls["scopes"] = config, scopes
@@ -163,6 +165,7 @@ def test_consent_runs_the_loopback_flow_with_the_jobs_client(monkeypatch) -> Non
         "https://www.googleapis.com/auth/userinfo.email",
     ]
     assert calls["run"] == {"port": 0, "open_browser": False, "prompt": "consent"}
+    assert FakeFlow.oauth2session.max_redirects == 0, "the token exchange follows no redirect"
     assert calls["config"] == {
         "installed": {
             "client_id": CLIENT["GOOGLE_CLIENT_ID"],

@@ -284,6 +284,9 @@ def _run_command(args: argparse.Namespace, settings: Settings) -> int:
     if request.dry_run:
         print_rows(outcome, sys.stdout)
     print_summary(outcome, sys.stdout)
+    if outcome.fatal:
+        # The store refused the run or its lease was lost: the one line cron mail shows.
+        print(f"aggregator: error: {outcome.fatal}", file=sys.stderr)
     return outcome.exit_code
 
 

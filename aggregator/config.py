@@ -263,9 +263,39 @@ SETTINGS: tuple[Setting, ...] = (
         "AGGREGATOR_LOCK_WAIT_SECONDS",
         "lock_wait",
         "number",
-        "how long a run waits for another run on the same database",
+        "how long a run waits for another run on the same database (0: try once); then exit 2",
         default=60.0,
         low=0,
+        high=86400,
+        unit="seconds",
+    ),
+    Setting(
+        "AGGREGATOR_FLUSH_SECONDS",
+        "flush_seconds",
+        "number",
+        "fetched rows are stored at least this often: the most a killed run may lose",
+        default=30.0,
+        low=0.05,
+        high=3600,
+        unit="seconds",
+    ),
+    Setting(
+        "AGGREGATOR_FLUSH_ROWS",
+        "flush_rows",
+        "count",
+        "rows held in memory before they are stored (memory is bounded by it)",
+        default=50_000,
+        low=1,
+        high=1_000_000,
+    ),
+    Setting(
+        "AGGREGATOR_LEASE_SECONDS",
+        "lease_seconds",
+        "number",
+        "a run's lease on the database, renewed every third of it; a killed run's row is "
+        "closed by the next run once it has run out",
+        default=30.0,
+        low=0.3,
         high=3600,
         unit="seconds",
     ),
@@ -301,6 +331,9 @@ class Settings:
     gsc_quota_max_wait: float = default_of("GSC_QUOTA_MAX_WAIT_SECONDS")
     run_deadline: float = default_of("AGGREGATOR_DEADLINE_SECONDS")
     lock_wait: float = default_of("AGGREGATOR_LOCK_WAIT_SECONDS")
+    flush_seconds: float = default_of("AGGREGATOR_FLUSH_SECONDS")
+    flush_rows: int = default_of("AGGREGATOR_FLUSH_ROWS")
+    lease_seconds: float = default_of("AGGREGATOR_LEASE_SECONDS")
 
     @property
     def matomo_configured(self) -> bool:

@@ -1,15 +1,16 @@
-"""The run: load sites, fan the sources out concurrently, join per (site, day), upsert once.
+"""The run: load sites, take the run lease, fan the sources out concurrently, join per
+(site, day) and store while fetching; close the run row however the run ends.
 
 Sources are plain async generators of records (aggregator.model); this module owns the window,
-the deadline, interruption, joining, loading and the run record, so sources stay simple.
+the deadline, interruption and the run record; joining lives in daily_table, storing in
+flushing and the one-run-at-a-time lease in lease, so sources stay simple.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Literal
@@ -21,9 +22,11 @@ import structlog
 from aggregator import storage
 from aggregator.api_stats import SourceStats
 from aggregator.config import ConfigError, Settings
+from aggregator.daily_table import DailyTable
 from aggregator.dates import Window
+from aggregator.flushing import Flusher
+from aggregator.lease import TRANSIENT_ERRORS, LeaseLost, RunLease, keep_alive, take_lease
 from aggregator.model import (
-    AccountRefresh,
     GscAccount,
     GscDay,
     MatomoDay,
@@ -39,6 +42,11 @@ log = structlog.get_logger(__name__)
 SourceName = Literal["matomo", "gsc"]
 ALL_SOURCES: tuple[SourceName, ...] = ("matomo", "gsc")
 RunStatus = Literal["ok", "partial", "failed"]
+# Once a run is stopping (a signal, a lost lease, a refused flush), its last statements get
+# this long, so SIGTERM ends a blocked flush within seconds and the run row is still closed.
+STOP_GRACE_SECONDS = 3.0
+# After the deadline, the last flush (at most one flush of rows) gets this long.
+FINAL_FLUSH_SECONDS = 30.0
 
 
 class UsageError(Exception):
@@ -72,41 +80,6 @@ class RunRequest:
 
 
 @dataclass(slots=True)
-class DailyTable:
-    """The in-memory table that sources fill; one DailyRow per (site, day)."""
-
-    rows: dict[tuple[SiteId, date], storage.DailyRow] = field(default_factory=dict)
-    errors: list[SiteError] = field(default_factory=list)
-    refreshes: list[AccountRefresh] = field(default_factory=list)
-    stats: dict[str, SourceStats] = field(default_factory=dict)
-
-    def add(self, record: SourceRecord) -> None:
-        if isinstance(record, MatomoDay):
-            self._row(record.site_id, record.day).matomo = (record.visits, record.actions)
-        elif isinstance(record, GscDay):
-            self._row(record.site_id, record.day).gsc = (
-                record.clicks,
-                record.impressions,
-                record.ctr,
-                record.position,
-                record.final,
-            )
-        elif isinstance(record, SiteError):
-            self.errors.append(record)
-        elif isinstance(record, AccountRefresh):
-            self.refreshes.append(record)
-        else:
-            raise TypeError(f"unknown record {type(record).__name__}")
-
-    def _row(self, site_id: SiteId, day: date) -> storage.DailyRow:
-        key = (site_id, day)
-        row = self.rows.get(key)
-        if row is None:
-            row = self.rows[key] = storage.DailyRow(site_id, day)
-        return row
-
-
-@dataclass(slots=True)
 class RunOutcome:
     status: RunStatus
     sites_total: int
@@ -114,9 +87,10 @@ class RunOutcome:
     errors: list[SiteError]
     seconds: float
     windows: dict[str, tuple[date, date]]
-    rows: list[storage.DailyRow]
+    rows: list[storage.DailyRow]  # a dry run's rows (a real run's are stored as it goes)
     sites: dict[SiteId, str]
     interrupted: str | None = None
+    fatal: str | None = None  # the store refused a flush or the lease was lost: one line
     stats: dict[str, SourceStats] = field(default_factory=dict)
 
     @property
@@ -196,7 +170,8 @@ async def run_job(
     """Fetch the window from every enabled source and store it; see RunOutcome for the result.
 
     Raises ConfigError, UsageError or storage.StorageError before anything is fetched when the
-    run cannot start (the CLI maps those to exit 2).
+    run cannot start (the CLI maps those to exit 2); storage.RunLocked when another run kept
+    the lease for AGGREGATOR_LOCK_WAIT_SECONDS.
     """
     started = time.monotonic()
     stop = stop or asyncio.Event()
@@ -213,87 +188,201 @@ async def run_job(
                 else {}
             )
             plan = await _plan(conn, settings, request, sites, accounts)
-        # A dry run writes nothing, so it need not wait for (or block) a real run.
-        lock = (
-            contextlib.nullcontext()
-            if request.dry_run
-            else storage.run_lock(pool, settings.lock_wait)
-        )
-        async with lock:
-            run_id = None
-            if not request.dry_run:
-                async with pool.acquire() as conn:
-                    run_id = await storage.start_run(
-                        conn, request.window.start, request.window.end, len(sites)
-                    )
+        run = _Run(settings, request, plan, accounts, sources, stop, progress or NoProgress())
+        # A dry run writes nothing, so it takes no lease: it never waits for (or blocks) a run.
+        if request.dry_run:
             table = DailyTable()
-            interrupted = await _collect(
-                settings, request, plan, accounts, sources, table, stop, progress or NoProgress()
-            )
-            rows = list(table.rows.values())
-            errors = list(table.errors)
-            if interrupted:
-                errors.append(SiteError(site="(run)", source="pipeline", error=interrupted))
-            status = final_status(len(rows), errors, interrupted is not None)
-            written = 0
-            if run_id is not None:
-                written = await _store(
-                    pool, run_id, status, rows, table.refreshes, errors, table.stats
-                )
+            await run.collect(table, _nothing)
+            run.rows = list(table.rows.values())
+            run.settle(table, len(run.rows))
+        else:
+            await run.store_while_fetching(pool, len(sites))
     finally:
         await pool.close()
     outcome = RunOutcome(
-        status=status,
+        status=run.status,
         sites_total=len(sites),
-        rows_upserted=written,
-        errors=errors,
+        rows_upserted=run.written,
+        errors=run.errors,
         seconds=time.monotonic() - started,
         windows={name: (share.start, share.end) for name, share in plan.items()},
-        rows=rows,
+        rows=run.rows,
         sites={s.id: s.domain for s in sites},
-        interrupted=interrupted,
-        stats=table.stats,
+        interrupted=run.interrupted,
+        fatal=run.fatal,
+        stats=run.stats,
     )
     log.info(
         "run.finished",
-        status=status,
+        status=outcome.status,
         sites=len(sites),
-        rows=written if not request.dry_run else len(rows),
-        errors=len(errors),
+        rows=run.written if not request.dry_run else len(run.rows),
+        errors=len(run.errors),
         seconds=round(outcome.seconds, 2),
         dry_run=request.dry_run,
     )
     return outcome
 
 
-async def _store(
-    pool: asyncpg.Pool,
-    run_id: int,
-    status: RunStatus,
-    rows: Sequence[storage.DailyRow],
-    refreshes: Sequence[AccountRefresh],
-    errors: Sequence[SiteError],
-    stats: Mapping[str, SourceStats],
-) -> int:
-    """Write everything fetched in one go; a database failure here is one clear StorageError."""
-    try:
-        async with pool.acquire() as conn:
-            written = await storage.upsert_daily_rows(conn, rows)
-            await storage.record_account_refreshes(conn, refreshes)
-            await storage.finish_run(
-                conn,
-                run_id,
-                status=status,
-                rows_upserted=written,
-                errors=errors,
-                stats={name: figures.as_json() for name, figures in stats.items()},
+async def _nothing() -> None:
+    """A dry run's after-record step: it keeps every row to print them."""
+
+
+class _Run:
+    """One run's fetching, storing and closing; its results are read off when it is over."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        request: RunRequest,
+        plan: Mapping[SourceName, SourcePlan],
+        accounts: Mapping[int, GscAccount],
+        sources: Mapping[SourceName, Source] | None,
+        stop: asyncio.Event,
+        progress: ProgressSink,
+    ) -> None:
+        self._settings = settings
+        self._request = request
+        self._plan = plan
+        self._accounts = accounts
+        self._sources = sources
+        self._stop = stop
+        self._progress = progress
+        self._deadline = time.monotonic() + settings.run_deadline
+        self._halt = asyncio.Event()  # a signal, a lost lease or a refused flush
+        self.status: RunStatus = "failed"
+        self.written = 0
+        self.errors: list[SiteError] = []
+        self.rows: list[storage.DailyRow] = []
+        self.interrupted: str | None = None
+        self.fatal: str | None = None
+        self.stats: dict[str, SourceStats] = {}
+
+    async def collect(self, table: DailyTable, after_add: Callable[[], Awaitable[None]]) -> None:
+        """Fetch into `table` until done, the deadline or a halt (noting which cut it)."""
+        began = time.monotonic()
+        watch = asyncio.create_task(self._relay_stop())
+        try:
+            cut = await _collect(
+                self._settings,
+                self._request,
+                self._plan,
+                self._accounts,
+                self._sources,
+                table,
+                after_add,
+                self._halt,
+                self._progress,
             )
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-        raise storage.StorageError(
-            f"could not store {len(rows)} fetched rows: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}"
-        ) from None
-    return written
+        finally:
+            watch.cancel()
+        if cut == "deadline":
+            self.interrupted = (
+                f"run deadline of {self._settings.run_deadline:.0f}s "
+                "(AGGREGATOR_DEADLINE_SECONDS) reached; fetched data was stored"
+            )
+        elif cut == "halt" and self._stop.is_set():
+            self.interrupted = (
+                f"interrupted by a signal after {time.monotonic() - began:.0f}s; "
+                "fetched data was stored"
+            )
+
+    async def _relay_stop(self) -> None:
+        await self._stop.wait()
+        self._halt.set()
+
+    def settle(self, table: DailyTable, rows_written: int) -> None:
+        """The verdict: the sources' errors, then why the run was cut short, if it was."""
+        self.stats = table.stats
+        errors = list(table.errors)
+        if self.interrupted:
+            errors.append(SiteError(site="(run)", source="pipeline", error=self.interrupted))
+        if self.fatal:
+            errors.append(SiteError(site="(run)", source="store", error=self.fatal))
+        self.errors = errors
+        self.status = final_status(rows_written, errors, self.interrupted is not None)
+
+    def _statement_seconds(self) -> float:
+        """How long a statement may take now: the rest of the deadline while the run goes on
+        (never under the stop grace), the stop grace once it is stopping, and
+        FINAL_FLUSH_SECONDS for the last flush after the deadline cut the fetching short.
+        storage.bound_statements caps it."""
+        if self._halt.is_set():
+            return STOP_GRACE_SECONDS
+        if self.interrupted is not None:
+            return FINAL_FLUSH_SECONDS
+        return max(STOP_GRACE_SECONDS, self._deadline - time.monotonic())
+
+    async def store_while_fetching(self, pool: asyncpg.Pool, sites_total: int) -> None:
+        """Take the lease, fetch while flushing, and close the run row however this ends."""
+        try:
+            lease = await take_lease(
+                pool,
+                self._request.window.start,
+                self._request.window.end,
+                sites_total,
+                lease_seconds=self._settings.lease_seconds,
+                wait_seconds=self._settings.lock_wait,
+            )
+        except (*TRANSIENT_ERRORS, asyncpg.PostgresError) as exc:
+            raise storage.StorageError(f"could not start the run: {type(exc).__name__}") from None
+        table = DailyTable()
+        flusher = Flusher(
+            pool,
+            lease,
+            table,
+            max_rows=self._settings.flush_rows,
+            bound=self._statement_seconds,
+            on_failure=self._halt.set,
+        )
+        heartbeat = asyncio.create_task(keep_alive(pool, lease, self._lost(flusher)))
+        periodic = asyncio.create_task(flusher.flush_every(self._settings.flush_seconds))
+        crashed: str | None = None
+        try:
+            await self.collect(table, flusher.make_room)
+            # A flush cut by a signal went back to the table: the last flush stores it all.
+            await _cancelled(periodic)
+            await flusher.flush()
+        except BaseException as exc:
+            crashed = f"the run stopped unexpectedly: {type(exc).__name__}"
+            raise
+        finally:
+            await _cancelled(periodic)
+            await _cancelled(heartbeat)
+            self.fatal = flusher.failure or crashed
+            self.written = flusher.rows_sent
+            self.settle(table, self.written)
+            await self._close(pool, lease)
+
+    def _lost(self, flusher: Flusher) -> Callable[[], None]:
+        def lost() -> None:
+            flusher.failure = flusher.failure or str(LeaseLost())
+            self._halt.set()
+
+        return lost
+
+    async def _close(self, pool: asyncpg.Pool, lease: RunLease) -> None:
+        """Close the run row with the true verdict; if the database cannot be reached, the
+        row's lease runs out and the next run closes it as failed."""
+        try:
+            async with asyncio.timeout(STOP_GRACE_SECONDS + 2):
+                async with pool.acquire() as conn, conn.transaction():
+                    await storage.bound_statements(conn, STOP_GRACE_SECONDS)
+                    await storage.finish_run(
+                        conn,
+                        lease.run_id,
+                        status=self.status,
+                        rows_upserted=self.written,
+                        errors=self.errors,
+                        stats={name: figures.as_json() for name, figures in self.stats.items()},
+                    )
+        except (*TRANSIENT_ERRORS, asyncpg.PostgresError) as exc:
+            log.error("run.close_failed", run=lease.run_id, error=type(exc).__name__)
+
+
+async def _cancelled(task: asyncio.Task) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def _check_requested_domains(domains: Sequence[str], sites: Sequence[Site]) -> None:
@@ -349,11 +438,13 @@ async def _collect(
     accounts: Mapping[int, GscAccount],
     sources: Mapping[SourceName, Source] | None,
     table: DailyTable,
-    stop: asyncio.Event,
+    after_add: Callable[[], Awaitable[None]],
+    halt: asyncio.Event,
     progress: ProgressSink,
 ) -> str | None:
-    """Drain every source into `table` until done, the deadline, or `stop`; return why it was
-    cut short (None when complete). Whatever arrived before a cut is kept and stored."""
+    """Drain every source into `table` until done, the deadline, or `halt`; return "halt" or
+    "deadline" when cut short (None when complete). `after_add` runs after every record (a
+    full table is flushed there, which makes the source wait)."""
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.http_connect_timeout)
     connector = aiohttp.TCPConnector(limit=100)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
@@ -376,7 +467,7 @@ async def _collect(
 
         tasks = [
             asyncio.create_task(
-                _drain(name, open_source(name, share), share.sites, table, progress),
+                _drain(name, open_source(name, share), share.sites, table, after_add, progress),
                 name=f"source-{name}",
             )
             for name, share in plan.items()
@@ -384,8 +475,7 @@ async def _collect(
         if not tasks:
             return None
         everything = asyncio.gather(*tasks)
-        stopped = asyncio.create_task(stop.wait())
-        began = time.monotonic()
+        stopped = asyncio.create_task(halt.wait())
         await asyncio.wait(
             {everything, stopped},
             timeout=settings.run_deadline,
@@ -397,13 +487,7 @@ async def _collect(
             return None
         everything.cancel()
         await asyncio.gather(everything, return_exceptions=True)
-        elapsed = time.monotonic() - began
-        if stop.is_set():
-            return f"interrupted by a signal after {elapsed:.0f}s; fetched data was stored"
-        return (
-            f"run deadline of {settings.run_deadline:.0f}s (AGGREGATOR_DEADLINE_SECONDS) "
-            "reached; fetched data was stored"
-        )
+        return "halt" if halt.is_set() else "deadline"
 
 
 async def _drain(
@@ -411,6 +495,7 @@ async def _drain(
     stream: AsyncIterator[SourceRecord],
     sites: Sequence[Site],
     table: DailyTable,
+    after_add: Callable[[], Awaitable[None]],
     progress: ProgressSink,
 ) -> None:
     """Feed one source into the table. A bug in a source fails that source, not the run.
@@ -426,6 +511,7 @@ async def _drain(
     try:
         async for record in stream:
             table.add(record)
+            await after_add()
             if isinstance(record, SiteError):
                 (skipped if record.skipped else failed).add(ids.get(record.site))
                 seen.add(ids.get(record.site))

@@ -36,7 +36,11 @@ class StorageError(Exception):
 
 
 class RunLocked(StorageError):
-    """Another run holds the run lock on this database."""
+    """Another run holds the run lease on this database."""
+
+
+# No single statement of the job may run (or wait for a lock) longer than this.
+STATEMENT_BOUND_CAP_SECONDS = 600.0
 
 
 @dataclass(slots=True)
@@ -213,16 +217,30 @@ _SET_CLAUSES = ",\n    ".join(
 
 # One statement for both sources, so each row is written once (a new row is not inserted by
 # one statement and rewritten by the next): half the row versions, index entries and WAL.
+# Only rows whose site still exists are written: the join locks each site row (key share)
+# so a site deleted by the dashboard while a run goes on loses only its own rows (a deletion
+# that committed first skips them; one that comes later waits, then cascades) instead of
+# failing the whole flush on the foreign key. The counts say which halves were written.
 _UPSERT = f"""
-insert into daily_analytics as d
-    (site_id, date, {", ".join(_MATOMO_COLUMNS)}, matomo_updated_at,
-     {", ".join(_GSC_COLUMNS)}, gsc_updated_at)
-select site_id, date, {", ".join(_MATOMO_COLUMNS)}, case when has_matomo then now() end,
-       {", ".join(_GSC_COLUMNS)}, case when has_gsc then now() end
-from aggregator_stage where has_matomo or has_gsc
-on conflict (site_id, date) do update
-set {_SET_CLAUSES}
-where ({_MATOMO_CHANGED}) or ({_GSC_CHANGED})
+with written as (
+    insert into daily_analytics as d
+        (site_id, date, {", ".join(_MATOMO_COLUMNS)}, matomo_updated_at,
+         {", ".join(_GSC_COLUMNS)}, gsc_updated_at)
+    select s.site_id, s.date, {", ".join(f"s.{c}" for c in _MATOMO_COLUMNS)},
+           case when s.has_matomo then now() end,
+           {", ".join(f"s.{c}" for c in _GSC_COLUMNS)}, case when s.has_gsc then now() end
+    from aggregator_stage s join sites on sites.id = s.site_id
+    where s.has_matomo or s.has_gsc
+    for key share of sites
+    on conflict (site_id, date) do update
+    set {_SET_CLAUSES}
+    where ({_MATOMO_CHANGED}) or ({_GSC_CHANGED})
+    returning d.matomo_updated_at = now() as matomo, d.gsc_updated_at = now() as gsc
+)
+select now() as at,
+       count(*) filter (where matomo) as matomo,
+       count(*) filter (where gsc) as gsc
+from written
 """
 
 
@@ -238,6 +256,17 @@ with no data
 """
 
 
+@dataclass(frozen=True, slots=True)
+class Flushed:
+    """What one upsert did: rows sent, source halves actually written, and the transaction
+    time that those written halves carry in their *_updated_at columns."""
+
+    rows: int
+    matomo: int
+    gsc: int
+    at: datetime
+
+
 def _stage_record(row: DailyRow) -> tuple:
     matomo = row.matomo or (None, None)
     gsc = row.gsc or (None, None, None, None, None)
@@ -245,17 +274,22 @@ def _stage_record(row: DailyRow) -> tuple:
 
 
 async def upsert_daily_rows(conn: asyncpg.Connection, rows: Iterable[DailyRow]) -> int:
-    """Bulk-upsert rows in one transaction: binary COPY into a staging table, then one
-    INSERT ... ON CONFLICT in which each source writes only its own columns.
+    """Bulk-upsert rows in one transaction (see stage_and_upsert); return the rows sent."""
+    async with conn.transaction():
+        return (await stage_and_upsert(conn, rows)).rows
 
-    Returns the number of (site, day) rows sent. Keys must be unique (the caller joins per key).
-    Rows are streamed into the COPY as they are read, so a generator of a million rows costs no
-    more memory than a handful.
+
+async def stage_and_upsert(conn: asyncpg.Connection, rows: Iterable[DailyRow]) -> Flushed:
+    """Binary COPY into a staging table, then one INSERT ... ON CONFLICT in which each source
+    writes only its own columns. Call inside a transaction (the staging table dies with it).
+
+    Keys must be unique (the caller joins per key). Rows are streamed into the COPY as they are
+    read, so a generator of a million rows costs no more memory than a handful.
     """
     records = map(_stage_record, rows)
     first = next(records, None)
     if first is None:
-        return 0
+        return Flushed(0, 0, 0, await conn.fetchval("select now()"))
     sent = 0
 
     def counted() -> Iterator[tuple]:
@@ -264,13 +298,10 @@ async def upsert_daily_rows(conn: asyncpg.Connection, rows: Iterable[DailyRow]) 
             sent += 1
             yield record
 
-    async with conn.transaction():
-        await conn.execute(_CREATE_STAGE)
-        await conn.copy_records_to_table(
-            "aggregator_stage", records=counted(), columns=_STAGE_COLUMNS
-        )
-        await conn.execute(_UPSERT)
-    return sent
+    await conn.execute(_CREATE_STAGE)
+    await conn.copy_records_to_table("aggregator_stage", records=counted(), columns=_STAGE_COLUMNS)
+    result = await conn.fetchrow(_UPSERT)
+    return Flushed(sent, result["matomo"], result["gsc"], result["at"])
 
 
 async def has_column(conn: asyncpg.Connection, table: str, column: str) -> bool:
@@ -312,14 +343,102 @@ async def record_account_refreshes(
     )
 
 
-async def start_run(conn: asyncpg.Connection, start: date, end: date, sites_total: int) -> int:
+def _errors_json(errors: Sequence[SiteError]) -> str:
+    """The run row's `errors`, masked once more on the way in (no secret is ever stored)."""
+    return json.dumps(
+        [{"site": e.site, "source": e.source, "error": redact(e.error)} for e in errors]
+    )
+
+
+async def start_run(
+    conn: asyncpg.Connection,
+    start: date,
+    end: date,
+    sites_total: int,
+    *,
+    lease_seconds: float = 3600.0,
+    owner: str | None = None,
+) -> int | None:
+    """Open a `running` row holding the run lease for `lease_seconds`; None when another
+    live run holds it (one `running` row at a time: a unique partial index)."""
     return await conn.fetchval(
-        "insert into aggregator_runs (date_from, date_to, status, sites_total)"
-        " values ($1, $2, 'running', $3) returning id",
+        """
+        insert into aggregator_runs
+            (date_from, date_to, status, sites_total, heartbeat_at, lease_until, lease_owner)
+        values ($1, $2, 'running', $3, now(), now() + make_interval(secs => $4), $5)
+        on conflict do nothing
+        returning id
+        """,
         start,
         end,
         sites_total,
+        lease_seconds,
+        owner,
     )
+
+
+async def close_dead_runs(conn: asyncpg.Connection, error: str) -> int:
+    """Close as `failed` every `running` row whose lease ran out: its process died (a live one
+    renews its lease well before). Its finish time is its last sign of life."""
+    closed = await conn.fetch(
+        """
+        update aggregator_runs
+        set status = 'failed',
+            finished_at = coalesce(heartbeat_at, started_at),
+            lease_until = null,
+            errors = errors || jsonb_build_array(jsonb_build_object(
+                'site', '(run)', 'source', 'pipeline', 'error', $1::text))
+        where status = 'running' and (lease_until is null or lease_until < now())
+        returning id
+        """,
+        error,
+    )
+    return len(closed)
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseHolder:
+    """The live run that holds the lease, as an operator needs it in a message."""
+
+    run_id: int
+    owner: str | None
+    started_at: datetime
+
+
+async def lease_holder(conn: asyncpg.Connection) -> LeaseHolder | None:
+    row = await conn.fetchrow(
+        "select id, lease_owner, started_at from aggregator_runs where status = 'running'"
+    )
+    if row is None:
+        return None
+    return LeaseHolder(row["id"], row["lease_owner"], row["started_at"])
+
+
+async def renew_lease(
+    conn: asyncpg.Connection,
+    run_id: int,
+    lease_seconds: float,
+    *,
+    add_rows: int = 0,
+    errors: Sequence[SiteError] | None = None,
+) -> bool:
+    """Extend this run's lease (and record progress); False when the run no longer holds it
+    (another run found it expired and closed it). Inside a flush transaction this also locks
+    the run row, so no other run can take the lease before the flush commits."""
+    renewed = await conn.fetchval(
+        """
+        update aggregator_runs
+        set heartbeat_at = now(), lease_until = now() + make_interval(secs => $2),
+            rows_upserted = rows_upserted + $3, errors = coalesce($4::jsonb, errors)
+        where id = $1 and status = 'running'
+        returning id
+        """,
+        run_id,
+        lease_seconds,
+        add_rows,
+        None if errors is None else _errors_json(errors),
+    )
+    return renewed is not None
 
 
 async def finish_run(
@@ -331,57 +450,34 @@ async def finish_run(
     errors: Sequence[SiteError],
     finished_at: datetime | None = None,
     stats: Mapping[str, Mapping[str, float]] | None = None,
-) -> None:
-    """Close a run row; `stats` is each source's API figures (aggregator.api_stats)."""
-    await conn.execute(
+) -> bool:
+    """Close this run's row and release its lease; `stats` is each source's API figures
+    (aggregator.api_stats). False when another run had already closed it (this run lost its
+    lease), whose verdict then stands."""
+    closed = await conn.fetchval(
         """
         update aggregator_runs
         set finished_at = coalesce($2, now()), status = $3, rows_upserted = $4,
-            errors = $5::jsonb, stats = $6::jsonb
-        where id = $1
+            errors = $5::jsonb, stats = $6::jsonb, lease_until = null
+        where id = $1 and status = 'running'
+        returning id
         """,
         run_id,
         finished_at,
         status,
         rows_upserted,
-        json.dumps(
-            [{"site": e.site, "source": e.source, "error": redact(e.error)} for e in errors]
-        ),
+        _errors_json(errors),
         json.dumps(stats or {}),
     )
+    return closed is not None
 
 
-@contextlib.asynccontextmanager
-async def run_lock(pool: asyncpg.Pool, wait_seconds: float) -> AsyncIterator[None]:
-    """Hold the run lock so that two runs (cron overlap, an operator's backfill) never interleave.
-
-    A transaction-scoped advisory lock held in an open transaction on a dedicated connection:
-    a session lock would be lost through a transaction pooler (Supabase port 6543), but an open
-    transaction pins one backend there too. A second run waits up to `wait_seconds`
-    (lock_timeout, no polling) and then gives up with RunLocked.
-    """
-    conn = await pool.acquire()
-    transaction = conn.transaction()
-    await transaction.start()
-    try:
-        await conn.execute(f"set local lock_timeout = '{int(wait_seconds * 1000)}ms'")
-        # Per schema, so a demo or benchmark schema never queues behind the production tables.
-        await conn.execute(
-            "select pg_advisory_xact_lock(hashtext('aggregator.run:' || current_schema()))"
-        )
-    except asyncpg.LockNotAvailableError:
-        await transaction.rollback()
-        await pool.release(conn)
-        raise RunLocked(
-            f"another aggregator run is still writing to this database (waited {wait_seconds:.0f}s"
-            "): let it finish, or raise AGGREGATOR_LOCK_WAIT_SECONDS"
-        ) from None
-    try:
-        yield
-    finally:
-        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-            await transaction.rollback()
-        await pool.release(conn)
+async def bound_statements(conn: asyncpg.Connection, seconds: float) -> None:
+    """Bound every statement of the current transaction (running and waiting for locks) by
+    `seconds`, so a blocked table, a signal or the run's deadline always reach the store.
+    At least 1 ms (0 would mean no bound) and at most STATEMENT_BOUND_CAP_SECONDS."""
+    ms = max(1, min(int(seconds * 1000), int(STATEMENT_BOUND_CAP_SECONDS * 1000)))
+    await conn.execute(f"set local statement_timeout = {ms}; set local lock_timeout = {ms}")
 
 
 @contextlib.asynccontextmanager

@@ -1,10 +1,10 @@
 """The pipeline end to end on real Postgres, with fake in-process sources."""
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, date, timedelta
 
-import asyncpg
 import pytest
 
 from aggregator import storage
@@ -205,25 +205,33 @@ async def test_the_run_deadline_cuts_a_hanging_source(db, conn, portfolio) -> No
     assert await conn.fetchval("select status from aggregator_runs") == "failed"
 
 
-async def test_a_second_run_waits_for_the_lock_then_gives_up(db, conn, portfolio) -> None:
-    holder = await asyncpg.connect(db)
-    try:
-        async with holder.transaction():
-            await holder.execute(
-                "select pg_advisory_xact_lock(hashtext('aggregator.run:' || current_schema()))"
-            )
-            with pytest.raises(storage.RunLocked, match="AGGREGATOR_LOCK_WAIT_SECONDS"):
-                await run_job(settings_for(db, lock_wait=0.2), RunRequest(WINDOW), sources=SOURCES)
-            # A dry run writes nothing, so it does not queue behind a real run.
-            dry = await run_job(
-                settings_for(db, lock_wait=0.2), RunRequest(WINDOW, dry_run=True), sources=SOURCES
-            )
-            assert dry.rows
-    finally:
-        await holder.close()
-    assert await conn.fetchval("select count(*) from aggregator_runs") == 0
+async def test_a_second_run_waits_for_the_lease_then_gives_up(db, conn, portfolio) -> None:
+    # A live run elsewhere: its lease is renewed (here: far in the future).
+    holder = await storage.start_run(conn, START, END, 4, lease_seconds=3600, owner="cron-box:41")
+    with pytest.raises(storage.RunLocked, match="AGGREGATOR_LOCK_WAIT_SECONDS") as caught:
+        await run_job(settings_for(db, lock_wait=0.2), RunRequest(WINDOW), sources=SOURCES)
+    assert f"run {holder} on cron-box:41" in str(caught.value)
+    assert "\n" not in str(caught.value)
+    # A dry run writes nothing, so it does not queue behind a real run.
+    dry = await run_job(
+        settings_for(db, lock_wait=0.2), RunRequest(WINDOW, dry_run=True), sources=SOURCES
+    )
+    assert dry.rows
+    assert await conn.fetchval("select count(*) from aggregator_runs") == 1
+    assert await conn.fetchval("select count(*) from daily_analytics") == 0
+
+    # Its process dies: the lease is no longer renewed and runs out; the next run closes the
+    # row as failed, saying so, and goes ahead.
+    await conn.execute(
+        "update aggregator_runs set lease_until = now() - interval '1 second' where id = $1",
+        holder,
+    )
     outcome = await run_job(settings_for(db), RunRequest(WINDOW), sources=SOURCES)
     assert outcome.rows_upserted > 0
+    dead = await conn.fetchrow("select * from aggregator_runs where id = $1", holder)
+    assert dead["status"] == "failed" and dead["finished_at"] is not None
+    assert "stopped renewing its lease" in json.loads(dead["errors"])[-1]["error"]
+    assert await conn.fetchval("select count(*) from aggregator_runs where status = 'running'") == 0
 
 
 class RecordingProgress:

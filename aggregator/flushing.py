@@ -1,0 +1,142 @@
+"""Store while fetching: the DailyTable is flushed whenever it is full and at least every
+AGGREGATOR_FLUSH_SECONDS, each flush one transaction that first re-checks the run's lease.
+
+So a killed run loses at most the last flush interval, memory is bounded by the flush size
+(a full table makes the sources wait), and a run that lost its lease writes nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import asyncpg
+import structlog
+
+from aggregator import storage
+from aggregator.daily_table import Batch, DailyTable
+from aggregator.lease import TRANSIENT_ERRORS, LeaseLost, RunLease
+
+log = structlog.get_logger(__name__)
+
+ATTEMPTS = 5  # a dropped connection or a pooler restart: retried with a fresh connection
+FIRST_BACKOFF_SECONDS = 0.25
+# A flush attempt also ends on the client side a little after its statements' own bound, in
+# case the connection itself hangs (a black-holed network, a pooler that stopped answering).
+CLIENT_MARGIN_SECONDS = 5.0
+
+
+class StoreFailed(Exception):
+    """The database refused a flush (a trigger, a timeout, a constraint); one line, no secret."""
+
+
+class Flusher:
+    """Moves the table's rows and refresh outcomes into the database, one batch at a time.
+
+    `bound()` gives the seconds any statement may take right now (the run's remaining
+    deadline, or a short grace once the run is stopping). The first failure (StoreFailed or
+    LeaseLost) is kept in `failure`, `on_failure` is called so the run stops fetching, and no
+    flush writes after it: a storage that refuses once is not hammered for the rest of the run.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        lease: RunLease,
+        table: DailyTable,
+        *,
+        max_rows: int,
+        bound: Callable[[], float],
+        on_failure: Callable[[], None],
+    ) -> None:
+        self._pool = pool
+        self._lease = lease
+        self._table = table
+        self._max_rows = max_rows
+        self._bound = bound
+        self._on_failure = on_failure
+        self._lock = asyncio.Lock()
+        self.last_started = time.monotonic()
+        self.rows_sent = 0
+        self.failure: str | None = None
+
+    @property
+    def full(self) -> bool:
+        return len(self._table.rows) >= self._max_rows
+
+    async def make_room(self) -> None:
+        """Called after each record: a full table is flushed before its source goes on."""
+        if self.full:
+            await self.flush()
+
+    async def flush_every(self, seconds: float) -> None:
+        """Flush at least every `seconds` until cancelled (a flush for fullness resets it)."""
+        while True:
+            await asyncio.sleep(max(0.0, self.last_started + seconds - time.monotonic()))
+            if time.monotonic() - self.last_started >= seconds:
+                await self.flush()
+
+    async def flush(self) -> None:
+        """Store what the table holds now. A batch that could not be stored goes back to the
+        table (cancelled mid-way, or failed), so a later flush may still store it."""
+        async with self._lock:
+            if self.failure is not None:
+                return
+            self.last_started = time.monotonic()
+            batch = self._table.take()
+            try:
+                await self._write(batch)
+            except (StoreFailed, LeaseLost) as exc:
+                self._table.give_back(batch)
+                self.failure = str(exc)
+                log.error("store.failed", error=self.failure)
+                self._on_failure()
+            except BaseException:
+                self._table.give_back(batch)
+                raise
+
+    async def _write(self, batch: Batch) -> None:
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                seconds = self._bound()
+                async with asyncio.timeout(seconds + CLIENT_MARGIN_SECONDS):
+                    await self._transaction(batch, seconds)
+                return
+            except TRANSIENT_ERRORS as exc:
+                if attempt == ATTEMPTS:
+                    raise StoreFailed(_failed(batch, exc)) from None
+                log.warning("store.retry", attempt=attempt, error=type(exc).__name__)
+                await asyncio.sleep(FIRST_BACKOFF_SECONDS * 2 ** (attempt - 1))
+            except asyncpg.PostgresError as exc:
+                raise StoreFailed(_failed(batch, exc)) from None
+
+    async def _transaction(self, batch: Batch, seconds: float) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await storage.bound_statements(conn, seconds)
+            # First: the lease (and the run row's lock until commit), then the data.
+            held = await storage.renew_lease(
+                conn,
+                self._lease.run_id,
+                self._lease.seconds,
+                add_rows=len(batch.rows),
+                errors=self._table.errors,
+            )
+            if not held:
+                raise LeaseLost()
+            flushed = await storage.stage_and_upsert(conn, batch.rows.values())
+            await storage.record_account_refreshes(conn, batch.refreshes)
+        self.rows_sent += flushed.rows
+        log.info(
+            "store.flushed",
+            rows=flushed.rows,
+            matomo=flushed.matomo,
+            gsc=flushed.gsc,
+            refreshes=len(batch.refreshes),
+            at=flushed.at.isoformat(),
+        )
+
+
+def _failed(batch: Batch, exc: BaseException) -> str:
+    first_line = str(exc).splitlines()[0] if str(exc) else ""
+    return f"could not store {len(batch.rows)} fetched rows: {type(exc).__name__}: {first_line}"

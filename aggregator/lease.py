@@ -1,0 +1,142 @@
+"""One run at a time per database (per schema): the run row is a lease, renewed by a heartbeat.
+
+Why not a Postgres lock: a session advisory lock does not survive Supabase's transaction
+pooler, and a lock held in an idle transaction is silently lost to
+`idle_in_transaction_session_timeout`, `pg_terminate_backend` or a pooler restart. A lease is
+plain rows: it is taken with one conditional insert (only one `running` row may exist),
+renewed by a heartbeat every third of its length, and checked again inside every flush
+transaction (storage.renew_lease locks the run row), so a run can only write while it holds
+it. A run whose heartbeats stop (killed, frozen, cut off) loses the lease when it expires;
+the next run closes that row as `failed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date
+
+import asyncpg
+import structlog
+
+from aggregator import storage
+
+log = structlog.get_logger(__name__)
+
+# Failures that a fresh connection may cure (a dropped connection, a pooler or server
+# restart); anything else the database says is an answer, not an accident.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError,
+    OSError,
+    TimeoutError,
+)
+# Statements that take or renew the lease are tiny; waiting longer means something is wrong.
+LEASE_STATEMENT_SECONDS = 5.0
+POLL_SECONDS = 1.0
+
+DIED = (
+    "the process running this run stopped renewing its lease (killed, out of memory, power "
+    "loss or cut off from the database); rows it stored before are kept"
+)
+LOST = (
+    "this run lost its lease: its heartbeats did not reach the database for longer than "
+    "AGGREGATOR_LEASE_SECONDS and another run took over; it stopped writing"
+)
+
+
+class LeaseLost(Exception):
+    """Another run closed this run's row after its lease expired: stop writing."""
+
+    def __init__(self) -> None:
+        super().__init__(LOST)
+
+
+@dataclass(frozen=True, slots=True)
+class RunLease:
+    """A held lease: the run row's id and the lease length this run renews it by."""
+
+    run_id: int
+    seconds: float
+
+    @property
+    def beat(self) -> float:
+        """A third of the lease: two beats may fail before another run may take over."""
+        return self.seconds / 3
+
+
+def owner_name() -> str:
+    """Who holds a lease, for the operator reading a "waited for another run" line."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+async def take_lease(
+    pool: asyncpg.Pool,
+    start: date,
+    end: date,
+    sites_total: int,
+    *,
+    lease_seconds: float,
+    wait_seconds: float,
+) -> RunLease:
+    """Open this run's row as the lease holder, waiting up to `wait_seconds` for a live run
+    to finish (polling: a waiter holds nothing). Rows of dead runs are closed on the way.
+    Raises storage.RunLocked when the wait is over."""
+    give_up = time.monotonic() + wait_seconds
+    while True:
+        async with pool.acquire() as conn, conn.transaction():
+            await storage.bound_statements(conn, LEASE_STATEMENT_SECONDS)
+            closed = await storage.close_dead_runs(conn, DIED)
+            run_id = await storage.start_run(
+                conn, start, end, sites_total, lease_seconds=lease_seconds, owner=owner_name()
+            )
+            holder = await storage.lease_holder(conn) if run_id is None else None
+        if closed:
+            log.warning("run.closed_dead_runs", runs=closed)
+        if run_id is not None:
+            return RunLease(run_id, lease_seconds)
+        remaining = give_up - time.monotonic()
+        if remaining <= 0:
+            raise storage.RunLocked(_locked_message(holder, wait_seconds))
+        await asyncio.sleep(min(POLL_SECONDS, remaining))
+
+
+def _locked_message(holder: storage.LeaseHolder | None, waited: float) -> str:
+    who = ""
+    if holder is not None:
+        who = f" (run {holder.run_id}"
+        who += f" on {holder.owner}" if holder.owner else ""
+        who += f", started {holder.started_at:%Y-%m-%d %H:%M:%S %Z})"
+    return (
+        f"another aggregator run{who} is still writing to this database (waited "
+        f"{waited:g}s): let it finish, or raise AGGREGATOR_LOCK_WAIT_SECONDS"
+    )
+
+
+async def keep_alive(pool: asyncpg.Pool, lease: RunLease, on_lost: Callable[[], None]) -> None:
+    """Renew the lease every beat until cancelled; call `on_lost` and return if it was lost.
+
+    A beat that cannot reach the database (a dropped connection, a pooler restart) is only
+    logged: the next beat tries with a fresh connection, and every flush checks the lease
+    itself, so a run never writes without it."""
+    while True:
+        await asyncio.sleep(lease.beat)
+        try:
+            async with asyncio.timeout(lease.beat):
+                async with pool.acquire() as conn, conn.transaction():
+                    await storage.bound_statements(conn, lease.beat)
+                    held = await storage.renew_lease(conn, lease.run_id, lease.seconds)
+        except TRANSIENT_ERRORS as exc:
+            log.warning("lease.heartbeat_failed", error=type(exc).__name__)
+            continue
+        if not held:
+            log.error("lease.lost", run=lease.run_id)
+            on_lost()
+            return

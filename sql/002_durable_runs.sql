@@ -1,0 +1,23 @@
+-- Durable runs (issue 11): the run row is the run's lease. One row at a time may be `running`
+-- (a unique partial index, so taking the lease is one conditional insert); its owner renews
+-- `lease_until` with a heartbeat and re-checks it inside every flush transaction. A row whose
+-- lease ran out belongs to a process that died: the next run closes it as `failed`.
+-- Nothing here needs a session (advisory locks, open transactions), so it works through
+-- Supabase's transaction pooler, and nothing needs a superuser.
+
+alter table aggregator_runs add column if not exists heartbeat_at timestamptz;
+alter table aggregator_runs add column if not exists lease_until timestamptz;
+alter table aggregator_runs add column if not exists lease_owner text;
+
+-- Rows left `running` by versions before the lease (killed processes) can never be closed by
+-- their owners: close them, or the unique index below could not be built.
+update aggregator_runs
+set status = 'failed',
+    finished_at = coalesce(finished_at, started_at),
+    errors = errors || jsonb_build_array(jsonb_build_object(
+        'site', '(run)', 'source', 'pipeline',
+        'error', 'the process running this run died before it could close it'))
+where status = 'running' and lease_until is null;
+
+create unique index if not exists aggregator_runs_one_running
+    on aggregator_runs (status) where status = 'running';

@@ -1,0 +1,145 @@
+"""Store while fetching, in-process: flushes split anywhere store the same rows, a deleted
+site loses only its own rows, and a store that refuses a flush still leaves a closed run row."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import asyncpg
+
+from aggregator import pipeline
+from aggregator.model import AccountRefresh, MatomoDay, SiteError, SourceRecord
+from aggregator.pipeline import RunRequest, SourceInput, run_job
+from tests.factories import add_account, add_site
+from tests.test_pipeline import SOURCES, WINDOW, _now, settings_for
+
+SOURCE_COLUMNS = (
+    "site_id, date, matomo_visits, matomo_actions, gsc_clicks, gsc_impressions, gsc_ctr,"
+    " gsc_position, gsc_final"
+)
+
+
+async def _values(conn: asyncpg.Connection) -> list[tuple]:
+    rows = await conn.fetch(f"select {SOURCE_COLUMNS} from daily_analytics order by 1, 2")
+    return [tuple(r) for r in rows]
+
+
+async def _portfolio(conn: asyncpg.Connection) -> list[int]:
+    account = await add_account(conn, "a@example.com", "rt")
+    return [
+        await add_site(conn, f"site{n}.com", matomo_site_id=n, gsc_account_id=account)
+        for n in range(1, 5)
+    ]
+
+
+async def test_halves_of_a_day_in_different_flushes_store_the_same_rows(db, conn) -> None:
+    await _portfolio(conn)
+    # One row per flush: every site-day's Matomo and GSC halves land in different flushes.
+    split = await run_job(settings_for(db, flush_rows=1), RunRequest(WINDOW), sources=SOURCES)
+    assert split.status == "ok"
+    in_pieces = await _values(conn)
+    await conn.execute("delete from daily_analytics")
+    whole = await run_job(settings_for(db), RunRequest(WINDOW), sources=SOURCES)
+    assert whole.status == "ok"
+    assert await _values(conn) == in_pieces
+    # Matomo's and GSC's halves met in one row for the days both sources served.
+    assert any(r[2] is not None and r[8] is not None for r in in_pieces)
+    runs = await conn.fetch("select status, rows_upserted from aggregator_runs order by id")
+    assert [r["status"] for r in runs] == ["ok", "ok"]
+    assert runs[0]["rows_upserted"] == split.rows_upserted > runs[1]["rows_upserted"]
+
+
+async def test_a_site_deleted_mid_run_loses_only_its_own_rows(db, conn) -> None:
+    doomed, *kept = await _portfolio(conn)
+    deleted = asyncio.Event()
+
+    async def matomo_then_delete(given: SourceInput) -> AsyncIterator[SourceRecord]:
+        days = WINDOW.days()
+        for site in given.sites:
+            yield MatomoDay(site.id, days[0], 1, 2)
+        # The dashboard deletes a site while the run goes on; later rows of it still arrive.
+        await conn.execute("delete from sites where id = $1", doomed)
+        deleted.set()
+        for site in given.sites:
+            for day in days[1:]:
+                yield MatomoDay(site.id, day, 3, 4)
+
+    async def gsc_after_delete(given: SourceInput) -> AsyncIterator[SourceRecord]:
+        await deleted.wait()
+        account = given.sites[0].gsc_account_id
+        yield AccountRefresh(account, at=_now(), error="invalid_grant: token revoked")
+        yield SiteError(given.sites[0].domain, "gsc", "token revoked")
+
+    outcome = await run_job(
+        settings_for(db, flush_rows=2),
+        RunRequest(WINDOW),
+        sources={"matomo": matomo_then_delete, "gsc": gsc_after_delete},
+    )
+    assert outcome.status == "partial" and outcome.fatal is None
+    stored = await conn.fetch("select site_id, count(*) from daily_analytics group by 1")
+    assert dict(stored) == {site: len(WINDOW.days()) for site in kept}
+    assert await conn.fetchval("select last_error from gsc_accounts") == (
+        "invalid_grant: token revoked"
+    )
+    run = await conn.fetchrow("select status, finished_at from aggregator_runs")
+    assert run["status"] == "partial" and run["finished_at"] is not None
+
+
+async def test_a_trigger_refusing_a_flush_closes_the_run_as_failed(db, conn) -> None:
+    await _portfolio(conn)
+    await conn.execute(
+        """
+        create function refuse() returns trigger language plpgsql as
+        $$ begin raise exception 'daily_analytics is read-only during maintenance'; end $$;
+        create trigger refuse before insert or update on daily_analytics
+        for each row execute function refuse();
+        """
+    )
+    outcome = await run_job(settings_for(db), RunRequest(WINDOW), sources=SOURCES)
+    assert outcome.status == "failed" and outcome.exit_code == 1
+    assert "read-only during maintenance" in outcome.fatal and "\n" not in outcome.fatal
+    run = await conn.fetchrow("select status, finished_at, errors from aggregator_runs")
+    assert run["status"] == "failed" and run["finished_at"] is not None
+    assert any(
+        e["source"] == "store" and "read-only" in e["error"] for e in json.loads(run["errors"])
+    )
+
+
+async def test_statement_timeout_in_a_later_flush_closes_the_run_as_partial(db, conn) -> None:
+    """The first flushes commit; then a table lock makes the next one wait past its bound."""
+    sites = await _portfolio(conn)
+    stored_first = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_matomo(given: SourceInput) -> AsyncIterator[SourceRecord]:
+        for day in WINDOW.days():
+            yield MatomoDay(sites[0], day, 1, 1)
+        stored_first.set()
+        await release.wait()
+        yield MatomoDay(sites[1], WINDOW.start, 1, 1)
+
+    async def blocker() -> None:
+        await stored_first.wait()  # the full table was flushed before the source went on
+        assert await conn.fetchval("select count(*) from daily_analytics") == len(WINDOW.days())
+        locker = await asyncpg.connect(db)
+        async with locker.transaction():
+            await locker.execute("lock table daily_analytics in exclusive mode")
+            release.set()
+            # Held past the job's statement bound (the stop grace: the deadline is near).
+            await asyncio.sleep(pipeline.STOP_GRACE_SECONDS + 1)
+        await locker.close()
+
+    blocking = asyncio.create_task(blocker())
+    outcome = await run_job(
+        settings_for(db, flush_rows=len(WINDOW.days()), run_deadline=1.0),
+        RunRequest(WINDOW, sources=("matomo",)),
+        sources={"matomo": slow_matomo},
+    )
+    await blocking
+    assert outcome.status == "partial", outcome.errors
+    assert "timeout" in outcome.fatal.lower() or "canceling" in outcome.fatal.lower()
+    run = await conn.fetchrow("select status, finished_at, rows_upserted from aggregator_runs")
+    assert run["status"] == "partial" and run["finished_at"] is not None
+    assert run["rows_upserted"] == len(WINDOW.days())

@@ -9,7 +9,7 @@ import contextlib
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -17,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from aggregator import migrations
+from aggregator import migrations, status
 from aggregator.dates import Window
 from aggregator.demo import simulated_settings
 from aggregator.local_postgres import dsn_with_search_path
@@ -243,6 +243,10 @@ async def test_adopts_the_hub_sites_table_and_runs_as_a_non_superuser(
             if r["gsc_final"] is not None
         }
         assert got_gsc == want_gsc
+        # status reads the same sites and rows through the same ids.
+        report = await status.collect(settings, datetime(2025, 6, 10, 12, tzinfo=UTC))
+        by_source = status.as_json(report, every_site=True)["sources"]
+        assert by_source["matomo"]["sites"] == by_source["gsc"]["sites"] == len(ids)
 
     # The dashboard's view of sites is exactly what it was; the job's tables are closed to it.
     assert await as_role(supabase.admin, "authenticated", hub_view) == before
@@ -420,7 +424,7 @@ async def test_read_grant_needs_a_role_that_can_read_sites(supabase: SupabaseDb)
         assert await security_of(owner, supabase.schema) == []
 
 
-def test_migrate_sql_prints_the_script_and_changes_nothing(
+async def test_migrate_sql_prints_the_script_and_changes_nothing(
     supabase: SupabaseDb, tmp_path: Path
 ) -> None:
     env = {"DATABASE_URL": supabase.owner}
@@ -431,5 +435,82 @@ def test_migrate_sql_prints_the_script_and_changes_nothing(
         "insert into aggregator_schema_migrations (version) values ('001_schema')" in printed.stdout
     )
     assert 'grant select on daily_analytics to "service_role"' in printed.stdout
+    async with connected(supabase.admin) as admin:
+        assert await security_of(admin, supabase.schema) == []
     applied = aggregator("migrate", env=env, cwd=tmp_path)
     assert applied.returncode == 0 and "applied 001_schema" in applied.stdout
+
+
+async def test_an_upgrade_secures_the_bookkeeping_table_of_older_versions(
+    supabase: SupabaseDb, tmp_path: Path
+) -> None:
+    first = migrations.migration_files()[0]
+    (tmp_path / first.name).write_text(first.read_text())
+    async with connected(supabase.owner) as owner:
+        await migrations.apply_migrations(owner, tmp_path)
+        # What versions before the epilogue left: the bookkeeping table open to the API roles.
+        await owner.execute(
+            "alter table aggregator_schema_migrations disable row level security;"
+            " grant all on aggregator_schema_migrations to anon, authenticated"
+        )
+        assert await migrations.apply_migrations(owner) == [
+            p.stem for p in migrations.migration_files()[1:]
+        ]
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await as_role(supabase.admin, "anon", "select * from aggregator_schema_migrations")
+
+
+def facts(**tables: migrations.TableFacts) -> migrations.CatalogFacts:
+    return migrations.CatalogFacts(schema="public", role="job", may_create=False, tables=tables)
+
+
+def table(columns: dict[str, str], *, owned: bool = True, keys=()) -> migrations.TableFacts:
+    return migrations.TableFacts(
+        owner="job" if owned else "hub",
+        owned=owned,
+        columns=columns,
+        unique_keys=frozenset(frozenset(k) for k in keys),
+        may_reference_id=owned,
+        readable=owned,
+    )
+
+
+def test_a_role_that_may_not_create_tables_is_told_how_to_fix_it() -> None:
+    (line,) = migrations.schema_conflicts(facts())
+    assert line == (
+        "schema public: role job may not create tables in it (table gsc_accounts is missing); "
+        "fix: grant create on schema public to job, or run migrate as the schema's owner "
+        "(on Supabase: postgres)"
+    )
+
+
+def test_a_sites_table_of_another_owner_must_be_readable_and_referenceable() -> None:
+    sites = table(
+        dict.fromkeys(migrations.EXPECTED_COLUMNS["sites"], "text"), owned=False, keys=[["id"]]
+    )
+    found = migrations.schema_conflicts(dataclasses.replace(facts(sites=sites), may_create=True))
+    assert found == [
+        "table sites, column is_active: is text, the aggregator needs boolean; fix: alter table "
+        "sites alter column is_active type boolean using is_active::boolean (or rename the "
+        "column and run migrate again)",
+        "table sites, column deployed_at: is text, the aggregator needs timestamp with time "
+        "zone; fix: alter table sites alter column deployed_at type timestamp with time zone "
+        "using deployed_at::timestamp with time zone (or rename the column and run migrate "
+        "again)",
+        "table sites, column matomo_site_id: is text, the aggregator needs integer; fix: alter "
+        "table sites alter column matomo_site_id type integer using matomo_site_id::integer (or "
+        "rename the column and run migrate again)",
+        "table sites, column gsc_account_id: is text, the aggregator needs bigint; fix: alter "
+        "table sites alter column gsc_account_id type bigint using gsc_account_id::bigint (or "
+        "rename the column and run migrate again)",
+        "table sites: role job may not read it (it belongs to hub); fix: grant select on sites "
+        "to job, or connect as hub",
+        "table sites, column id: role job may not reference it from daily_analytics.site_id; "
+        "fix: grant references (id) on sites to job, or run migrate as hub",
+    ]
+    assert migrations.owner_conflicts(facts(sites=sites)) == []
+    runs = table(dict.fromkeys(migrations.EXPECTED_COLUMNS["aggregator_runs"], "x"), owned=False)
+    assert migrations.owner_conflicts(facts(aggregator_runs=runs)) == [
+        "table aggregator_runs: belongs to role hub, and the aggregator must own the tables it "
+        "writes; fix: run migrate as hub, or alter table aggregator_runs owner to job"
+    ]

@@ -14,9 +14,10 @@ The job drops into Supabase projects that already exist, so `migrate` must
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -449,17 +450,38 @@ async def _refuse_unreadable_sites(conn: asyncpg.Connection, readers: Sequence[s
             )
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 async def _execute(conn: asyncpg.Connection, what: str, sql: str) -> None:
     try:
         await conn.execute(sql)
     except asyncpg.PostgresError as exc:
-        reason = " ".join(str(exc).split()) or type(exc).__name__
         fix = (
             "; fix: run migrate as the owner of the tables (on Supabase: the postgres role)"
             if isinstance(exc, asyncpg.InsufficientPrivilegeError)
             else ""
         )
-        raise MigrationError(f"{what} cannot apply, nothing was changed: {reason}{fix}") from None
+        raise MigrationError(
+            f"{what} cannot apply, nothing was changed: {_one_line(exc)}{fix}"
+        ) from None
+
+
+@contextlib.asynccontextmanager
+async def _explained() -> AsyncIterator[None]:
+    """Whatever else goes wrong while migrating is one line too, never a traceback."""
+    try:
+        yield
+    except MigrationError:
+        raise
+    except asyncpg.PostgresError as exc:
+        raise MigrationError(f"cannot migrate, nothing was changed: {_one_line(exc)}") from None
+    except (asyncpg.InterfaceError, OSError) as exc:
+        raise MigrationError(
+            f"the database connection broke during migrate ({_one_line(exc)}); run migrate "
+            "again: it applies whatever is still missing"
+        ) from None
 
 
 async def _lock(conn: asyncpg.Connection) -> None:
@@ -475,7 +497,7 @@ async def apply_migrations(
     """Apply the pending migrations (and the read grants asked for) in one transaction; return
     the versions applied. MigrationError, with the database unchanged, when anything fails."""
     migrations = load_migrations(sql_dir)
-    async with conn.transaction():
+    async with _explained(), conn.transaction():
         await _lock(conn)
         pending = await _plan(conn, migrations, readers)
         if pending:
@@ -494,7 +516,7 @@ async def pending_sql(
 ) -> str:
     """What apply_migrations would run on this database, as one SQL file; nothing is changed."""
     migrations = load_migrations(sql_dir)
-    async with conn.transaction(readonly=True):
+    async with _explained(), conn.transaction(readonly=True):
         pending = await _plan(conn, migrations, readers)
         await _refuse_unreadable_sites(conn, readers)
     return migration_script(pending, readers)

@@ -335,15 +335,21 @@ CONFLICTS = {
         f"gsc_property: missing, and role {OWNER} may not add them (the table belongs to {HUB}); "
         f"fix: run migrate as {HUB}, or have {HUB} run: alter table sites add column is_active",
     ),
+    "a bookkeeping table the role may not read": (
+        "create table aggregator_schema_migrations (version text primary key)",
+        HUB,
+        "permission denied for table aggregator_schema_migrations",
+    ),
 }
 
 
 async def build(admin: str, sql: str, owner: str) -> None:
     async with connected(admin) as conn:
         await conn.execute(sql)
-        for table in ("sites", "daily_analytics"):
-            if await conn.fetchval("select to_regclass($1) is not null", table):
-                await conn.execute(f"alter table {table} owner to {owner}")
+        for row in await conn.fetch(
+            "select tablename from pg_tables where schemaname = current_schema()"
+        ):
+            await conn.execute(f"alter table {row['tablename']} owner to {owner}")
 
 
 @pytest.mark.parametrize("case", list(CONFLICTS))

@@ -23,7 +23,7 @@ from aiohttp import web
 from aggregator.dates import Window
 from aggregator.demo import simulated_settings
 from aggregator.pipeline import RunOutcome, RunRequest, run_job
-from aggregator.redirects import REDIRECT_STATUSES
+from aggregator.redirects import REDIRECT_STATUSES, refused_redirect
 from aggregator.simulators import SimServer
 from aggregator.simulators import portfolio as world
 from tests.factories import seed
@@ -36,11 +36,14 @@ GSC_COLUMNS = ("gsc_clicks", "gsc_impressions", "gsc_ctr", "gsc_position", "gsc_
 
 
 class ForeignHost(SimServer):
-    """Records every request it receives and answers `200 {}`, as a captive portal might."""
+    """Records every request it receives and answers `200 {}`, as a captive portal might
+    (or `answer` with `content_type`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: str = "{}", content_type: str = "application/json") -> None:
         super().__init__(host=FOREIGN_HOST)
         self.received: list[str] = []
+        self.answer = answer
+        self.content_type = content_type
 
     def build_app(self) -> web.Application:
         app = self._new_app()
@@ -50,7 +53,7 @@ class ForeignHost(SimServer):
     async def _record(self, request: web.Request) -> web.Response:
         body = (await request.read()).decode(errors="replace")
         self.received.append(f"{request.method} {request.path_qs} {dict(request.headers)} {body}")
-        return web.json_response({})
+        return web.Response(text=self.answer, content_type=self.content_type)
 
 
 class Redirector(SimServer):
@@ -206,6 +209,43 @@ async def test_an_impostor_answering_200_empty_object_writes_nothing(stored: Sto
     after = await stored.rows()
     assert columns(after, GSC_COLUMNS) == columns(before, GSC_COLUMNS)
     assert columns(after, MATOMO_COLUMNS) == columns(before, MATOMO_COLUMNS)
+
+
+async def test_a_search_analytics_body_not_served_as_json_is_not_data(stored: Stored) -> None:
+    conn = await asyncpg.connect(stored.dsn)
+    try:
+        await conn.execute("update sites set gsc_property = 'sc-domain:' || domain")
+    finally:
+        await conn.close()
+    before = columns(await stored.rows(), GSC_COLUMNS)
+    well_formed = '{"rows": [], "responseAggregationType": "byProperty"}'
+    async with (
+        world.matomo_simulator(stored.portfolio, today=TODAY) as matomo,
+        world.google_simulator(stored.portfolio, today=TODAY) as google,
+        ForeignHost(well_formed, content_type="text/html") as portal,
+    ):
+        outcome = await run(stored, matomo.url, google.url, gsc_api_url=portal.url)
+    failed = [e.error for e in outcome.errors if e.source == "gsc"]
+    assert failed and all("non-JSON" in e for e in failed), failed
+    assert columns(await stored.rows(), GSC_COLUMNS) == before
+
+
+@pytest.mark.parametrize(
+    ("location", "origin"),
+    [
+        ("https://matomo.example/index.php?token_auth=x", "https://matomo.example"),
+        ("/elsewhere?token_auth=x", "http://127.0.0.1:8080"),
+        ("http://[::1]:9/x", "http://[::1]:9"),
+        ("http://[zz/", "an unparseable address"),
+        (None, "http://127.0.0.1:8080"),
+    ],
+)
+def test_a_refused_redirect_names_only_the_targets_origin(location, origin) -> None:
+    message = refused_redirect(
+        "Matomo", "MATOMO_URL", "http://127.0.0.1:8080/index.php", 307, location
+    )
+    assert f"HTTP 307 redirecting to {origin};" in message and "MATOMO_URL" in message
+    assert "token_auth" not in message and "\n" not in message
 
 
 @pytest.mark.parametrize(

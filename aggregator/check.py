@@ -426,6 +426,22 @@ def _gsc_rows(facts: Facts, rows: list[Row], verified: list[str]) -> int:
                 )
             )
         return 0
+    broken = next((a.client_error for a in facts.google_access.values() if a.client_error), None)
+    if broken is not None:
+        # The OAuth client itself: one row, fixed in the Cloud console; reconnecting accounts
+        # cannot help.
+        count = sum(len(sites) for sites in by_account.values())
+        rows.append(
+            Row(
+                "problem",
+                "GOOGLE_CLIENT_ID",
+                "oauth client",
+                f"{_one_line(broken)} ({_plural(count, 'site')} without Search Console data)",
+                "fix the OAuth client in the Google Cloud console as the problem says; "
+                "reconnecting accounts does not help",
+            )
+        )
+        return len(by_account)
     checked = 0
     site_rows: list[Row] = []  # after every account's own row
     for account_id in sorted(by_account, key=lambda i: facts.accounts[i].email):

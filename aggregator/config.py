@@ -250,6 +250,17 @@ SETTINGS: tuple[Setting, ...] = (
         unit="seconds",
     ),
     Setting(
+        "GSC_LOAD_QUOTA_PAUSE_SECONDS",
+        "gsc_load_quota_pause",
+        "number",
+        "how long an account rests after Search Console's load quota refuses it, before it is "
+        "tried once more (Google: wait 15 minutes)",
+        default=900.0,
+        low=0,
+        high=3600,
+        unit="seconds",
+    ),
+    Setting(
         "AGGREGATOR_DEADLINE_SECONDS",
         "run_deadline",
         "number",
@@ -329,6 +340,7 @@ class Settings:
     gsc_timeout: float = default_of("GSC_TIMEOUT_SECONDS")
     http_max_attempts: int = default_of("HTTP_MAX_ATTEMPTS")
     gsc_quota_max_wait: float = default_of("GSC_QUOTA_MAX_WAIT_SECONDS")
+    gsc_load_quota_pause: float = default_of("GSC_LOAD_QUOTA_PAUSE_SECONDS")
     run_deadline: float = default_of("AGGREGATOR_DEADLINE_SECONDS")
     lock_wait: float = default_of("AGGREGATOR_LOCK_WAIT_SECONDS")
     flush_seconds: float = default_of("AGGREGATOR_FLUSH_SECONDS")

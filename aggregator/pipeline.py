@@ -532,7 +532,9 @@ async def _drain(
             )
         )
     finally:
-        stats.sites_failed = len(failed)
-        stats.sites_skipped += len(skipped - failed)
+        # A site the source never answered for (a client-wide error reported once, a cut-short
+        # run, a crash) counts as failed: ok + failed + skipped = the source's sites.
         stats.sites_ok = len(seen - failed - skipped)
+        stats.sites_failed = len(sites) - stats.sites_ok - len(skipped - failed)
+        stats.sites_skipped += len(skipped - failed)
         stats.seconds = time.monotonic() - began

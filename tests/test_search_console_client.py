@@ -350,7 +350,7 @@ def test_property_choice_prefers_domain_properties_and_skips_unverified() -> Non
             ErrorKind.RATE_LIMITED,
             "rateLimitExceeded",
         ),
-        (403, "singer_tap__403_quota_exceeded.json", ErrorKind.QUOTA_EXHAUSTED, "quotaExceeded"),
+        (403, "singer_tap__403_quota_exceeded.json", ErrorKind.LOAD_QUOTA, "quotaExceeded"),
         (403, "airbyte/403.json", ErrorKind.NO_ACCESS, "forbidden"),
         (404, "singer_tap__404_not_a_verified_site.json", ErrorKind.NO_ACCESS, "notFound"),
         (400, "airbyte/400.json", ErrorKind.REJECTED, "badRequest"),
@@ -370,14 +370,46 @@ def test_recorded_google_errors_are_classified_by_reason(
     [
         (403, {"error": {"errors": [{"reason": "rateLimitExceeded"}]}}, ErrorKind.RATE_LIMITED),
         (403, {"error": {"errors": [{"reason": "userRateLimitExceeded"}]}}, ErrorKind.RATE_LIMITED),
-        (403, {"error": {"errors": [{"reason": "dailyLimitExceeded"}]}}, ErrorKind.QUOTA_EXHAUSTED),
+        (403, {"error": {"errors": [{"reason": "dailyLimitExceeded"}]}}, ErrorKind.DAILY_LIMIT),
+        (
+            403,
+            {
+                "error": {
+                    "message": "Quota exceeded for quota metric 'Queries' and limit "
+                    "'Queries per minute per user' of service 'searchconsole.googleapis.com'",
+                    "errors": [{"reason": "quotaExceeded", "domain": "usageLimits"}],
+                }
+            },
+            ErrorKind.RATE_LIMITED,
+        ),
+        (
+            403,
+            {
+                "error": {
+                    "message": "Search Analytics QPS quota exceeded.",
+                    "errors": [{"reason": "quotaExceeded"}],
+                }
+            },
+            ErrorKind.RATE_LIMITED,
+        ),
+        (403, {"error": {"errors": [{"reason": "quotaExceeded"}]}}, ErrorKind.LOAD_QUOTA),
+        (
+            403,
+            {
+                "error": {
+                    "status": "PERMISSION_DENIED",
+                    "errors": [{"reason": "accessNotConfigured", "domain": "usageLimits"}],
+                }
+            },
+            ErrorKind.CLIENT_BROKEN,
+        ),
+        (403, {"error": {"status": "SERVICE_DISABLED", "message": "off"}}, ErrorKind.CLIENT_BROKEN),
         (
             403,
             {"error": {"errors": [{"domain": "usageLimits", "reason": "x"}]}},
             ErrorKind.RATE_LIMITED,
         ),
         (403, {"error": {"code": 403, "message": "denied"}}, ErrorKind.NO_ACCESS),
-        (403, {"error": {"errors": [{"reason": "accessNotConfigured"}]}}, ErrorKind.REJECTED),
         (401, {"error": {"status": "UNAUTHENTICATED"}}, ErrorKind.UNAUTHENTICATED),
         (500, None, ErrorKind.TRANSIENT),
         (503, "<html>", ErrorKind.TRANSIENT),
@@ -476,8 +508,10 @@ async def test_invalid_client_names_the_client_settings(
 
     records = await run(token_endpoint, [Site(1, "a.com", gsc_account_id=1)])
 
-    assert "GOOGLE_CLIENT_ID/GOOGLE_CLIENT_SECRET" in errors_of(records)["a.com"]
-    assert refreshes_of(records)[1] == errors_of(records)["a.com"]
+    error = errors_of(records)["(OAuth client: 1 site)"]
+    assert "GOOGLE_CLIENT_ID/GOOGLE_CLIENT_SECRET" in error and "Google Cloud console" in error
+    assert "a.com" not in errors_of(records), "one error for the client, none per site"
+    assert refreshes_of(records)[1] == error
 
 
 async def test_account_without_refresh_token(
@@ -534,8 +568,8 @@ async def test_properties_are_resolved_from_one_sites_list_per_account(
         assert len(calls(mocked, "POST", query_url(prop))) == 1
     assert errors_of(records) == {
         "four.com": "Google account a@example.com cannot access sc-domain:four.com, "
-        "https://four.com/ or https://www.four.com/: add the property in Search Console "
-        "or set sites.gsc_property"
+        "https://four.com/ or https://www.four.com/ (it has no Search Console property for "
+        "four.com): add or verify the property in Search Console or set sites.gsc_property"
     }
     assert {d.site_id for d in records if isinstance(d, GscDay)} == {1, 2, 3}
 
@@ -687,31 +721,25 @@ async def test_403_rate_limit_exceeded_is_retried(
     assert errors_of(records) == {}
 
 
-async def test_load_quota_stops_asking_that_account(
+async def test_load_quota_rests_the_account_then_tries_once_more(
     mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
 ) -> None:
-    mocked.post(
-        query_url("sc-domain:a1.com"),
-        status=403,
-        payload=gsc_fixture("singer_tap__403_quota_exceeded.json"),
-    )
+    quota = gsc_fixture("singer_tap__403_quota_exceeded.json")
+    mocked.post(query_url("sc-domain:a1.com"), status=403, payload=quota)
+    mocked.post(query_url("sc-domain:a1.com"), status=403, payload=quota)
     mocked.post(query_url("sc-domain:b.org"), payload=EMPTY_ANSWER)
     sites = [
         Site(1, "a1.com", gsc_account_id=1, gsc_property="sc-domain:a1.com"),
-        Site(2, "a2.com", gsc_account_id=1, gsc_property="sc-domain:a2.com"),
-        Site(3, "a3.com", gsc_account_id=1),
         Site(4, "b.org", gsc_account_id=2, gsc_property="sc-domain:b.org"),
     ]
 
-    # 0.5 queries/s per account -> one site at a time, so a1 is asked before a2 and a3.
-    records = await run(token_endpoint, sites, gsc_max_qps_per_account=0.5)
+    records = await run(token_endpoint, sites, gsc_load_quota_pause=900.0)
 
-    quota = "Search Console quota exhausted for account a@example.com; will retry next run"
-    assert errors_of(records) == {"a1.com": quota, "a2.com": quota, "a3.com": quota}
-    assert not calls(mocked, "POST", query_url("sc-domain:a2.com"))
-    assert not calls(mocked, "GET", SITES_URL)
+    assert sleep.waits == [900.0], "one rest of GSC_LOAD_QUOTA_PAUSE_SECONDS, no backoff"
+    assert len(calls(mocked, "POST", query_url("sc-domain:a1.com"))) == 2
+    error = errors_of(records)["a1.com"]
+    assert "load quota still refuses account a@example.com after a rest of 900s" in error
     assert len(days_of(records, 4)) == 3
-    assert sleep.waits == []
 
 
 @pytest.mark.parametrize(
@@ -731,6 +759,14 @@ async def test_no_access_is_a_per_site_error_naming_the_property(
 ) -> None:
     mocked.post(query_url("https://a.com/"), status=status, payload=gsc_fixture(fixture))
     mocked.post(query_url("sc-domain:ok.com"), payload=EMPTY_ANSWER)
+    listing = {
+        "siteEntry": [
+            {"siteUrl": "https://www.a.com/", "permissionLevel": "siteOwner"},
+            {"siteUrl": "sc-domain:a.com", "permissionLevel": "siteUnverifiedUser"},
+            {"siteUrl": "sc-domain:ok.com", "permissionLevel": "siteOwner"},
+        ]
+    }
+    mocked.get(SITES_URL, payload=listing)
     sites = [
         Site(1, "a.com", gsc_account_id=1, gsc_property="https://a.com/"),
         Site(2, "ok.com", gsc_account_id=1, gsc_property="sc-domain:ok.com"),
@@ -739,10 +775,34 @@ async def test_no_access_is_a_per_site_error_naming_the_property(
     records = await run(token_endpoint, sites)
 
     message = errors_of(records)["a.com"]
-    assert message.startswith("Google account a@example.com cannot access https://a.com/:")
+    assert message.startswith("Google account a@example.com cannot access https://a.com/ (")
     assert expected in message
+    # What the account does have for the host, and why one of them returns nothing.
+    assert "for a.com it has https://www.a.com/ (owner), sc-domain:a.com (unverified)" in message
     assert len(calls(mocked, "POST", query_url("https://a.com/"))) == 1
+    assert len(calls(mocked, "GET", SITES_URL)) == 1
     assert len(days_of(records, 2)) == 3
+
+
+async def test_a_property_the_account_is_unverified_for_says_so(
+    mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
+) -> None:
+    mocked.post(query_url("https://a.com/"), status=403, payload=gsc_fixture("airbyte/403.json"))
+    listing = {
+        "siteEntry": [{"siteUrl": "https://a.com/", "permissionLevel": "siteUnverifiedUser"}]
+    }
+    mocked.get(SITES_URL, payload=listing)
+
+    records = await run(
+        token_endpoint, [Site(1, "a.com", gsc_account_id=1, gsc_property="https://a.com/")]
+    )
+
+    message = errors_of(records)["a.com"]
+    assert message.startswith(
+        "Google account a@example.com is an unverified user of https://a.com/"
+    )
+    assert "verify ownership of https://a.com/ in Search Console" in message
+    assert sleep.waits == []
 
 
 async def test_bad_request_reports_googles_message(

@@ -27,6 +27,7 @@ from aggregator.search_console.oauth import (
     AccountToken,
     ClientMisconfigured,
     MissingRefreshToken,
+    OAuthClientRejected,
     ReconnectRequired,
     TokenEndpointUnavailable,
     TokenError,
@@ -229,14 +230,10 @@ async def test_invalid_grant_asks_for_a_reconnect_once(
     assert token.outcome is not None and token.outcome.error == message
 
 
-@pytest.mark.parametrize(
-    "body",
-    [INVALID_CLIENT, b'{"error": "unauthorized_client", "error_description": "Unauthorized"}'],
-    ids=["invalid_client", "unauthorized_client"],
-)
-async def test_client_errors_point_at_the_client_settings(
-    token_endpoint: TokenEndpoint, sleep: RecordedSleep, body: bytes
+async def test_a_token_from_another_client_points_at_the_client_settings(
+    token_endpoint: TokenEndpoint, sleep: RecordedSleep
 ) -> None:
+    body = b'{"error": "unauthorized_client", "error_description": "Unauthorized"}'
     token_endpoint.script(ACCOUNT.refresh_token, (401, body))
     token, _ = token_for(token_endpoint, sleep)
 
@@ -246,6 +243,32 @@ async def test_client_errors_point_at_the_client_settings(
     assert "GOOGLE_CLIENT_ID/GOOGLE_CLIENT_SECRET are wrong or did not issue" in str(raised.value)
     assert "owner@example.com" in str(raised.value)
     assert len(token_endpoint.forms) == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "fix"),
+    [
+        (INVALID_CLIENT, "copy the client ID and secret"),
+        (
+            b'{"error": "deleted_client", "error_description": "The OAuth client was deleted."}',
+            "Deleted credentials",
+        ),
+    ],
+    ids=["invalid_client", "deleted_client"],
+)
+async def test_a_rejected_client_says_what_to_fix_in_the_cloud_console(
+    token_endpoint: TokenEndpoint, sleep: RecordedSleep, body: bytes, fix: str
+) -> None:
+    token_endpoint.script(ACCOUNT.refresh_token, (401, body))
+    token, _ = token_for(token_endpoint, sleep)
+
+    with pytest.raises(OAuthClientRejected) as raised:
+        await token.get()
+
+    message = str(raised.value)
+    assert "Google Cloud console" in message and fix in message
+    assert "reconnect" not in message or "deleted" in message
+    assert len(token_endpoint.forms) == 1 and sleep.waits == []
 
 
 async def test_missing_refresh_token_names_both_places_to_set_it(

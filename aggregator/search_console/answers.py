@@ -67,15 +67,56 @@ def candidate_properties(domain: str) -> tuple[str, str, str]:
     return f"sc-domain:{host}", f"https://{host}/", f"https://www.{host}/"
 
 
+def site_listing(sites_list: Mapping[str, Any]) -> dict[str, str]:
+    """Property -> permission level from a sites.list answer (malformed entries left out)."""
+    entries = sites_list.get("siteEntry", [])
+    return {
+        entry["siteUrl"]: str(entry.get("permissionLevel", ""))
+        for entry in (entries if isinstance(entries, list) else [])
+        if isinstance(entry, Mapping) and isinstance(entry.get("siteUrl"), str)
+    }
+
+
+def readable(listing: Mapping[str, str]) -> frozenset[str]:
+    """The listed properties that return data: unverified entries do not."""
+    return frozenset(prop for prop, level in listing.items() if level.lower() != _UNVERIFIED)
+
+
 def accessible_properties(sites_list: Mapping[str, Any]) -> frozenset[str]:
     """Properties from a sites.list answer that return data: unverified entries do not."""
-    return frozenset(
-        entry["siteUrl"]
-        for entry in sites_list.get("siteEntry", [])
-        if isinstance(entry, Mapping)
-        and isinstance(entry.get("siteUrl"), str)
-        and str(entry.get("permissionLevel", "")).lower() != _UNVERIFIED
+    return readable(site_listing(sites_list))
+
+
+def is_unverified(prop: str, listing: Mapping[str, str]) -> bool:
+    """Whether the account is listed for `prop` only as an unverified user."""
+    wanted = _canonical_property(prop)
+    return any(
+        _canonical_property(listed) == wanted and level.lower() == _UNVERIFIED
+        for listed, level in listing.items()
     )
+
+
+_LEVEL_WORDS = {
+    "siteowner": "owner",
+    "sitefulluser": "full user",
+    "siterestricteduser": "restricted user",
+    _UNVERIFIED: "unverified",
+}
+
+
+def host_access(domain: str, listing: Mapping[str, str]) -> str:
+    """What the account has for the site's host, for an error message: each property with its
+    permission ("unverified" where that is why it returns nothing), or that it has none."""
+    host = normalize_domain(domain)
+    mine = sorted(
+        (prop, level)
+        for prop, level in listing.items()
+        if normalize_domain(prop.removeprefix("sc-domain:")) == host
+    )
+    if not mine:
+        return f"it has no Search Console property for {host}"
+    shown = ", ".join(f"{prop} ({_LEVEL_WORDS.get(level.lower(), level)})" for prop, level in mine)
+    return f"for {host} it has {shown}"
 
 
 def pick_property(domain: str, accessible: Iterable[str]) -> str | None:

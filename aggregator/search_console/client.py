@@ -34,14 +34,25 @@ from aggregator.model import AccountRefresh, GscAccount, GscDay, Site, SiteError
 from aggregator.redaction import Redactor
 from aggregator.redirects import REDIRECT_STATUSES, refused_redirect
 from aggregator.search_console import answers
+from aggregator.search_console.account_run import (
+    AccountRun,
+    ClientBroken,
+    ClientGate,
+    PropertyUnreachable,
+    SiteFailure,
+)
 from aggregator.search_console.answers import (
     GscDataError,
     accessible_properties,
     candidate_properties,
     days_from_search_analytics,
+    host_access,
+    is_unverified,
     page_rows,
     pick_property,
+    readable,
     search_analytics_request,
+    site_listing,
 )
 from aggregator.search_console.errors import (
     ErrorKind,
@@ -51,7 +62,12 @@ from aggregator.search_console.errors import (
     parse_retry_after,
     rate_limit_delay,
 )
-from aggregator.search_console.oauth import AccountToken, Sleep, TokenError
+from aggregator.search_console.oauth import (
+    AccountToken,
+    OAuthClientRejected,
+    Sleep,
+    TokenError,
+)
 from aggregator.search_console.pacing import Pacer
 
 log = structlog.get_logger(__name__)
@@ -68,51 +84,8 @@ _backoff_sleep: Sleep = asyncio.sleep
 GscRecord = GscDay | SiteError | AccountRefresh
 
 
-class SiteFailure(Exception):
-    """A site's GSC numbers could not be fetched; the message is safe to store."""
-
-
-class PropertyUnreachable(SiteFailure):
-    """The account can read none of the site's candidate properties: the site is skipped."""
-
-
-class AccountQuotaExhausted(SiteFailure):
-    """The account hit its load/daily quota: ask it nothing more this run."""
-
-
-class _AccountRun:
-    """Everything shared by one account's site tasks during one run."""
-
-    def __init__(self, account: GscAccount, token: AccountToken, pacer: Pacer) -> None:
-        self.account = account
-        self.token = token
-        self.pacer = pacer
-        self.quota_exhausted = False
-        self._sites_list_lock = asyncio.Lock()
-        self._accessible: frozenset[str] | SiteFailure | None = None
-
-    def exhausted(self) -> AccountQuotaExhausted:
-        return AccountQuotaExhausted(
-            f"Search Console quota exhausted for account {self.account.email}; will retry next run"
-        )
-
-    def check_quota(self) -> None:
-        if self.quota_exhausted:
-            raise self.exhausted()
-
-    async def accessible(
-        self, list_sites: Callable[[], Awaitable[frozenset[str]]]
-    ) -> frozenset[str]:
-        """sites.list once per account and run; its failure is shared like its answer."""
-        async with self._sites_list_lock:
-            if self._accessible is None:
-                try:
-                    self._accessible = await list_sites()
-                except SiteFailure as failure:
-                    self._accessible = failure
-            if isinstance(self._accessible, SiteFailure):
-                raise SiteFailure(str(self._accessible))
-            return self._accessible
+class _NoAccess(SiteFailure):
+    """403 permission or 404: explained with what the account has for the host (_fetch_site)."""
 
 
 class _SearchConsole:
@@ -127,9 +100,13 @@ class _SearchConsole:
         *,
         final_only: bool,
         stats: SourceStats | None = None,
+        rest_allowed: bool = True,
     ) -> None:
         self._settings = settings
         self._stats = stats or SourceStats()
+        # A load-quota rest must end before the run's deadline to be worth taking.
+        self._deadline = time.monotonic() + settings.run_deadline if rest_allowed else 0.0
+        self._gate = ClientGate()
         self._session = session
         self._start = start
         self._end = end
@@ -163,19 +140,36 @@ class _SearchConsole:
                         emit(SiteError(site.domain, SOURCE, message, skipped=True))
                 else:
                     group.create_task(self._run_account(account, account_sites, emit))
+        if self._gate.failure is not None:
+            # One error for the whole client: every site fails for the same reason.
+            count = sum(len(group) for group in by_account.values())
+            log.warning("gsc.client_broken", sites=count, error=self._gate.failure)
+            subject = f"(OAuth client: {count} site{'' if count == 1 else 's'})"
+            emit(SiteError(subject, SOURCE, self._gate.failure))
+
+    async def _refresh_first(self, token: AccountToken) -> None:
+        """The account's first token refresh, through the client's gate (see ClientGate)."""
+        async with self._gate.passage("token"):
+            try:
+                await token.get()
+            except OAuthClientRejected as rejected:
+                raise self._gate.broken(str(rejected)) from None
+            self._gate.proven("token")
 
     async def _run_account(
         self, account: GscAccount, sites: Sequence[Site], emit: Callable[[GscRecord], None]
     ) -> None:
         token = AccountToken(account, self._settings, self._redact, sleep=_backoff_sleep)
         try:
-            await token.get()
+            await self._refresh_first(token)
+        except ClientBroken:
+            pass
         except TokenError as failure:
             log.warning("gsc.account_failed", account=account.email, error=str(failure))
             for site in sites:
                 emit(SiteError(site.domain, SOURCE, str(failure)))
         else:
-            run = _AccountRun(account, token, Pacer(self._settings.gsc_max_qps_per_account))
+            run = AccountRun(account, token, Pacer(self._settings.gsc_max_qps_per_account))
             parallel = asyncio.Semaphore(
                 max(1, math.ceil(self._settings.gsc_max_qps_per_account * 2))
             )
@@ -203,10 +197,12 @@ class _SearchConsole:
         if token.outcome is not None:
             emit(token.outcome)
 
-    async def _site_records(self, run: _AccountRun, site: Site) -> list[GscRecord]:
+    async def _site_records(self, run: AccountRun, site: Site) -> list[GscRecord]:
         skipped = False
         try:
             return list(await self._fetch_site(run, site))
+        except ClientBroken:
+            return []  # reported once for the whole client by run()
         except (SiteFailure, TokenError) as failure:
             message = str(failure)
             skipped = isinstance(failure, PropertyUnreachable)
@@ -216,7 +212,7 @@ class _SearchConsole:
             message = f"unexpected {type(unexpected).__name__}: {unexpected}"
         return [SiteError(site.domain, SOURCE, self._redact(message), skipped=skipped)]
 
-    async def _fetch_site(self, run: _AccountRun, site: Site) -> list[GscDay]:
+    async def _fetch_site(self, run: AccountRun, site: Site) -> list[GscDay]:
         prop = site.gsc_property or await self._resolve_property(run, site)
         path = f"/webmasters/v3/sites/{quote(prop, safe='')}/searchAnalytics/query"
         pages: list[Mapping[str, Any]] = []
@@ -242,26 +238,53 @@ class _SearchConsole:
             )
         except GscDataError as bad:
             raise SiteFailure(f"Search Console answered {prop} with unusable data: {bad}") from None
+        except _NoAccess as refused:
+            raise SiteFailure(
+                await self._explain_no_access(run, site, prop, str(refused))
+            ) from None
 
-    async def _resolve_property(self, run: _AccountRun, site: Site) -> str:
-        async def list_sites() -> frozenset[str]:
+    def _list_sites(self, run: AccountRun) -> Callable[[], Awaitable[Mapping[str, str]]]:
+        async def list_sites() -> Mapping[str, str]:
             answer = await self._call(
                 run, "GET", "/webmasters/v3/sites", None, subject="sites.list"
             )
-            return accessible_properties(answer)
+            return site_listing(answer)
 
-        prop = pick_property(site.domain, await run.accessible(list_sites))
+        return list_sites
+
+    async def _resolve_property(self, run: AccountRun, site: Site) -> str:
+        listing = await run.listing(self._list_sites(run))
+        prop = pick_property(site.domain, readable(listing))
         if prop is None:
             first, second, third = candidate_properties(site.domain)
             raise PropertyUnreachable(
-                f"Google account {run.account.email} cannot access {first}, {second} or {third}: "
-                "add the property in Search Console or set sites.gsc_property"
+                f"Google account {run.account.email} cannot access {first}, {second} or {third} "
+                f"({host_access(site.domain, listing)}): add or verify the property in Search "
+                "Console or set sites.gsc_property"
             )
         return prop
 
+    async def _explain_no_access(self, run: AccountRun, site: Site, prop: str, problem: str) -> str:
+        """The 403/404 message, with what the account does have for the site's host."""
+        email = run.account.email
+        try:
+            listing = await run.listing(self._list_sites(run))
+        except SiteFailure:
+            return f"Google account {email} cannot access {prop} ({problem})"
+        if is_unverified(prop, listing):
+            return (
+                f"Google account {email} is an unverified user of {prop} ({problem}): verify "
+                f"ownership of {prop} in Search Console, or have an owner add {email}"
+            )
+        return (
+            f"Google account {email} cannot access {prop} ({problem}); "
+            f"{host_access(site.domain, listing)}: fix sites.gsc_property or the account's "
+            "access in Search Console"
+        )
+
     async def _call(
         self,
-        run: _AccountRun,
+        run: AccountRun,
         method: str,
         path: str,
         payload: Mapping[str, Any] | None,
@@ -276,53 +299,64 @@ class _SearchConsole:
         rate_wait = 0.0
         renewed = False
         while True:
-            run.check_quota()
+            await run.rested()
+            run.check()
             token = await run.token.get()
-            # The account's own slot first, so waiting for it uses up no client capacity; it
-            # is held while the client's slot is awaited, so its spacing is kept when sent.
-            async with run.pacer.slot(), self._client_pacer.slot():
-                pass
-            run.check_quota()
-            retry_after: float | None = None
-            self._stats.sent(retry=failures > 0 or renewed)
-            try:
-                status, retry_after, body = await self._send(method, url, token, payload)
-            except (aiohttp.ClientError, TimeoutError) as error:
-                self._stats.failed()
-                kind, problem = ErrorKind.TRANSIENT, f"network error: {type(error).__name__}"
-                log.warning("gsc.query", account=email, property=subject, error=problem)
-            else:
-                log.debug("gsc.query", account=email, property=subject, status=status)
-                if status == 200:
-                    if not isinstance(body, Mapping):
-                        self._stats.failed()
-                        raise SiteFailure(f"Search Console answered {subject} with non-JSON data")
-                    return body
-                error = classify_google_error(status, body)
-                kind, problem = error.kind, self._describe(error)
-                self._stats.failed(rate_limited=kind is ErrorKind.RATE_LIMITED)
-                if kind is ErrorKind.UNAUTHENTICATED and not renewed:
-                    renewed = True
-                    await run.token.renew(token)
-                    continue
-                if kind is ErrorKind.UNAUTHENTICATED:
-                    raise SiteFailure(
-                        f"Search Console rejected a freshly refreshed token of account {email} "
-                        f"for {subject} ({problem}): reconnect the account with the "
-                        "webmasters.readonly scope"
-                    )
-                if kind is ErrorKind.QUOTA_EXHAUSTED:
-                    run.quota_exhausted = True
-                    log.warning(
-                        "gsc.account_failed", account=email, property=subject, error=problem
-                    )
-                    raise run.exhausted()
-                if kind is ErrorKind.NO_ACCESS:
-                    raise SiteFailure(f"Google account {email} cannot access {subject}: {problem}")
-                if kind is ErrorKind.REJECTED:
-                    raise SiteFailure(
-                        f"Search Console rejected the request for {subject}: {problem}"
-                    )
+            async with self._gate.passage("api"):
+                # The account's own slot first, so waiting for it uses up no client capacity;
+                # it is held while the client's slot is awaited, so its spacing is kept.
+                async with run.pacer.slot(), self._client_pacer.slot():
+                    pass
+                run.check()
+                after_rest = run.has_rested
+                retry_after: float | None = None
+                self._stats.sent(retry=failures > 0 or renewed)
+                try:
+                    status, retry_after, body = await self._send(method, url, token, payload)
+                except (aiohttp.ClientError, TimeoutError) as error:
+                    self._stats.failed()
+                    kind, problem = ErrorKind.TRANSIENT, f"network error: {type(error).__name__}"
+                    log.warning("gsc.query", account=email, property=subject, error=problem)
+                else:
+                    log.debug("gsc.query", account=email, property=subject, status=status)
+                    if status == 200:
+                        self._gate.proven("api")
+                        if not isinstance(body, Mapping):
+                            self._stats.failed()
+                            raise SiteFailure(
+                                f"Search Console answered {subject} with non-JSON data"
+                            )
+                        return body
+                    error = classify_google_error(status, body)
+                    kind, problem = error.kind, self._describe(error)
+                    self._stats.failed(rate_limited=kind is ErrorKind.RATE_LIMITED)
+                    if kind is ErrorKind.CLIENT_BROKEN:
+                        raise self._gate.broken(self._api_disabled_message(problem))
+                    if kind not in (ErrorKind.TRANSIENT, ErrorKind.UNAUTHENTICATED):
+                        self._gate.proven("api")
+            if kind is ErrorKind.UNAUTHENTICATED and not renewed:
+                renewed = True
+                await run.token.renew(token)
+                continue
+            if kind is ErrorKind.UNAUTHENTICATED:
+                raise SiteFailure(
+                    f"Search Console rejected a freshly refreshed token of account {email} "
+                    f"for {subject} ({problem}): reconnect the account with the "
+                    "webmasters.readonly scope"
+                )
+            if kind is ErrorKind.LOAD_QUOTA:
+                await self._rest_or_stop(run, problem, after_rest=after_rest)
+                continue
+            if kind is ErrorKind.DAILY_LIMIT:
+                log.warning("gsc.account_stopped", account=email, error=problem)
+                raise run.stop(
+                    f"Search Console's daily limit for account {email} is spent ({problem}); "
+                    "its remaining sites are fetched on the next run"
+                )
+            if kind is ErrorKind.NO_ACCESS:
+                raise _NoAccess(problem)
+            if kind is ErrorKind.REJECTED:
+                raise SiteFailure(f"Search Console rejected the request for {subject}: {problem}")
             failures += 1
             if failures >= settings.http_max_attempts:
                 raise SiteFailure(
@@ -348,6 +382,37 @@ class _SearchConsole:
                 error=problem,
             )
             await _backoff_sleep(delay)
+
+    async def _rest_or_stop(self, run: AccountRun, problem: str, *, after_rest: bool) -> None:
+        """Google's load quota says "wait 15 minutes": the account rests once, if the rest ends
+        before the run's deadline; refused again after it, the account stops for this run."""
+        email = run.account.email
+        pause = self._settings.gsc_load_quota_pause
+        if after_rest:
+            log.warning("gsc.account_stopped", account=email, error=problem)
+            raise run.stop(
+                f"Search Console's load quota still refuses account {email} after a rest of "
+                f"{pause:.0f}s ({problem}): its daily load quota is spent; its remaining sites "
+                "are fetched on the next run"
+            )
+        if not run.has_rested and time.monotonic() + pause > self._deadline:
+            log.warning("gsc.account_stopped", account=email, error=problem)
+            raise run.stop(
+                f"Search Console's load quota refuses account {email} ({problem}) and a rest of "
+                f"{pause:.0f}s (GSC_LOAD_QUOTA_PAUSE_SECONDS) would pass the run's deadline; its "
+                "remaining sites are fetched on the next run"
+            )
+        if not run.has_rested:
+            log.warning("gsc.account_resting", account=email, seconds=pause, error=problem)
+        await run.rest(pause, _backoff_sleep)
+
+    def _api_disabled_message(self, problem: str) -> str:
+        client = self._settings.google_client_id
+        return (
+            f"the Search Console API is not enabled in the Google Cloud project of OAuth client "
+            f'{client} ({problem}): enable "Google Search Console API" for that project in the '
+            "Google Cloud console (APIs & Services > Library), wait a few minutes, then run again"
+        )
 
     async def _send(
         self, method: str, url: URL, token: str, payload: Mapping[str, Any] | None
@@ -431,13 +496,16 @@ class AccountAccess:
     """One account's token refresh and sites.list, as a run would do them, without queries.
 
     `properties` is None when the token could not be refreshed (`token_error`, the run's own
-    message and class) or sites.list failed (`list_error`). `refresh` is for gsc_accounts.
+    message and class), sites.list failed (`list_error`) or the OAuth client itself cannot be
+    used (`client_error`: the same for every account; fix it in the Google Cloud console, not
+    by reconnecting accounts). `refresh` is for gsc_accounts.
     """
 
     account: GscAccount
     properties: frozenset[str] | None = None
     token_error: TokenError | None = None
     list_error: str | None = None
+    client_error: str | None = None
     refresh: AccountRefresh | None = None
 
 
@@ -445,22 +513,22 @@ async def account_access(
     accounts: Sequence[GscAccount], settings: Settings, session: aiohttp.ClientSession
 ) -> list[AccountAccess]:
     """Refresh each account's token and list its properties: two requests per account, the
-    accounts concurrently, paced and retried by the same code as a run."""
+    accounts concurrently, paced and retried by the same code as a run (a check never rests
+    for a load quota)."""
     today = date.today()  # unused: sites.list has no window
-    console = _SearchConsole(settings, session, today, today, final_only=False)
+    console = _SearchConsole(settings, session, today, today, final_only=False, rest_allowed=False)
 
     async def one(account: GscAccount) -> AccountAccess:
         token = AccountToken(account, settings, console._redact, sleep=_backoff_sleep)
+        run = AccountRun(account, token, Pacer(settings.gsc_max_qps_per_account))
         try:
-            await token.get()
-        except TokenError as failure:
-            return AccountAccess(account, token_error=failure, refresh=token.outcome)
-        run = _AccountRun(account, token, Pacer(settings.gsc_max_qps_per_account))
-        try:
+            await console._refresh_first(token)
             answer = await console._call(
                 run, "GET", "/webmasters/v3/sites", None, subject="sites.list"
             )
-        except TokenError as failure:  # the token died between refresh and use
+        except ClientBroken as broken:
+            return AccountAccess(account, client_error=str(broken), refresh=token.outcome)
+        except TokenError as failure:
             return AccountAccess(account, token_error=failure, refresh=token.outcome)
         except SiteFailure as failure:
             error = console._redact(str(failure))

@@ -1,6 +1,7 @@
 """Google API errors told apart, and how long to wait before asking again.
 
-Google answers "slow down", "quota gone for today" and "no permission" all with 403; this
+Google answers "slow down", "rest a while", "quota gone for today", "API not enabled" and "no
+permission" all with 403; this
 module turns a status and error body into the ErrorKind that says how to react, and computes
 the waits. Pure: the client in aggregator.search_console.client does the reacting.
 """
@@ -9,20 +10,26 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
 _RATE_REASONS = frozenset({"ratelimitexceeded", "userratelimitexceeded"})
-_EXHAUSTED_REASONS = frozenset({"quotaexceeded", "dailylimitexceeded"})
+_CLIENT_REASONS = frozenset({"accessnotconfigured", "servicedisabled"})
+# A quotaExceeded whose message names a per-second or per-minute quota is QPS, not load: Google
+# words those "Quota exceeded for quota metric 'Queries' and limit 'Queries per minute ...'".
+_QPS_WORDING = re.compile(r"\bqps\b|per (?:minute|second)|\brate\b", re.IGNORECASE)
 _MAX_MESSAGE_CHARS = 400
 _RETRY_BASE_SECONDS = 1.0
 _RETRY_CAP_SECONDS = 30.0
 
 
 class ErrorKind(Enum):
-    RATE_LIMITED = "rate limited"  # retry after a pause
-    QUOTA_EXHAUSTED = "quota exhausted"  # stop asking this account for this run
+    RATE_LIMITED = "rate limited"  # slow down and retry
+    LOAD_QUOTA = "load quota"  # the account rests (Google: "wait 15 minutes"), then once more
+    DAILY_LIMIT = "daily limit"  # stop asking this account for this run
+    CLIENT_BROKEN = "client broken"  # the OAuth client's Cloud project cannot call the API
     NO_ACCESS = "no access"  # the account cannot read the property
     UNAUTHENTICATED = "unauthenticated"  # refresh the token once, then retry
     TRANSIENT = "transient"  # retry with backoff
@@ -38,8 +45,9 @@ class GoogleError:
 
 
 def classify_google_error(status: int, body: object) -> GoogleError:
-    """Tell Google's errors apart by reason, not status alone: 403 means both "slow down",
-    "quota gone for today" and "no permission", and each needs a different reaction."""
+    """Tell Google's errors apart by reason, not status alone: 403 means "slow down", "rest for
+    15 minutes", "done for today", "the API is off in this Cloud project" and "no permission",
+    and each needs a different reaction."""
     error = body.get("error") if isinstance(body, Mapping) else None
     error = error if isinstance(error, Mapping) else {}
     details = error.get("errors")
@@ -52,11 +60,17 @@ def classify_google_error(status: int, body: object) -> GoogleError:
     if len(message) > _MAX_MESSAGE_CHARS:  # stored in aggregator_runs.errors: keep it a line
         message = message[: _MAX_MESSAGE_CHARS - 3] + "..."
     lowered = (reason or "").lower()
+    status_name = str(error.get("status", "")).upper()
 
     if status == 429:
         kind = ErrorKind.RATE_LIMITED
-    elif status == 403 and lowered in _EXHAUSTED_REASONS:
-        kind = ErrorKind.QUOTA_EXHAUSTED
+    elif status == 403 and (lowered in _CLIENT_REASONS or status_name == "SERVICE_DISABLED"):
+        kind = ErrorKind.CLIENT_BROKEN
+    elif status == 403 and lowered == "dailylimitexceeded":
+        kind = ErrorKind.DAILY_LIMIT
+    elif status == 403 and lowered == "quotaexceeded":
+        qps = _QPS_WORDING.search(message) and "load" not in message.lower()
+        kind = ErrorKind.RATE_LIMITED if qps else ErrorKind.LOAD_QUOTA
     elif status == 403 and (lowered in _RATE_REASONS or domain == "usagelimits"):
         kind = ErrorKind.RATE_LIMITED
     elif (status == 403 and (lowered == "forbidden" or not reason)) or status == 404:

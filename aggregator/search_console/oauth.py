@@ -41,7 +41,8 @@ _EXPIRY_MARGIN = timedelta(minutes=5)
 # backoff is the only retry policy.
 _TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _RECONNECT_ERRORS = frozenset({"invalid_grant"})
-_CLIENT_ERRORS = frozenset({"invalid_client", "unauthorized_client"})
+# The OAuth client itself is gone or wrong: no account of it can work, so one error says so.
+_BROKEN_CLIENT_ERRORS = frozenset({"invalid_client", "deleted_client"})
 
 
 async def in_daemon_thread(function: Callable[..., Any], *args: Any) -> Any:
@@ -89,6 +90,11 @@ class ReconnectRequired(TokenError):
 
 class ClientMisconfigured(TokenError):
     """The OAuth client (GOOGLE_CLIENT_ID/SECRET) is wrong or did not issue this token."""
+
+
+class OAuthClientRejected(ClientMisconfigured):
+    """Google does not accept the OAuth client at all (deleted, unknown, wrong secret): every
+    account of it fails alike, so the run reports it once and asks Google nothing more."""
 
 
 class TokenEndpointUnavailable(TokenError):
@@ -195,13 +201,31 @@ def explain_refresh_error(account: GscAccount, error: google_exceptions.RefreshE
             '"Testing" publishing state, its refresh tokens expire after 7 days: publish it '
             '("In production") and reconnect'
         )
-    if code in _CLIENT_ERRORS:
+    if code in _BROKEN_CLIENT_ERRORS:
+        return OAuthClientRejected(client_rejected_message(code, detail))
+    if code == "unauthorized_client":
         return ClientMisconfigured(
             f"Google rejected the OAuth client while refreshing account {account.email} "
             f"({detail}): GOOGLE_CLIENT_ID/GOOGLE_CLIENT_SECRET are wrong or did not issue this "
             "account's refresh token"
         )
     return TokenError(f"Google refused to refresh the token of account {account.email} ({detail})")
+
+
+def client_rejected_message(code: str | None, detail: str) -> str:
+    """What to fix in the Google Cloud console when Google refuses the OAuth client itself."""
+    if code == "deleted_client":
+        return (
+            f"Google says the OAuth client in GOOGLE_CLIENT_ID was deleted ({detail}): restore it "
+            "in the Google Cloud console (APIs & Services > Credentials > Deleted credentials, "
+            "within 30 days), or create a new OAuth client, set GOOGLE_CLIENT_ID and "
+            "GOOGLE_CLIENT_SECRET to it and reconnect every account"
+        )
+    return (
+        f"Google does not accept the OAuth client in GOOGLE_CLIENT_ID/GOOGLE_CLIENT_SECRET "
+        f"({detail}): copy the client ID and secret of the OAuth client that issued the refresh "
+        "tokens from the Google Cloud console (APIs & Services > Credentials)"
+    )
 
 
 def _oauth_error(error: google_exceptions.RefreshError) -> tuple[str | None, str]:

@@ -17,7 +17,10 @@ One aiohttp app serves both, so one base URL works as `GOOGLE_TOKEN_URL=<url>/to
   numbers) and `metadata`; `final` (the default) stops before that horizon.
 * Errors use Google's envelope `{"error": {"code", "message", "errors": [...], "status"}}`:
   401 UNAUTHENTICATED, 403 forbidden (no/unverified access), 403 quotaExceeded (load quota),
-  429 rateLimitExceeded with `Retry-After: 1` (per-account QPS), 400 INVALID_ARGUMENT, 503.
+  403 dailyLimitExceeded, 403 accessNotConfigured (`api_disabled`: the API is off in the
+  Cloud project), 429 rateLimitExceeded with `Retry-After: 1` (per-account QPS; or one of
+  the 403 forms in `RATE_LIMIT_ANSWERS`), 400 INVALID_ARGUMENT, 503. The token endpoint
+  answers 401 deleted_client when `client_deleted` is set.
 
 Numbers are a pure function of (seed, siteUrl, day): `GoogleSimulator.performance()`.
 """
@@ -53,6 +56,24 @@ _LOAD_QUOTA = (
     "https://developers.google.com/webmaster-tools/v3/limits."
 )
 _QPS_QUOTA = "Search Analytics QPS quota exceeded."
+_DAILY_LIMIT = "Daily Limit Exceeded. The quota will be reset at midnight Pacific Time (PT)."
+_API_DISABLED = (
+    "Google Search Console API has not been used in project 123456789012 before or it is "
+    "disabled. Enable it by visiting https://console.developers.google.com/apis/api/"
+    "searchconsole.googleapis.com/overview?project=123456789012 then retry. If you enabled this "
+    "API recently, wait a few minutes for the action to propagate to our systems and retry."
+)
+# How the per-account QPS limit is answered: Google uses 429, and 403 with these reasons.
+RATE_LIMIT_ANSWERS = {
+    "429": (429, "rateLimitExceeded", _QPS_QUOTA),
+    "403 rateLimitExceeded": (403, "rateLimitExceeded", "Rate Limit Exceeded"),
+    "403 userRateLimitExceeded": (403, "userRateLimitExceeded", "User Rate Limit Exceeded"),
+    "403 quotaExceeded": (
+        403,
+        "quotaExceeded",
+        "Quota exceeded for quota metric 'Queries' and limit 'Queries per minute per user'.",
+    ),
+}
 _INVALID_CREDENTIALS = (
     "Request had invalid authentication credentials. Expected OAuth 2 access token, login "
     "cookie or other valid authentication credential. See "
@@ -173,6 +194,10 @@ class GoogleSimulator(SimServer):
         incomplete_days: int = 2,
         qps_per_account: float | None = None,
         quota_exhausted_accounts: Collection[str] = (),
+        daily_limit_accounts: Collection[str] = (),
+        rate_limit_answer: str = "429",
+        api_disabled: bool = False,
+        client_deleted: bool = False,
         expire_access_tokens_once: bool = False,
         fail_next: int = 0,
         hang: bool = False,
@@ -195,6 +220,12 @@ class GoogleSimulator(SimServer):
         self.incomplete_days = incomplete_days
         self.qps_per_account = qps_per_account
         self.quota_exhausted_accounts: set[str] = set(quota_exhausted_accounts)
+        self.daily_limit_accounts: set[str] = set(daily_limit_accounts)
+        if rate_limit_answer not in RATE_LIMIT_ANSWERS:
+            raise ValueError(f"rate_limit_answer: one of {', '.join(RATE_LIMIT_ANSWERS)}")
+        self.rate_limit_answer = rate_limit_answer
+        self.api_disabled = api_disabled
+        self.client_deleted = client_deleted
         self.expire_access_tokens_once = expire_access_tokens_once
         self.fail_next = fail_next
         self.hang = hang
@@ -220,6 +251,12 @@ class GoogleSimulator(SimServer):
         self.max_queries_per_second: dict[str, int] = {}
         self._windows.clear()
         self.max_in_flight = self.in_flight
+
+    def forget_recent_queries(self) -> None:
+        """Empty the sliding rate windows, as if a quiet second had passed: lets a test whose
+        client never really sleeps simulate the wait it asked for."""
+        for window in self._windows.values():
+            window.clear()
 
     def revoke(self, refresh_token: str) -> None:
         """Revoke a refresh token (user removed access): refresh and its access tokens fail."""
@@ -292,6 +329,8 @@ class GoogleSimulator(SimServer):
             )
         if client_id != self.client_id or form.get("client_secret") != self.client_secret:
             return oauth_error(401, "invalid_client", "The OAuth client was not found.")
+        if self.client_deleted:
+            return oauth_error(401, "deleted_client", "The OAuth client was deleted.")
         grant_type = form.get("grant_type")
         if grant_type != "refresh_token":
             return oauth_error(400, "unsupported_grant_type", f"Invalid grant_type: {grant_type}")
@@ -370,7 +409,17 @@ class GoogleSimulator(SimServer):
         if fault is not None:
             raise fault
         await self._delay()
-        return self._authenticate(request)
+        account = self._authenticate(request)
+        if self.api_disabled:
+            raise GoogleError(
+                403,
+                _API_DISABLED,
+                "accessNotConfigured",
+                status="PERMISSION_DENIED",
+                domain="usageLimits",
+                extendedHelp="https://console.developers.google.com",
+            )
+        return account
 
     async def _sites_list(self, request: web.Request) -> web.StreamResponse:
         self.sites_requests += 1
@@ -406,6 +455,10 @@ class GoogleSimulator(SimServer):
                 raise GoogleError(
                     403, _LOAD_QUOTA, "quotaExceeded", status=None, domain="usageLimits"
                 )
+            if account.email in self.daily_limit_accounts:
+                raise GoogleError(
+                    403, _DAILY_LIMIT, "dailyLimitExceeded", status=None, domain="usageLimits"
+                )
             query = _parse_query_body(await request.read())
             if account.properties.get(site_url) not in VERIFIED_LEVELS:
                 raise _forbidden(site_url)
@@ -424,13 +477,14 @@ class GoogleSimulator(SimServer):
         if len(window) > self.max_queries_per_second.get(email, 0):
             self.max_queries_per_second[email] = len(window)
         if self.qps_per_account is not None and len(window) > self.qps_per_account:
+            code, reason, message = RATE_LIMIT_ANSWERS[self.rate_limit_answer]
             raise GoogleError(
-                429,
-                _QPS_QUOTA,
-                "rateLimitExceeded",
-                status="RESOURCE_EXHAUSTED",
+                code,
+                message,
+                reason,
+                status="RESOURCE_EXHAUSTED" if code == 429 else "PERMISSION_DENIED",
                 domain="usageLimits",
-                headers={"Retry-After": "1"},
+                headers={"Retry-After": "1"} if code == 429 else {},
             )
 
     def _answer(self, site_url: str, query: _Query) -> dict[str, Any]:

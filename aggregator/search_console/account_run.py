@@ -1,0 +1,136 @@
+"""What one run knows about each Google account, and about the OAuth client as a whole.
+
+Google's errors are not all about the request that met them: a load quota makes the whole
+account rest, a daily limit ends the account's night, a deleted OAuth client or a Cloud project
+without the API fails every account alike. These objects carry such verdicts from the request
+that learned them to every other request, so each is paid for once, not once per site.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Literal
+
+from aggregator.model import GscAccount
+from aggregator.search_console.oauth import AccountToken, Sleep
+from aggregator.search_console.pacing import Pacer
+
+
+class SiteFailure(Exception):
+    """A site's GSC numbers could not be fetched; the message is safe to store."""
+
+
+class PropertyUnreachable(SiteFailure):
+    """The account can read none of the site's candidate properties: the site is skipped."""
+
+
+class AccountStopped(SiteFailure):
+    """The account is asked nothing more this run (daily limit, a load quota that outlasted
+    its rest); its sites fail with the message that says why."""
+
+
+class ClientBroken(Exception):
+    """The OAuth client cannot be used at all (deleted, unknown, the API disabled in its Cloud
+    project): reported once for the whole client, never per site."""
+
+
+class AccountRun:
+    """Everything shared by one account's site tasks during one run."""
+
+    def __init__(self, account: GscAccount, token: AccountToken, pacer: Pacer) -> None:
+        self.account = account
+        self.token = token
+        self.pacer = pacer
+        self._stopped: str | None = None
+        self._rest_over: asyncio.Event | None = None
+        self._listing_lock = asyncio.Lock()
+        self._listing: Mapping[str, str] | SiteFailure | None = None
+
+    def stop(self, message: str) -> AccountStopped:
+        """Ask this account nothing more this run; the first reason given is the one kept."""
+        if self._stopped is None:
+            self._stopped = message
+        return AccountStopped(self._stopped)
+
+    def check(self) -> None:
+        if self._stopped is not None:
+            raise AccountStopped(self._stopped)
+
+    @property
+    def has_rested(self) -> bool:
+        """Whether the account's one rest (after a load-quota refusal) has begun."""
+        return self._rest_over is not None
+
+    async def rest(self, seconds: float, sleep: Sleep) -> None:
+        """The account's one rest: the first caller sleeps, the others wait for it to end."""
+        if self._rest_over is None:
+            self._rest_over = asyncio.Event()
+            try:
+                await sleep(seconds)
+            finally:
+                self._rest_over.set()
+        else:
+            await self._rest_over.wait()
+
+    async def rested(self) -> None:
+        """Return once the account is not resting (at once if it never rested)."""
+        if self._rest_over is not None:
+            await self._rest_over.wait()
+
+    async def listing(
+        self, list_sites: Callable[[], Awaitable[Mapping[str, str]]]
+    ) -> Mapping[str, str]:
+        """sites.list (property -> permission level) once per account and run; a failure is
+        shared like an answer."""
+        async with self._listing_lock:
+            if self._listing is None:
+                try:
+                    self._listing = await list_sites()
+                except SiteFailure as failure:
+                    self._listing = failure
+            if isinstance(self._listing, SiteFailure):
+                raise type(self._listing)(str(self._listing))
+            return self._listing
+
+
+Stage = Literal["token", "api"]
+
+
+class ClientGate:
+    """Until Google has once accepted the OAuth client, its requests go one at a time.
+
+    A deleted OAuth client or a Cloud project without the Search Console API fails every account
+    alike; letting each account's first request race would cost one refused request (and one
+    error line) per account. So the token endpoint and the API are each entered one request at
+    a time until an answer proves the client works there; from then on the gate costs nothing.
+    Once the client is found broken, every request stops before it is sent.
+    """
+
+    def __init__(self) -> None:
+        self.failure: str | None = None
+        self._locks = {"token": asyncio.Lock(), "api": asyncio.Lock()}
+        self._proven: set[Stage] = set()
+
+    def check(self) -> None:
+        if self.failure is not None:
+            raise ClientBroken(self.failure)
+
+    def broken(self, message: str) -> ClientBroken:
+        if self.failure is None:
+            self.failure = message
+        return ClientBroken(self.failure)
+
+    def proven(self, stage: Stage) -> None:
+        self._proven.add(stage)
+
+    @contextlib.asynccontextmanager
+    async def passage(self, stage: Stage) -> AsyncIterator[None]:
+        self.check()
+        if stage in self._proven:
+            yield
+            return
+        async with self._locks[stage]:
+            self.check()
+            yield

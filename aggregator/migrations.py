@@ -178,7 +178,7 @@ def read_grant_sql(role: str) -> str:
     quoted = quote_identifier(role)
     policy = quote_identifier(f"aggregator_read_{role}")
     return (
-        f"-- Opt-in: {role} reads the daily_analytics rows of the sites it can read.\n"
+        "-- Opt-in: this role reads the daily_analytics rows of the sites it can read.\n"
         f"grant select on daily_analytics to {quoted};\n"
         f"drop policy if exists {policy} on daily_analytics;\n"
         f"create policy {policy} on daily_analytics for select to {quoted}\n"

@@ -1,7 +1,8 @@
 """Logging: JSON lines under cron, readable lines in a terminal, secrets masked in both.
 
 The libraries' own standard-library logging (asyncpg after a pooler restart, aiohttp, asyncio,
-google-auth), Python warnings and an uncaught exception all go through the same processors, so
+google-auth), Python warnings, an uncaught exception and an exception Python cannot raise (a
+finalizer's) all go through the same processors, so
 cron sees one JSON line per event, tracebacks included, and nothing bypasses the masking.
 """
 
@@ -67,6 +68,16 @@ def _log_uncaught(
     log.critical("aggregator.crashed", exc_info=(kind, error, traceback))
 
 
+def _log_unraisable(unraisable: sys.UnraisableHookArgs) -> None:
+    """An exception Python cannot raise (a finalizer's, say asyncpg's after a pooler restart)."""
+    error = unraisable.exc_value
+    log.error(
+        "aggregator.unraisable",
+        where=unraisable.err_msg or repr(unraisable.object),
+        exc_info=(unraisable.exc_type, error, unraisable.exc_traceback) if error else None,
+    )
+
+
 def configure_logging(
     *,
     secrets: Iterable[str] = (),
@@ -99,6 +110,7 @@ def configure_logging(
     )
     _route_standard_logging(shared, renderer, output, verbose=verbose)
     sys.excepthook = _log_uncaught
+    sys.unraisablehook = _log_unraisable
 
 
 def _route_standard_logging(
@@ -134,3 +146,4 @@ def reset_logging() -> None:
     root.setLevel(logging.WARNING)
     logging.captureWarnings(False)
     sys.excepthook = sys.__excepthook__
+    sys.unraisablehook = sys.__unraisablehook__

@@ -146,6 +146,19 @@ def test_a_crash_is_one_masked_json_line(capsys) -> None:
     assert json.loads(err)["event"] == "aggregator.crashed"
 
 
+def test_an_unraisable_exception_is_one_masked_json_line(capsys) -> None:
+    configure_logging(secrets=["S3CRET-finalizer-value"], stream=sys.stderr)
+
+    class Leaky:
+        def __del__(self) -> None:
+            raise ConnectionError("finalizer lost S3CRET-finalizer-value")
+
+    Leaky()  # collected at once: its __del__ raises where nothing can catch it
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "S3CRET" not in err, err
+    assert json.loads(err)["event"] == "aggregator.unraisable"
+
+
 def test_printed_output_is_masked() -> None:
     register_secret("mtok/S3CRET+matomo=1a")
     out = io.StringIO()

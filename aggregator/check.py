@@ -676,26 +676,9 @@ async def load_schema(conn: asyncpg.Connection) -> SchemaFacts:
 
 
 async def load_accounts(conn: asyncpg.Connection) -> dict[int, AccountInfo]:
-    """Accounts with their token health; a schema before migration 005 has no connection
-    time nor failure streak, which then read as unknown."""
-    recorded = await storage.has_column(conn, "gsc_accounts", "failing_since")
-    extra = (
-        "connected_at, failing_since" if recorded else "null as connected_at, null as failing_since"
-    )
-    rows = await conn.fetch(
-        f"select id, email, is_active, last_refresh_at, last_error, {extra}"
-        " from gsc_accounts order by id"
-    )
     return {
-        r["id"]: AccountInfo(
-            r["id"],
-            r["email"],
-            r["is_active"],
-            TokenHealth(
-                r["connected_at"], r["last_refresh_at"], r["failing_since"], r["last_error"]
-            ),
-        )
-        for r in rows
+        a.id: AccountInfo(a.id, a.email, a.active, a.health)
+        for a in await token_health.load_accounts(conn)
     }
 
 

@@ -8,12 +8,22 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 from urllib.parse import unquote, urlsplit
 
-from aggregator import __version__, accounts, check, demo, migrations, status, storage
+from aggregator import (
+    __version__,
+    accounts,
+    check,
+    demo,
+    migrations,
+    report_data,
+    report_html,
+    status,
+    storage,
+)
 from aggregator.config import ConfigError, Settings, load_settings, read_environment
 from aggregator.dates import DateError, parse_day, resolve_window, today_in
 from aggregator.logs import configure_logging
@@ -127,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status_parser.add_argument("--json", action="store_true", help="one JSON document")
     status_parser.add_argument("--all", action="store_true", help="list every site")
+    status_parser.add_argument(
+        "--html",
+        type=Path,
+        metavar="FILE",
+        help="also write a self-contained HTML report: sites x days per source, runs, accounts",
+    )
 
     check_parser = commands.add_parser(
         "check",
@@ -225,7 +241,7 @@ def _main(argv: Sequence[str] | None) -> int:
     handlers: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
         "run": _run_command,
         "migrate": _migrate_command,
-        "status": status.command,
+        "status": _status_command,
         "accounts": accounts.command,
         "demo": demo.command,
         "check": check.command,
@@ -245,6 +261,15 @@ def _reader_went_away() -> int:
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
     return EXIT_BROKEN_PIPE
+
+
+def _status_command(args: argparse.Namespace, settings: Settings) -> int:
+    if args.html is None:
+        return status.command(args, settings)
+    data = asyncio.run(report_data.collect(settings, datetime.now(tz=settings.timezone)))
+    size = report_html.write(data, args.html)
+    print(f"report: {args.html.resolve()} ({size / 1e6:.1f} MB)", file=sys.stderr)
+    return status.show(args, data.status, settings)
 
 
 def _run_async(coro_factory: Callable[[asyncio.Event], Coroutine[Any, Any, int]]) -> int:

@@ -279,7 +279,7 @@ def _rate(present: int, expected: int) -> float | None:
 def summary_lines(report: StatusReport, zone: ZoneInfo) -> list[str]:
     """The verdict, one row per source, the run figures."""
     attention = len(report.attention) + len(report.run_errors)
-    verdict = "all fresh" if report.ok else f"ATTENTION: {attention} need attention"
+    verdict = "all fresh" if report.ok else f"ATTENTION: {attention} behind or failing"
     figures = report.figures()
     rows = []
     for source in SOURCES:
@@ -568,13 +568,17 @@ async def load_runs(
 
 
 async def load_last_errors(conn: asyncpg.Connection) -> dict[tuple[str, str], str]:
-    """The errors of the newest finished run, by (site, source)."""
+    """The errors of the newest finished run, by (site, source), leaving out sites no longer
+    monitored (deactivated or undeployed since): their failure needs no attention."""
     rows = await conn.fetch(
         """
         select e ->> 'site' as site, e ->> 'source' as source, e ->> 'error' as error
         from (select errors from aggregator_runs where finished_at is not null
               order by started_at desc, id desc limit 1) r,
              jsonb_array_elements(r.errors) e
+        where not exists (select 1 from sites s
+                          where s.domain = e ->> 'site'
+                            and not (s.is_active and s.deployed_at is not null))
         """
     )
     return {(row["site"], row["source"]): row["error"] or "" for row in rows}
@@ -601,7 +605,11 @@ async def collect(settings: Settings, now: datetime) -> StatusReport:
 
 
 def command(args: argparse.Namespace, settings: Settings) -> int:
-    report = asyncio.run(collect(settings, datetime.now(tz=settings.timezone)))
+    return show(args, asyncio.run(collect(settings, datetime.now(tz=settings.timezone))), settings)
+
+
+def show(args: argparse.Namespace, report: StatusReport, settings: Settings) -> int:
+    """Print the report as asked (`--json`, `--all`); return the exit status."""
     if args.json:
         print(json.dumps(as_json(report, every_site=args.all), indent=2))
     else:

@@ -15,6 +15,9 @@ import dataclasses
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
+import asyncpg
+
+from aggregator import storage
 from aggregator.model import AccountRefresh
 
 TESTING_LIFETIME = timedelta(days=7)
@@ -120,3 +123,35 @@ def testing_deadline(health: TokenHealth, now: datetime) -> date | None:
         return None
     dies = health.connected_at + TESTING_LIFETIME
     return dies.date() if dies > now else None
+
+
+@dataclass(frozen=True, slots=True)
+class AccountHealth:
+    """A gsc_accounts row without its token, with its monitored sites counted."""
+
+    id: int
+    email: str
+    active: bool
+    sites: int
+    health: TokenHealth
+
+
+async def load_accounts(conn: asyncpg.Connection) -> list[AccountHealth]:
+    """Every account by email. A schema before migration 005 has no connection time nor
+    failure streak: they read as unknown."""
+    recorded = await storage.has_column(conn, "gsc_accounts", "failing_since")
+    columns = "a.connected_at, a.failing_since" if recorded else "null, null"
+    rows = await conn.fetch(
+        f"""
+        select a.id, a.email, a.is_active, a.last_refresh_at, a.last_error, {columns},
+               count(s.id) filter (where s.is_active and s.deployed_at is not null) as sites
+        from gsc_accounts a left join sites s on s.gsc_account_id = a.id
+        group by a.id order by a.email
+        """
+    )
+    return [
+        AccountHealth(
+            r["id"], r["email"], r["is_active"], r["sites"], TokenHealth(r[5], r[3], r[6], r[4])
+        )
+        for r in rows
+    ]

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import pytest
 
-from aggregator import report_data, report_html, storage
+from aggregator import migrations, report_data, report_html
 from aggregator.dates import SOURCES, today_in
 from aggregator.local_postgres import dsn_with_search_path
 from aggregator.report_data import CELL_STATES
@@ -43,7 +43,7 @@ def _seeded(server_dsn: str, n_sites: int) -> Iterator[str]:
             await conn.close()
 
     async def seed(conn: asyncpg.Connection) -> None:
-        await storage.apply_migrations(conn)
+        await migrations.apply_migrations(conn)
         await seed_mix(conn, n_sites, today_in(UTC_ZONE))
 
     asyncio.run(on(server_dsn, lambda conn: conn.execute(f"create schema {schema}")))

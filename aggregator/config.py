@@ -310,6 +310,17 @@ SETTINGS: tuple[Setting, ...] = (
         high=3600,
         unit="seconds",
     ),
+    Setting(
+        "AGGREGATOR_HEAL_DAYS",
+        "heal_days",
+        "count",
+        "how far before yesterday the nightly window reaches back to heal a site's missing "
+        "and provisional days",
+        default=30,
+        low=0,
+        high=480,  # Search Console keeps 16 months: further back it has nothing to heal with
+        unit="days",
+    ),
 )
 
 
@@ -346,6 +357,7 @@ class Settings:
     flush_seconds: float = default_of("AGGREGATOR_FLUSH_SECONDS")
     flush_rows: int = default_of("AGGREGATOR_FLUSH_ROWS")
     lease_seconds: float = default_of("AGGREGATOR_LEASE_SECONDS")
+    heal_days: int = default_of("AGGREGATOR_HEAL_DAYS")
 
     @property
     def matomo_configured(self) -> bool:

@@ -103,3 +103,19 @@ def resolve_window(
         raise DateError(f"--lookback must be at least 1, got {days}")
     yesterday = today - timedelta(days=1)
     return Window(yesterday - timedelta(days=days - 1), yesterday, explicit=False)
+
+
+def heal_limit(window: Window, heal_days: int) -> date:
+    """The oldest day a nightly window may reach back to: `heal_days` before its last day."""
+    return window.end - timedelta(days=heal_days)
+
+
+def site_window(window: Window, deployed_on: date, heal_from: date | None = None) -> Window | None:
+    """One site's own window: `window` widened back to `heal_from` (the site's oldest day to
+    heal, if older) and clipped to its deployment day, so no day before the site existed is
+    fetched or written. None when the site was deployed after the window's last day."""
+    start = window.start if heal_from is None else min(window.start, heal_from)
+    start = max(start, deployed_on)
+    if start > window.end:
+        return None
+    return Window(start, window.end, explicit=window.explicit)

@@ -16,7 +16,7 @@ import json
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -35,7 +35,7 @@ from aggregator.api_stats import SourceStats
 from aggregator.config import ConfigError, Secret, Settings
 from aggregator.dates import Window
 from aggregator.http_body import read_capped
-from aggregator.model import MatomoDay, Site, SiteError
+from aggregator.model import MatomoDay, Site, SiteError, SiteId
 from aggregator.redaction import Redactor
 from aggregator.redirects import REDIRECT_STATUSES, refused_redirect
 
@@ -87,23 +87,34 @@ async def fetch_matomo_visits(
     session: aiohttp.ClientSession,
     *,
     stats: SourceStats | None = None,
+    windows: Mapping[SiteId, Window] | None = None,
 ) -> AsyncIterator[MatomoDay | SiteError]:
-    """Yield a MatomoDay per day start..end for every site with a Matomo id, or one SiteError.
+    """Yield a MatomoDay per day of its window for every site with a Matomo id, or one SiteError.
 
-    Batches run concurrently, at most `matomo_concurrency` POSTs in flight, and each batch's records
+    A site's window is `windows[site.id]` when given (the nightly plan: each site its own), else
+    start..end. Each sub-request of a bulk call carries its own site's range, so sites with
+    different windows cost no extra request. Batches run concurrently, at most `matomo_concurrency` POSTs in flight, and each batch's records
     are yielded as soon as it finishes so that an interrupted run keeps what it already fetched.
     Closing or cancelling the generator cancels the batches still running. Every request is
     counted into `stats`.
     """
     if settings.matomo_url is None or settings.matomo_token is None:
         raise ConfigError("MATOMO_URL and MATOMO_TOKEN must both be set to fetch Matomo visits")
-    days = Window(start, end).days()
-    tracked = [site for site in sites if site.matomo_site_id is not None]
+    default = Window(start, end)
+    own = windows or {}
+    tracked = [
+        (site, own.get(site.id, default)) for site in sites if site.matomo_site_id is not None
+    ]
     size = settings.matomo_batch_size
     batches = [tracked[i : i + size] for i in range(0, len(tracked), size)]
-    log.info("matomo.fetch", sites=len(tracked), batches=len(batches), days=len(days))
+    log.info(
+        "matomo.fetch",
+        sites=len(tracked),
+        batches=len(batches),
+        site_days=sum(len(window) for _, window in tracked),
+    )
     endpoint = _endpoint_for(settings, session, settings.matomo_concurrency, stats)
-    pending = {asyncio.create_task(_fetch_batch(endpoint, batch, days)) for batch in batches}
+    pending = {asyncio.create_task(_fetch_batch(endpoint, batch)) for batch in batches}
     try:
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -117,23 +128,24 @@ async def fetch_matomo_visits(
 
 
 def build_bulk_form(
-    matomo_site_ids: Sequence[int | None], start: date, end: date, token: Secret
+    sub_requests: Sequence[tuple[int | None, Window]], token: Secret
 ) -> dict[str, str]:
-    """The form body of one bulk call: one `VisitsSummary.get` sub-request per site.
+    """The form body of one bulk call: one `VisitsSummary.get` sub-request per (Matomo site id,
+    that site's own window).
 
     `date=A,B` even for one day, so every sub-result has the same date-keyed shape. Sub-requests
     inherit token_auth from the outer body; `format_metrics=0` keeps numbers unformatted.
     """
-    window = f"{start.isoformat()},{end.isoformat()}"
     form = {
         "module": "API",
         "method": "API.getBulkRequest",
         "format": "json",
         "token_auth": token.reveal(),
     }
-    for index, matomo_id in enumerate(matomo_site_ids):
+    for index, (matomo_id, window) in enumerate(sub_requests):
+        dates = f"{window.start.isoformat()},{window.end.isoformat()}"
         form[f"urls[{index}]"] = (
-            f"method=VisitsSummary.get&idSite={matomo_id}&period=day&date={window}&format_metrics=0"
+            f"method=VisitsSummary.get&idSite={matomo_id}&period=day&date={dates}&format_metrics=0"
         )
     return form
 
@@ -302,12 +314,13 @@ def _endpoint_for(
 
 
 async def _fetch_batch(
-    endpoint: _Endpoint, batch: Sequence[Site], days: Sequence[date]
+    endpoint: _Endpoint, batch: Sequence[tuple[Site, Window]]
 ) -> list[MatomoDay | SiteError]:
-    """All records of one batch; every failure it can attribute becomes a SiteError."""
+    """All records of one batch, each site's over its own window; every failure it can
+    attribute becomes a SiteError."""
     started = time.monotonic()
     form = build_bulk_form(
-        [site.matomo_site_id for site in batch], days[0], days[-1], endpoint.token
+        [(site.matomo_site_id, window) for site, window in batch], endpoint.token
     )
     try:
         answer, attempts = await _post_with_retries(endpoint, form, sites=len(batch))
@@ -315,12 +328,12 @@ async def _fetch_batch(
     except MatomoError as exc:
         message = redact(str(exc), endpoint.token)
         log.warning("matomo.batch_failed", sites=len(batch), error=message)
-        return [SiteError(site=site.domain, source=SOURCE, error=message) for site in batch]
+        return [SiteError(site=site.domain, source=SOURCE, error=message) for site, _ in batch]
     records: list[MatomoDay | SiteError] = []
     failed = 0
-    for site, result in zip(batch, results, strict=True):
+    for (site, window), result in zip(batch, results, strict=True):
         try:
-            records.extend(site_days(site, result, days))
+            records.extend(site_days(site, result, window.days()))
         except MatomoError as exc:
             failed += 1
             message = redact(str(exc), endpoint.token)

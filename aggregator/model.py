@@ -87,4 +87,22 @@ class AccountRefresh:
     error: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class SiteHistory:
+    """What the nightly window of one site needs to know of its stored rows.
+
+    `*_heal_from`: its oldest day, from the heal limit up to the day before the lookback, that
+    the source has no value for (for Search Console also: still provisional); None when there
+    is none. `*_served_at`: when the source's numbers of its recent days were last stored
+    (None: never), so the least recently served sites go first.
+    """
+
+    site_id: SiteId
+    deployed_on: date
+    matomo_heal_from: date | None
+    gsc_heal_from: date | None
+    matomo_served_at: datetime | None
+    gsc_served_at: datetime | None
+
+
 SourceRecord = MatomoDay | GscDay | SiteError | AccountRefresh

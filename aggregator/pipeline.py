@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime
 from typing import Literal
 
 import aiohttp
@@ -23,7 +23,7 @@ from aggregator import storage
 from aggregator.api_stats import SourceStats
 from aggregator.config import ConfigError, Settings
 from aggregator.daily_table import DailyTable
-from aggregator.dates import Window
+from aggregator.dates import PACIFIC, Window, heal_limit, today_in
 from aggregator.flushing import Flusher
 from aggregator.lease import TRANSIENT_ERRORS, LeaseLost, RunLease, keep_alive, take_lease
 from aggregator.model import (
@@ -35,6 +35,7 @@ from aggregator.model import (
     SiteId,
     SourceRecord,
 )
+from aggregator.planning import SourcePlan, plan_source, skipped_gsc_sites
 from aggregator.progress import NoProgress, ProgressSink
 
 log = structlog.get_logger(__name__)
@@ -55,7 +56,11 @@ class UsageError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class SourceInput:
-    """What one source needs: its sites, its window and shared resources."""
+    """What one source needs: its sites, each site's own window and shared resources.
+
+    `start`..`end` spans every site's window; a source fetches each site over `windows[id]`
+    only. `pacific_today` is Search Console's today (injected, so nights can be simulated).
+    """
 
     sites: Sequence[Site]
     accounts: Mapping[int, GscAccount]
@@ -64,6 +69,8 @@ class SourceInput:
     settings: Settings
     session: aiohttp.ClientSession
     final_only: bool
+    windows: Mapping[SiteId, Window]
+    pacific_today: date
     stats: SourceStats = field(default_factory=SourceStats)
 
 
@@ -111,6 +118,7 @@ def default_source(name: SourceName) -> Source:
                 given.settings,
                 given.session,
                 stats=given.stats,
+                windows=given.windows,
             )
 
         return matomo
@@ -126,6 +134,8 @@ def default_source(name: SourceName) -> Source:
             given.session,
             final_only=given.final_only,
             stats=given.stats,
+            windows=given.windows,
+            pacific_today=given.pacific_today,
         )
 
     return gsc
@@ -166,8 +176,11 @@ async def run_job(
     sources: Mapping[SourceName, Source] | None = None,
     stop: asyncio.Event | None = None,
     progress: ProgressSink | None = None,
+    now: datetime | None = None,
 ) -> RunOutcome:
     """Fetch the window from every enabled source and store it; see RunOutcome for the result.
+
+    `now` (default: the clock) fixes Search Console's today, so tests run simulated nights.
 
     Raises ConfigError, UsageError or storage.StorageError before anything is fetched when the
     run cannot start (the CLI maps those to exit 2); storage.RunLocked when another run kept
@@ -188,7 +201,18 @@ async def run_job(
                 else {}
             )
             plan = await _plan(conn, settings, request, sites, accounts)
-        run = _Run(settings, request, plan, accounts, sources, stop, progress or NoProgress())
+        skipped = skipped_gsc_sites(sites, accounts) if "gsc" in request.sources else []
+        run = _Run(
+            settings,
+            request,
+            plan,
+            accounts,
+            sources,
+            stop,
+            progress or NoProgress(),
+            skipped=skipped,
+            pacific_today=today_in(PACIFIC, now),
+        )
         # A dry run writes nothing, so it takes no lease: it never waits for (or blocks) a run.
         if request.dry_run:
             table = DailyTable()
@@ -240,8 +264,13 @@ class _Run:
         sources: Mapping[SourceName, Source] | None,
         stop: asyncio.Event,
         progress: ProgressSink,
+        *,
+        skipped: Sequence[SiteError],
+        pacific_today: date,
     ) -> None:
         self._settings = settings
+        self._skipped = skipped
+        self._pacific_today = pacific_today
         self._request = request
         self._plan = plan
         self._accounts = accounts
@@ -259,7 +288,11 @@ class _Run:
         self.stats: dict[str, SourceStats] = {}
 
     async def collect(self, table: DailyTable, after_add: Callable[[], Awaitable[None]]) -> None:
-        """Fetch into `table` until done, the deadline or a halt (noting which cut it)."""
+        """Fetch into `table` until done, the deadline or a halt (noting which cut it). Sites
+        skipped by the plan are errors of the run from the start."""
+        table.errors.extend(self._skipped)
+        if self._skipped:
+            table.stats["gsc"] = SourceStats(sites_skipped=len(self._skipped))
         began = time.monotonic()
         watch = asyncio.create_task(self._relay_stop())
         try:
@@ -273,6 +306,7 @@ class _Run:
                 after_add,
                 self._halt,
                 self._progress,
+                self._pacific_today,
             )
         finally:
             watch.cancel()
@@ -315,10 +349,12 @@ class _Run:
 
     async def store_while_fetching(self, pool: asyncpg.Pool, sites_total: int) -> None:
         """Take the lease, fetch while flushing, and close the run row however this ends."""
+        # The run's range spans every site's own window (healing widens some).
+        first = min((share.start for share in self._plan.values()), default=None)
         try:
             lease = await take_lease(
                 pool,
-                self._request.window.start,
+                first or self._request.window.start,
                 self._request.window.end,
                 sites_total,
                 lease_seconds=self._settings.lease_seconds,
@@ -394,16 +430,6 @@ def _check_requested_domains(domains: Sequence[str], sites: Sequence[Site]) -> N
         )
 
 
-@dataclass(frozen=True, slots=True)
-class SourcePlan:
-    """One source's share of a run: its sites and its own window."""
-
-    sites: list[Site]
-    start: date
-    end: date
-    skipped: int = 0  # sites left out before the source starts (an inactive Google account)
-
-
 async def _plan(
     conn: asyncpg.Connection,
     settings: Settings,
@@ -411,23 +437,23 @@ async def _plan(
     sites: Sequence[Site],
     accounts: Mapping[int, GscAccount],
 ) -> dict[SourceName, SourcePlan]:
-    """Per source: its sites and its window. GSC's default window reaches back over every day
-    still stored as provisional, so provisional numbers become final without an operator."""
+    """Per source: its sites, each over its own window (see aggregator.planning), planned from
+    one set-based read of the stored history, whatever the number of sites."""
+    window = request.window
+    histories = await storage.site_histories(
+        conn,
+        [s.id for s in sites],
+        heal_limit=heal_limit(window, settings.heal_days),
+        lookback_start=window.start,
+        zone=settings.timezone.key,
+    )
     plan: dict[SourceName, SourcePlan] = {}
-    skipped = [s.domain for s in sites if s.gsc_account_id and s.gsc_account_id not in accounts]
     for name in request.sources:
-        chosen = _sites_for(name, sites, accounts)
-        if not chosen:
+        share = plan_source(name, _sites_for(name, sites, accounts), histories, window)
+        if share is None:
             continue
-        _require_configured(name, settings, len(chosen))
-        start, end = request.window.start, request.window.end
-        if name == "gsc" and not request.window.explicit and not request.final_only:
-            oldest = await storage.oldest_provisional_gsc_day(conn, [s.id for s in chosen])
-            if oldest is not None and oldest < start:
-                start = oldest
-        plan[name] = SourcePlan(chosen, start, end, len(skipped) if name == "gsc" else 0)
-    if skipped and "gsc" in request.sources:
-        log.warning("gsc.account_inactive", sites=len(skipped), example=skipped[0])
+        _require_configured(name, settings, len(share.sites))
+        plan[name] = share
     return plan
 
 
@@ -441,6 +467,7 @@ async def _collect(
     after_add: Callable[[], Awaitable[None]],
     halt: asyncio.Event,
     progress: ProgressSink,
+    pacific_today: date,
 ) -> str | None:
     """Drain every source into `table` until done, the deadline, or `halt`; return "halt" or
     "deadline" when cut short (None when complete). `after_add` runs after every record (a
@@ -451,7 +478,7 @@ async def _collect(
 
         def open_source(name: SourceName, share: SourcePlan) -> AsyncIterator[SourceRecord]:
             source = sources[name] if sources else default_source(name)
-            table.stats[name] = SourceStats(sites_skipped=share.skipped)
+            table.stats.setdefault(name, SourceStats())
             return source(
                 SourceInput(
                     sites=share.sites,
@@ -461,6 +488,8 @@ async def _collect(
                     settings=settings,
                     session=session,
                     final_only=request.final_only,
+                    windows=share.windows,
+                    pacific_today=pacific_today,
                     stats=table.stats[name],
                 )
             )

@@ -12,13 +12,13 @@ import json
 import socket
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from urllib.parse import urlsplit
 
 import asyncpg
 
 from aggregator.config import Secret, Settings
-from aggregator.model import AccountRefresh, GscAccount, Site, SiteError, SiteId
+from aggregator.model import AccountRefresh, GscAccount, Site, SiteError, SiteHistory, SiteId
 from aggregator.redaction import redact, register_secret
 
 # gsc_learned_rates comes with migration 004: its absence means the schema predates it.
@@ -160,14 +160,60 @@ async def load_active_accounts(
     return accounts
 
 
-async def oldest_provisional_gsc_day(
-    conn: asyncpg.Connection, site_ids: Sequence[SiteId]
-) -> date | None:
-    """The oldest day still stored as provisional, so the default window can heal it."""
-    return await conn.fetchval(
-        "select min(date) from daily_analytics where gsc_final = false and site_id = any($1)",
-        list(site_ids),
+# Three set-based steps, however many sites: the stored rows of the heal range (one index
+# range per site on the primary key), every (site, day) from the heal limit (or the site's
+# deployment) to the day before the lookback, and a hash join of the two for the oldest gap.
+_SITE_HISTORIES = """
+with monitored as (
+    select s.id, (s.deployed_at at time zone $4)::date as deployed_on
+    from sites s
+    where s.id = any($1)
+),
+recent as materialized (
+    select d.site_id, d.date, d.matomo_updated_at, d.gsc_updated_at, d.gsc_final
+    from daily_analytics d
+    where d.site_id = any($1) and d.date >= $2
+),
+gaps as (
+    select m.id,
+           min(f.first_day + g.n) filter (where r.matomo_updated_at is null) as matomo_heal_from,
+           min(f.first_day + g.n) filter (where r.gsc_updated_at is null or r.gsc_final is false)
+               as gsc_heal_from
+    from monitored m
+    cross join lateral (select greatest($2::date, m.deployed_on) as first_day) as f
+    cross join lateral generate_series(0, $3::date - f.first_day) as g(n)
+    left join recent r on r.site_id = m.id and r.date = f.first_day + g.n
+    group by m.id
+),
+served as (
+    select site_id, max(matomo_updated_at) as matomo_served_at,
+           max(gsc_updated_at) as gsc_served_at
+    from recent
+    group by site_id
+)
+select m.id as site_id, m.deployed_on, gaps.matomo_heal_from, gaps.gsc_heal_from,
+       served.matomo_served_at, served.gsc_served_at
+from monitored m
+left join gaps on gaps.id = m.id
+left join served on served.site_id = m.id
+"""
+
+
+async def site_histories(
+    conn: asyncpg.Connection,
+    site_ids: Sequence[SiteId],
+    *,
+    heal_limit: date,
+    lookback_start: date,
+    zone: str,
+) -> dict[SiteId, SiteHistory]:
+    """Per site: its deployment day in `zone`, its oldest day to heal per source and when each
+    source last served it; in a few set-based statements, so 10,000 sites plan in milliseconds."""
+    rows = await conn.fetch(
+        _SITE_HISTORIES, list(site_ids), heal_limit, lookback_start - timedelta(days=1), zone
     )
+    # The statement names its columns after SiteHistory's fields.
+    return {row["site_id"]: SiteHistory(**dict(row)) for row in rows}
 
 
 _STAGE_COLUMNS = (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import asyncpg
 
 from aggregator.simulators import portfolio as world
@@ -28,12 +30,14 @@ async def add_site(
     gsc_property: str | None = None,
     deployed: bool = True,
     active: bool = True,
+    deployed_at: datetime | None = None,
 ) -> int:
+    """A monitored site; deployed long before any test's dates unless `deployed_at` says when."""
     return await conn.fetchval(
         """
         insert into sites (domain, is_active, deployed_at, matomo_site_id, gsc_account_id,
                            gsc_property)
-        values ($1, $2, case when $3 then now() end, $4, $5, $6)
+        values ($1, $2, case when $3 then $7::timestamptz end, $4, $5, $6)
         returning id
         """,
         domain,
@@ -42,7 +46,11 @@ async def add_site(
         matomo_site_id,
         gsc_account_id,
         gsc_property,
+        deployed_at or LONG_AGO,
     )
+
+
+LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 async def stored_rows(conn: asyncpg.Connection) -> dict[tuple[int, str], dict]:

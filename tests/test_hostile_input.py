@@ -50,6 +50,7 @@ START = date(2025, 6, 1)
 TODAY = date(2025, 6, 10)
 WINDOW = Window(START, date(2025, 6, 5))
 DAYS = [START + timedelta(days=n) for n in range(5)]
+LATER = START + timedelta(days=30)  # Search Console's today: every day above is settled
 
 scalars = (
     st.none()
@@ -207,7 +208,9 @@ def _check_gsc_day(day: GscDay) -> None:
 @given(body=gsc_bodies, final_only=st.booleans())
 def test_gsc_parser_valid_records_or_gsc_data_error(body: dict, final_only: bool) -> None:
     try:
-        days = days_from_search_analytics(7, body, START, DAYS[-1], final_only=final_only)
+        days = days_from_search_analytics(
+            7, body, START, DAYS[-1], final_only=final_only, pacific_today=LATER
+        )
     except GscDataError as exc:
         assert str(exc) and len(str(exc)) < 300
         return
@@ -269,19 +272,19 @@ def test_gsc_impossible_numbers_are_data_errors(field: str, value: object) -> No
     row = {"keys": [START.isoformat()], "clicks": 1, "impressions": 10, "ctr": 0.1, "position": 2}
     row[field] = value
     with pytest.raises(GscDataError, match=field):
-        days_from_search_analytics(7, {"rows": [row]}, START, START)
+        days_from_search_analytics(7, {"rows": [row]}, START, START, pacific_today=LATER)
 
 
 def test_gsc_large_but_valid_numbers_are_kept() -> None:
     row = {"keys": [START.isoformat()], "clicks": MAX_INT, "impressions": 2**40, "ctr": 1}
-    (day,) = days_from_search_analytics(7, {"rows": [row]}, START, START)
+    (day,) = days_from_search_analytics(7, {"rows": [row]}, START, START, pacific_today=LATER)
     assert (day.clicks, day.impressions, day.ctr, day.position) == (MAX_INT, 2**40, 1.0, None)
 
 
 def test_gsc_error_messages_do_not_carry_the_payload() -> None:
     row = {"keys": ["x" * 100_000]}
     with pytest.raises(GscDataError) as caught:
-        days_from_search_analytics(7, {"rows": [row]}, START, START)
+        days_from_search_analytics(7, {"rows": [row]}, START, START, pacific_today=LATER)
     assert len(str(caught.value)) < 200
 
 

@@ -3,7 +3,7 @@
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from datetime import UTC, date, timedelta
+from datetime import UTC, date
 
 import pytest
 
@@ -35,18 +35,17 @@ async def fake_matomo(given: SourceInput) -> AsyncIterator[SourceRecord]:
         if site.domain == "broken.com":
             yield SiteError(site.domain, "matomo", "Matomo site id 9: no access")
             continue
-        day = given.start
-        while day <= given.end:
+        for day in given.windows[site.id].days():
             yield MatomoDay(site.id, day, visits=site.id * 10 + day.day, actions=day.day)
-            day += timedelta(days=1)
 
 
 async def fake_gsc(given: SourceInput) -> AsyncIterator[SourceRecord]:
     for account_id in {s.gsc_account_id for s in given.sites}:
         yield AccountRefresh(account_id, at=_now())
     for site in given.sites:
-        yield GscDay(site.id, given.start, 1, 10, 0.1, 4.0, final=True)
-        yield GscDay(site.id, given.end, 2, 20, 0.1, 3.0, final=False)
+        window = given.windows[site.id]
+        yield GscDay(site.id, window.start, 1, 10, 0.1, 4.0, final=True)
+        yield GscDay(site.id, window.end, 2, 20, 0.1, 3.0, final=False)
 
 
 def _now():
@@ -124,34 +123,6 @@ async def test_unknown_site_is_a_usage_error(db, portfolio) -> None:
 async def test_an_unconfigured_source_that_sites_need_stops_the_run(db, portfolio) -> None:
     with pytest.raises(ConfigError, match="MATOMO_URL and MATOMO_TOKEN"):
         await run_job(settings_for(db, matomo_url=None), RunRequest(WINDOW), sources=SOURCES)
-
-
-async def test_default_window_reaches_back_over_provisional_gsc_days(db, conn, portfolio) -> None:
-    site = portfolio["gsc-only.com"]
-    old = START - timedelta(days=6)
-    await storage.upsert_daily_rows(
-        conn, [storage.DailyRow(site, old, gsc=(1, 1, 1.0, 1.0, False))]
-    )
-    seen: dict[str, tuple[date, date]] = {}
-
-    def spy(name, source):
-        async def wrapped(given: SourceInput):
-            seen[name] = (given.start, given.end)
-            async for record in source(given):
-                yield record
-
-        return wrapped
-
-    sources = {name: spy(name, fn) for name, fn in SOURCES.items()}
-    default = Window(START, END, explicit=False)
-    await run_job(settings_for(db), RunRequest(default), sources=sources)
-    assert seen == {"matomo": (START, END), "gsc": (old, END)}
-    # The next run found the old day final (the fake source yields it final at its start).
-    row = (await stored_rows(conn))[(site, old.isoformat())]
-    assert row["gsc_final"] is True
-    seen.clear()
-    await run_job(settings_for(db), RunRequest(WINDOW), sources=sources)
-    assert seen["gsc"] == (START, END)
 
 
 async def test_a_crashing_source_fails_alone(db, conn, portfolio) -> None:

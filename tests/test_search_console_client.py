@@ -60,6 +60,8 @@ SITES_URL = URL(f"{API}/webmasters/v3/sites")
 # What Google answers when nothing matched: no rows, but still its aggregation type.
 EMPTY_ANSWER = {"responseAggregationType": "byProperty"}
 START, END = date(2024, 5, 1), date(2024, 5, 3)
+# Search Console's today in the parsing tests: weeks after their days, so all are settled.
+LATER = date(2024, 6, 1)
 ACCOUNT_A = GscAccount(1, "a@example.com", "1//refresh-token-a")
 ACCOUNT_B = GscAccount(2, "b@example.com", "1//refresh-token-b")
 ACCOUNTS = {1: ACCOUNT_A, 2: ACCOUNT_B}
@@ -128,6 +130,7 @@ async def run(
     start: date = START,
     end: date = END,
     final_only: bool = False,
+    pacific_today: date = LATER,
     **settings: object,
 ) -> list[GscDay | SiteError | AccountRefresh]:
     configured = settings_for(token_endpoint.url, **settings)
@@ -142,6 +145,7 @@ async def run(
                 configured,
                 session,
                 final_only=final_only,
+                pacific_today=pacific_today,
             )
         ]
 
@@ -174,7 +178,9 @@ def texts(records: list[Any]) -> str:
 def test_airbyte_row_is_parsed_and_missing_final_days_are_zero() -> None:
     body = gsc_fixture("airbyte/search_analytics.json")
 
-    days = days_from_search_analytics(9, body, date(2024, 1, 14), date(2024, 1, 16))
+    days = days_from_search_analytics(
+        9, body, date(2024, 1, 14), date(2024, 1, 16), pacific_today=LATER
+    )
 
     assert days == [
         GscDay(9, date(2024, 1, 14), 0, 0, None, None, final=True),
@@ -198,7 +204,7 @@ def test_airbyte_live_record_shapes_keep_float_ctr_and_missing_position() -> Non
     }
     first, last = sorted(date.fromisoformat(r["date"]) for r in (with_floats, by_date))
 
-    days = {d.day: d for d in days_from_search_analytics(1, body, first, last)}
+    days = {d.day: d for d in days_from_search_analytics(1, body, first, last, pacific_today=LATER)}
 
     rich = days[date.fromisoformat(with_floats["date"])]
     assert (rich.clicks, rich.impressions) == (1, 15)
@@ -213,10 +219,27 @@ def test_airbyte_live_record_shapes_keep_float_ctr_and_missing_position() -> Non
     ids=["rows_absent", "rows_empty"],
 )
 def test_no_rows_without_metadata_means_zero_final_days(body: dict[str, Any]) -> None:
-    days = days_from_search_analytics(1, body, START, END)
+    days = days_from_search_analytics(1, body, START, END, pacific_today=LATER)
 
     assert [(d.day, d.clicks, d.impressions, d.final) for d in days] == [
         (day(n), 0, 0, True) for n in range(3)
+    ]
+
+
+def test_without_metadata_the_newest_days_stay_provisional() -> None:
+    # Google omits firstIncompleteDate when it sees no incomplete data point, which a quiet
+    # site's empty fresh days cannot prove: from (today in Pacific - 3) on, days are provisional.
+    today = day(6)
+    body = answer({"2024-05-04": (1, 9, 0.1, 3.0), "2024-05-06": (2, 8, 0.2, 4.0)})
+
+    days = days_from_search_analytics(1, body, day(0), day(5), pacific_today=today)
+
+    assert [(d.day, d.clicks, d.final) for d in days] == [
+        (day(0), 0, True),
+        (day(1), 0, True),
+        (day(2), 0, True),
+        (day(3), 1, False),  # today - 3: provisional, numbers kept
+        (day(5), 2, False),  # day(4) has no row and is provisional: nothing claimed
     ]
 
 
@@ -232,7 +255,7 @@ def test_first_incomplete_date_splits_final_from_provisional(spelling: str) -> N
         **{spelling: "2024-05-03"},
     )
 
-    days = days_from_search_analytics(1, body, day(0), day(4))
+    days = days_from_search_analytics(1, body, day(0), day(4), pacific_today=LATER)
 
     assert days == [
         GscDay(1, day(0), 5, 50, 0.1, 4.0, final=True),
@@ -245,7 +268,7 @@ def test_first_incomplete_date_splits_final_from_provisional(spelling: str) -> N
 def test_rows_outside_the_window_are_ignored() -> None:
     body = answer({"2024-04-30": (9, 9, 1.0, 1.0), "2024-05-02": (1, 2, 0.5, 1.0)})
 
-    days = days_from_search_analytics(1, body, day(1), day(1))
+    days = days_from_search_analytics(1, body, day(1), day(1), pacific_today=LATER)
 
     assert days == [GscDay(1, day(1), 1, 2, 0.5, 1.0, final=True)]
 
@@ -253,10 +276,15 @@ def test_rows_outside_the_window_are_ignored() -> None:
 def test_final_only_answers_claim_nothing_after_the_newest_row() -> None:
     body = answer({"2024-05-01": (3, 30, 0.1, 2.0)})
 
-    days = days_from_search_analytics(1, body, START, END, final_only=True)
+    days = days_from_search_analytics(1, body, START, END, final_only=True, pacific_today=LATER)
 
     assert days == [GscDay(1, day(0), 3, 30, 0.1, 2.0, final=True)]
-    assert days_from_search_analytics(1, EMPTY_ANSWER, START, END, final_only=True) == []
+    assert (
+        days_from_search_analytics(
+            1, EMPTY_ANSWER, START, END, final_only=True, pacific_today=LATER
+        )
+        == []
+    )
 
 
 @pytest.mark.parametrize(
@@ -276,15 +304,17 @@ def test_impossible_numbers_are_rejected(field: str, value: object) -> None:
     row[field] = value
 
     with pytest.raises(GscDataError, match=field):
-        days_from_search_analytics(1, {"rows": [row]}, START, END)
+        days_from_search_analytics(1, {"rows": [row]}, START, END, pacific_today=LATER)
 
 
 def test_malformed_dates_are_rejected() -> None:
     with pytest.raises(GscDataError, match="not a YYYY-MM-DD"):
-        days_from_search_analytics(1, {"metadata": {"firstIncompleteDate": "soon"}}, START, END)
+        days_from_search_analytics(
+            1, {"metadata": {"firstIncompleteDate": "soon"}}, START, END, pacific_today=LATER
+        )
     row = {"keys": ["2024-05-01"], "clicks": 1, "impressions": 1}
     with pytest.raises(GscDataError, match="two rows"):
-        days_from_search_analytics(1, {"rows": [row, row]}, START, END)
+        days_from_search_analytics(1, {"rows": [row, row]}, START, END, pacific_today=LATER)
 
 
 def test_query_body_asks_for_daily_totals_of_web_search() -> None:
@@ -613,7 +643,10 @@ async def test_one_query_covers_a_480_day_window(
     mocked.post(query_url("sc-domain:a.com"), payload=answer({"2023-06-01": (5, 50, 0.1, 2.0)}))
     site = Site(1, "a.com", gsc_account_id=1, gsc_property="sc-domain:a.com")
 
-    records = await run(token_endpoint, [site], start=start, end=end)
+    # Search Console's today just after the window: all 480 days are within its retention.
+    records = await run(
+        token_endpoint, [site], start=start, end=end, pacific_today=end + timedelta(days=4)
+    )
 
     requests = calls(mocked, "POST", query_url("sc-domain:a.com"))
     assert len(requests) == 1
@@ -1073,7 +1106,9 @@ async def test_stopping_early_cancels_the_remaining_work(
     settings = settings_for(token_endpoint.url)
 
     async with aiohttp.ClientSession() as session:
-        stream = fetch_gsc_performance(sites, ACCOUNTS, START, END, settings, session)
+        stream = fetch_gsc_performance(
+            sites, ACCOUNTS, START, END, settings, session, pacific_today=LATER
+        )
         first = await anext(stream)
         await started.wait()
         await stream.aclose()
@@ -1109,7 +1144,7 @@ def test_days_beyond_search_console_retention_are_never_zero_filled() -> None:
     start, end = cutoff - timedelta(days=2), cutoff + timedelta(days=1)
     row = {"keys": [str(start)], "clicks": 3, "impressions": 9, "ctr": 0.33, "position": 2}
     body = {"rows": [row], "metadata": {"firstIncompleteDate": str(first_incomplete)}}
-    days = days_from_search_analytics(7, body, start, end)
+    days = days_from_search_analytics(7, body, start, end, pacific_today=LATER)
     assert [(d.day, d.clicks, d.final) for d in days] == [
         (start, 3, True),  # a row Google still has is stored
         (cutoff, 0, True),  # inside retention a missing final day is a real zero

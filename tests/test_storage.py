@@ -99,20 +99,6 @@ async def test_provisional_numbers_are_replaced_but_never_replace_final_ones(con
     assert (row["gsc_clicks"], row["gsc_impressions"], row["gsc_final"]) == (5, 80, True)
 
 
-async def test_oldest_provisional_day(conn) -> None:
-    site = await add_site(conn, "example.com")
-    assert await storage.oldest_provisional_gsc_day(conn, [site]) is None
-    await storage.upsert_daily_rows(
-        conn,
-        [
-            DailyRow(site, D1, gsc=(1, 1, 1.0, 1.0, False)),
-            DailyRow(site, D2, gsc=(1, 1, 1.0, 1.0, False)),
-            DailyRow(site, date(2024, 2, 1), gsc=(1, 1, 1.0, 1.0, True)),
-        ],
-    )
-    assert await storage.oldest_provisional_gsc_day(conn, [site]) == D1
-
-
 async def test_account_refresh_outcomes(conn) -> None:
     ok = await add_account(conn, "ok@example.com", "t")
     bad = await add_account(conn, "bad@example.com", "t")

@@ -151,13 +151,16 @@ def days_from_search_analytics(
     start: date,
     end: date,
     *,
+    pacific_today: date,
     final_only: bool = False,
 ) -> list[GscDay]:
     """GscDay records for start..end from a searchAnalytics.query answer (the contract's rules).
 
     Days before `metadata.firstIncompleteDate` are final and a missing final day is a real zero;
     later days are provisional and a missing provisional day yields nothing, because Google may
-    simply not have it yet. Without metadata every day is final.
+    simply not have it yet. Google omits the metadata when it sees no incomplete data point,
+    which a quiet site's empty fresh days cannot prove: without it, days from `pacific_today`
+    (Search Console's today) minus UNPROVEN_FRESH_DAYS on are provisional, earlier ones final.
 
     `final_only` answers (dataState=final) never carry metadata, yet the last two or three days
     are missing from them because they are not final yet, not because they had no traffic. So
@@ -172,18 +175,25 @@ def days_from_search_analytics(
     if final_only:
         first_incomplete = max(rows) + timedelta(days=1) if rows else start
     else:
-        first_incomplete = _first_incomplete_date(body)
-    retained_from = first_incomplete and first_incomplete - timedelta(days=RETENTION_DAYS)
+        first_incomplete = _first_incomplete_date(body) or pacific_today - timedelta(
+            days=UNPROVEN_FRESH_DAYS
+        )
+    retained_from = first_incomplete - timedelta(days=RETENTION_DAYS)
     days: list[GscDay] = []
     for day in Window(start, end).days():
-        final = first_incomplete is None or day < first_incomplete
+        final = day < first_incomplete
         row = rows.get(day)
         if row is not None:
             days.append(GscDay(site_id, day, *row, final=final))
-        elif final and (retained_from is None or day >= retained_from):
+        elif final and day >= retained_from:
             days.append(GscDay(site_id, day, 0, 0, None, None, final=True))
     return days
 
+
+# How many of the newest days are taken as provisional when an answer does not say (Google's
+# fresh data is typically two or three days behind; one more day errs towards "provisional",
+# which later nights replace, never towards a final zero that would block the real numbers).
+UNPROVEN_FRESH_DAYS = 3
 
 # Search Console keeps 16 months of data; a few days' margin keeps the cut on the safe side.
 RETENTION_DAYS = 16 * 30

@@ -29,8 +29,9 @@ from yarl import URL
 
 from aggregator.api_stats import SourceStats
 from aggregator.config import Settings
+from aggregator.dates import PACIFIC, Window, today_in
 from aggregator.http_body import read_capped
-from aggregator.model import AccountRefresh, GscAccount, GscDay, Site, SiteError
+from aggregator.model import AccountRefresh, GscAccount, GscDay, Site, SiteError, SiteId
 from aggregator.redaction import Redactor
 from aggregator.redirects import REDIRECT_STATUSES, refused_redirect
 from aggregator.search_console import answers
@@ -95,12 +96,13 @@ class _SearchConsole:
         self,
         settings: Settings,
         session: aiohttp.ClientSession,
-        start: date,
-        end: date,
+        window: Window,
         *,
         final_only: bool,
         stats: SourceStats | None = None,
         rest_allowed: bool = True,
+        windows: Mapping[SiteId, Window] | None = None,
+        pacific_today: date | None = None,
     ) -> None:
         self._settings = settings
         self._stats = stats or SourceStats()
@@ -108,9 +110,10 @@ class _SearchConsole:
         self._deadline = time.monotonic() + settings.run_deadline if rest_allowed else 0.0
         self._gate = ClientGate()
         self._session = session
-        self._start = start
-        self._end = end
+        self._window = window
+        self._windows = windows or {}
         self._final_only = final_only
+        self._pacific_today = pacific_today or today_in(PACIFIC)
         self._client_pacer = Pacer(settings.gsc_max_qps_per_client)
         self._timeout = aiohttp.ClientTimeout(
             total=settings.gsc_timeout, sock_connect=settings.http_connect_timeout
@@ -213,6 +216,7 @@ class _SearchConsole:
         return [SiteError(site.domain, SOURCE, self._redact(message), skipped=skipped)]
 
     async def _fetch_site(self, run: AccountRun, site: Site) -> list[GscDay]:
+        window = self._windows.get(site.id, self._window)
         prop = site.gsc_property or await self._resolve_property(run, site)
         path = f"/webmasters/v3/sites/{quote(prop, safe='')}/searchAnalytics/query"
         pages: list[Mapping[str, Any]] = []
@@ -220,8 +224,8 @@ class _SearchConsole:
             # With only the date dimension a page never fills up in practice; paging is insurance.
             while True:
                 body = search_analytics_request(
-                    self._start,
-                    self._end,
+                    window.start,
+                    window.end,
                     final_only=self._final_only,
                     start_row=len(pages) * answers.ROW_LIMIT,
                 )
@@ -232,9 +236,10 @@ class _SearchConsole:
             return days_from_search_analytics(
                 site.id,
                 merged,
-                self._start,
-                self._end,
+                window.start,
+                window.end,
                 final_only=self._final_only,
+                pacific_today=self._pacific_today,
             )
         except GscDataError as bad:
             raise SiteFailure(f"Search Console answered {prop} with unusable data: {bad}") from None
@@ -465,17 +470,29 @@ async def fetch_gsc_performance(
     *,
     final_only: bool = False,
     stats: SourceStats | None = None,
+    windows: Mapping[SiteId, Window] | None = None,
+    pacific_today: date | None = None,
 ) -> AsyncIterator[GscDay | SiteError | AccountRefresh]:
-    """Search Console numbers for `sites` over start..end (Pacific-time days, inclusive).
+    """Search Console numbers for `sites` over start..end (Pacific-time days, inclusive), or
+    over `windows[site.id]` where given: one query per site whatever its window.
+
+    `pacific_today` (default: the clock) is Search Console's today, for answers that do not
+    say which days are incomplete.
 
     Yields each site's GscDay records or one SiteError as soon as that site is done, so an
     interrupted run keeps what it fetched, and one AccountRefresh per account whose token
     refresh was attempted. Sites without gsc_account_id are not GSC sites and are ignored.
     Every request is counted into `stats`.
     """
-    if start > end:
-        raise ValueError(f"start {start} is after end {end}")
-    console = _SearchConsole(settings, session, start, end, final_only=final_only, stats=stats)
+    console = _SearchConsole(
+        settings,
+        session,
+        Window(start, end),
+        final_only=final_only,
+        stats=stats,
+        windows=windows,
+        pacific_today=pacific_today,
+    )
     ready: asyncio.Queue[GscRecord | None] = asyncio.Queue()
     producer = asyncio.create_task(console.run(sites, accounts, ready.put_nowait))
     producer.add_done_callback(lambda _: ready.put_nowait(None))
@@ -516,7 +533,9 @@ async def account_access(
     accounts concurrently, paced and retried by the same code as a run (a check never rests
     for a load quota)."""
     today = date.today()  # unused: sites.list has no window
-    console = _SearchConsole(settings, session, today, today, final_only=False, rest_allowed=False)
+    console = _SearchConsole(
+        settings, session, Window(today, today), final_only=False, rest_allowed=False
+    )
 
     async def one(account: GscAccount) -> AccountAccess:
         token = AccountToken(account, settings, console._redact, sleep=_backoff_sleep)

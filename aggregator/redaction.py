@@ -1,10 +1,11 @@
 """Masking secrets out of any text that leaves the process: errors, logs, stored messages, output.
 
-A secret can come back in many spellings: raw, URL-encoded by a server echoing a form
-(`quote` and `quote_plus`), JSON-escaped, or base64/base64url-encoded (padded or not) by a
-proxy echoing an `Authorization` header or a whole request body. In base64 a secret's spelling
-depends on where it starts inside the encoded data, so each of the three alignments is masked
-by the run of characters that only the secret's bytes determine.
+A secret can come back in many spellings: raw, URL-encoded by a server echoing a form or a
+path (`quote` with or without `/` kept, `quote_plus`), JSON-escaped (ASCII or not), or
+base64/base64url-encoded (padded or not) by a proxy echoing an `Authorization` header or a
+whole request body. In base64 a secret's spelling depends on where it starts inside the
+encoded data, so each of the three alignments is masked by the run of characters that only the
+secret's bytes determine.
 
 Every secret the process learns (settings at start-up, refresh tokens read from the database,
 access tokens when Google issues them) is registered with `SECRETS`, the one redactor that logs
@@ -34,7 +35,14 @@ _MIN_BASE64_FRAGMENT = 6
 
 def spellings(secret: str) -> set[str]:
     """Every spelling of `secret` this module masks (fragments of base64 included)."""
-    found = {secret, quote(secret, safe=""), quote_plus(secret), json.dumps(secret)[1:-1]}
+    found = {
+        secret,
+        quote(secret),  # a URL path keeps its slashes
+        quote(secret, safe=""),
+        quote_plus(secret),
+        json.dumps(secret)[1:-1],
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+    }
     data = secret.encode()
     for encode in (base64.b64encode, base64.urlsafe_b64encode):
         whole = encode(data).decode()

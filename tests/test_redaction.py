@@ -43,9 +43,9 @@ _BASE64_RUN = re.compile(r"[A-Za-z0-9+/_-]+")
 
 def revealed(text: str, secret: str) -> bool:
     """Whether `text` still gives `secret` away in any spelling this project promises to mask."""
-    if any(s in text for s in (secret, quote(secret, safe=""), quote_plus(secret))):
+    if any(s in text for s in (secret, quote(secret), quote(secret, safe=""), quote_plus(secret))):
         return True
-    if json.dumps(secret)[1:-1] in text:
+    if any(json.dumps(secret, ensure_ascii=a)[1:-1] in text for a in (True, False)):
         return True
     wanted = secret.encode()
     for run in _BASE64_RUN.findall(text):
@@ -69,9 +69,11 @@ def encodings(secret: str, before: bytes, after: bytes) -> list[str]:
     bearer = f"Bearer {secret}".encode()
     spelled = [
         secret,
+        quote(secret),
         quote(secret, safe=""),
         quote_plus(secret),
         json.dumps(secret),
+        json.dumps({"echo": secret}, ensure_ascii=False),
         json.dumps({"echo": f"token_auth={quote_plus(secret)}"}),
     ]
     for encode in (base64.b64encode, base64.urlsafe_b64encode):

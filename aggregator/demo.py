@@ -12,11 +12,14 @@ import asyncio
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 from typing import TextIO
+from zoneinfo import ZoneInfo
 
 import asyncpg
 
-from aggregator import migrations, storage
+from aggregator import migrations, report_data, report_html, status, storage
 from aggregator.config import Secret, Settings
 from aggregator.dates import resolve_window, today_in
 from aggregator.local_postgres import default_data_dir, dsn_with_search_path, embedded_postgres
@@ -34,6 +37,7 @@ class DemoOptions:
     accounts: int = 4
     lookback: int = 4
     revoked_account: bool = False
+    report: Path | None = None  # the HTML report; None: default_report_path()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,10 +47,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--lookback", type=_positive, default=4, metavar="N", help="days ending yesterday"
     )
     parser.add_argument(
+        "--report",
+        type=Path,
+        metavar="FILE",
+        help=f"where to write the HTML status report of the demo data (default {default_report_path()})",
+    )
+    parser.add_argument(
         "--revoked-account",
         action="store_true",
         help="revoke the last Google account's token to show how a failure is isolated",
     )
+
+
+def default_report_path() -> Path:
+    """Next to the embedded server's data, never in the working directory (a repository)."""
+    return default_data_dir().parent / "demo-report.html"
 
 
 def _positive(text: str) -> int:
@@ -58,7 +73,9 @@ def _positive(text: str) -> int:
 
 def command(args: argparse.Namespace, settings: Settings) -> int:
     """Run the demo on DATABASE_URL (in its own schema) or on the embedded Postgres."""
-    options = DemoOptions(args.sites, args.accounts, args.lookback, args.revoked_account)
+    report = (args.report or default_report_path()).resolve()
+    report.parent.mkdir(parents=True, exist_ok=True)
+    options = DemoOptions(args.sites, args.accounts, args.lookback, args.revoked_account, report)
     out = sys.stdout
     if settings.database_url is not None:
         server = settings.database_url.reveal()
@@ -137,9 +154,20 @@ async def run_demo(server_dsn: str, options: DemoOptions, out: TextIO) -> int:
     conn = await asyncpg.connect(dsn)
     try:
         await print_report(conn, outcome, requests, seconds, out)
+        await print_status(conn, settings.timezone, options.report or default_report_path(), out)
     finally:
         await conn.close()
     return outcome.exit_code
+
+
+async def print_status(conn: asyncpg.Connection, zone: ZoneInfo, report: Path, out: TextIO) -> None:
+    """What `aggregator status` says about the demo data, and its HTML report."""
+    now = datetime.now(tz=zone)
+    data = await report_data.gather(conn, today_in(zone, now), zone, now)
+    size = report_html.write(data, report)
+    lines = status.summary_lines(data.status, zone) + status.attention_lines(data.status)
+    print("\n" + "\n".join(lines), file=out)
+    print(f"\nHTML report of the demo data ({size / 1e6:.1f} MB): {report}", file=out)
 
 
 async def print_report(

@@ -18,6 +18,8 @@ async def test_demo_on_database_url_isolates_a_revoked_account(server_dsn, tmp_p
             "--accounts",
             "3",
             "--revoked-account",
+            "--report",
+            str(tmp_path / "demo.html"),
             env={"DATABASE_URL": server_dsn},
             cwd=tmp_path,
         )
@@ -28,6 +30,10 @@ async def test_demo_on_database_url_isolates_a_revoked_account(server_dsn, tmp_p
         assert "Matomo bulk requests       1" in out
         assert "seo-team-3@demo.example" in out and "reconnect" in out
         assert "partial:" in out
+        # It ends with what `aggregator status` says, and its HTML report.
+        assert "aggregator status" in out and "ATTENTION" in out
+        assert out.rstrip().endswith(str(tmp_path / "demo.html"))
+        assert "seo-team-3@demo.example" in (tmp_path / "demo.html").read_text()
         conn = await asyncpg.connect(server_dsn)
         try:
             stored = await conn.fetchval(
@@ -53,6 +59,10 @@ def test_demo_without_database_url_uses_an_embedded_postgres(tmp_path) -> None:
         assert first.returncode == 0, first.stderr
         assert "embedded PostgreSQL" in first.stdout and "ok: " in first.stdout
         assert (data / "aggregator" / "pgdata" / "PG_VERSION").is_file()
+        # A clean run leaves every site fresh (provisional Search Console numbers count).
+        assert "(UTC): all fresh" in first.stdout
+        report = data / "aggregator" / "demo-report.html"
+        assert first.stdout.rstrip().endswith(str(report)) and report.stat().st_size > 0
         again = aggregator("demo", "--sites", "12", "--accounts", "2", env=env, cwd=tmp_path)
         assert again.returncode == 0, again.stderr
         assert "RuntimeDirWarning" not in first.stderr + again.stderr

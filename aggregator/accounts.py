@@ -25,6 +25,7 @@ import asyncpg
 from aggregator import storage
 from aggregator.config import ConfigError, Settings
 from aggregator.pipeline import UsageError
+from aggregator.redaction import register_secret
 from aggregator.text_table import table_lines
 from aggregator.token_health import PUBLISH_ADVICE
 
@@ -306,6 +307,7 @@ def add(settings: Settings, email: str, consent: Consent) -> int:
     email = checked_email(email)
     _in_database(settings, require_token_health)
     grant = consent()
+    register_secret(grant.refresh_token)
     refusal = refused_grant(email, grant)
     if refusal is not None:
         raise UsageError(refusal)

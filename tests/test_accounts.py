@@ -12,6 +12,7 @@ from aggregator import accounts, cli
 from aggregator.accounts import Grant
 from aggregator.config import ConfigError, load_settings
 from aggregator.pipeline import UsageError
+from aggregator.redaction import redact
 from aggregator.storage import StorageError
 from tests.factories import add_account, add_site
 from tests.test_cli import aggregator, one_line_error
@@ -72,6 +73,7 @@ async def test_add_stores_the_consented_token_and_reactivates(db, conn, capsys) 
     assert f"updated owner@example.com (account {existing})" in out
     assert "added second@example.com" in out
     assert "rt-new-SEKRIT" not in out
+    assert redact("echoed rt-new-SEKRIT") == "echoed ***", "the new token is masked from now on"
     assert '"In production"' in out and "expire after 7 days" in out
     health = await conn.fetch("select connected_at, failing_since from gsc_accounts")
     assert all(r["connected_at"] is not None and r["failing_since"] is None for r in health)

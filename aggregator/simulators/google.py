@@ -14,7 +14,9 @@ One aiohttp app serves both, so one base URL works as `GOOGLE_TOKEN_URL=<url>/to
   sorted by clicks descending, `rows` is omitted when empty. `dataState: all` adds the
   provisional days (first_incomplete_date = today - incomplete_days, so with the default 2 the
   days today-2, today-1 and today are provisional, served at `provisional_factor` of their final
-  numbers) and `metadata`; `final` (the default) stops before that horizon.
+  numbers) and `metadata`; `final` (the default) stops before that horizon. With
+  `metadata_only_when_incomplete` the metadata is left out when no row of the answer is on or
+  after the horizon, as Google does; properties in `quiet_properties` have no provisional rows.
 * Errors use Google's envelope `{"error": {"code", "message", "errors": [...], "status"}}`:
   401 UNAUTHENTICATED, 403 forbidden (no/unverified access), 403 quotaExceeded (load quota),
   403 dailyLimitExceeded, 403 accessNotConfigured (`api_disabled`: the API is off in the
@@ -177,7 +179,8 @@ class GoogleSimulator(SimServer):
 
     Counters (`reset_counters()` zeroes them): `token_requests`, `sites_requests`,
     `query_requests` (totals, faults included) and `*_by_account` Counters keyed by email
-    (requests that identified an account); `max_queries_per_second[email]`: the most query
+    (requests that identified an account); `queried`: (siteUrl, startDate, endDate) of each
+    well-formed query of an authenticated account; `max_queries_per_second[email]`: the most query
     requests (accepted or refused) that arrived within any 1-second sliding window;
     `max_in_flight`.
     """
@@ -202,6 +205,8 @@ class GoogleSimulator(SimServer):
         fail_next: int = 0,
         hang: bool = False,
         metadata_spelling: str = "first_incomplete_date",
+        metadata_only_when_incomplete: bool = False,
+        quiet_properties: Collection[str] = (),
         zero_day_share: float = 0.10,
         provisional_factor: float = 0.6,
         retention_days: int = 486,
@@ -230,6 +235,8 @@ class GoogleSimulator(SimServer):
         self.fail_next = fail_next
         self.hang = hang
         self.metadata_spelling = metadata_spelling
+        self.metadata_only_when_incomplete = metadata_only_when_incomplete
+        self.quiet_properties: set[str] = set(quiet_properties)
         self.zero_day_share = zero_day_share
         self.provisional_factor = provisional_factor
         self.retention_days = retention_days
@@ -248,6 +255,7 @@ class GoogleSimulator(SimServer):
         self.token_requests_by_account: Counter[str] = Counter()
         self.sites_requests_by_account: Counter[str] = Counter()
         self.query_requests_by_account: Counter[str] = Counter()
+        self.queried: list[tuple[str, date, date]] = []  # (siteUrl, startDate, endDate)
         self.max_queries_per_second: dict[str, int] = {}
         self._windows.clear()
         self.max_in_flight = self.in_flight
@@ -257,6 +265,10 @@ class GoogleSimulator(SimServer):
         client never really sleeps simulate the wait it asked for."""
         for window in self._windows.values():
             window.clear()
+
+    def reinstate(self, refresh_token: str) -> None:
+        """Undo revoke(): the user connected the account again (the same token for brevity)."""
+        self._revoked.discard(refresh_token)
 
     def revoke(self, refresh_token: str) -> None:
         """Revoke a refresh token (user removed access): refresh and its access tokens fail."""
@@ -296,6 +308,8 @@ class GoogleSimulator(SimServer):
         clicks = min(impressions, round(impressions * ctr_base * (0.7 + 0.6 * u[2])))
         position = max(1.0, position_base * (0.85 + 0.3 * u[3]))
         if provisional and day >= self.first_incomplete_date():
+            if site_url in self.quiet_properties:
+                return None
             impressions = int(impressions * self.provisional_factor)
             clicks = int(clicks * self.provisional_factor)
             if impressions == 0:
@@ -460,6 +474,7 @@ class GoogleSimulator(SimServer):
                     403, _DAILY_LIMIT, "dailyLimitExceeded", status=None, domain="usageLimits"
                 )
             query = _parse_query_body(await request.read())
+            self.queried.append((site_url, query.start, query.end))
             if account.properties.get(site_url) not in VERIFIED_LEVELS:
                 raise _forbidden(site_url)
             return _json(self._answer(site_url, query))
@@ -513,7 +528,8 @@ class GoogleSimulator(SimServer):
                 for clicks, impressions, ctr, position, day in page
             ]
         body["responseAggregationType"] = "byProperty"
-        if query.fresh:
+        incomplete = any(date.fromisoformat(row[4]) >= horizon for row in rows)
+        if query.fresh and (incomplete or not self.metadata_only_when_incomplete):
             body["metadata"] = {self.metadata_spelling: horizon.isoformat()}
         return body
 

@@ -46,6 +46,9 @@ SOURCE = "matomo"
 # Module-level (read at call time) so tests can shrink the backoff instead of sleeping for seconds.
 BACKOFF_INITIAL_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 30.0
+# Attempts of each half of a split batch: the whole batch already had its retries, so a half
+# is asked at most twice (a transient fault once more) before it is split again.
+SPLIT_ATTEMPTS = 2
 
 _RETRYABLE_STATUSES = frozenset({408})
 _DATE_KEY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -65,6 +68,11 @@ MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 
 class MatomoError(Exception):
     """Matomo answered, but not with usable numbers; sending the same request again won't help."""
+
+
+class MatomoBatchFailed(MatomoError):
+    """A bulk answer as a whole was unusable after its retries (5xx, timeouts, a malformed or
+    oversized answer): one site of the batch may be the cause, so smaller batches may succeed."""
 
 
 class MatomoAccessRefused(MatomoError):
@@ -177,9 +185,11 @@ def bulk_results(answer: Any, expected: int) -> list[Any]:
     """
     raise_for_error_envelope(answer, "the bulk request")
     if not isinstance(answer, list):
-        raise MatomoError(f"Matomo bulk answer is {_kind(answer)}, expected a list")
+        raise MatomoBatchFailed(f"Matomo bulk answer is {_kind(answer)}, expected a list")
     if len(answer) != expected:
-        raise MatomoError(f"Matomo bulk answer has {len(answer)} results for {expected} sites")
+        raise MatomoBatchFailed(
+            f"Matomo bulk answer has {len(answer)} results for {expected} sites"
+        )
     return answer
 
 
@@ -275,9 +285,10 @@ def _kind(value: Any) -> str:
     return "null" if value is None else names.get(type(value), "a number")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Endpoint:
-    """Where and how bulk calls go: one per run, shared by its batches."""
+    """Where and how bulk calls go: one per run, shared by its batches. `answered` counts the
+    bulk answers that could be used, which tells a broken site from a broken server."""
 
     session: aiohttp.ClientSession
     url: str
@@ -288,6 +299,7 @@ class _Endpoint:
     backoff_initial: float
     backoff_max: float
     stats: SourceStats
+    answered: int = 0
 
 
 def _endpoint_for(
@@ -314,21 +326,57 @@ def _endpoint_for(
 
 
 async def _fetch_batch(
-    endpoint: _Endpoint, batch: Sequence[tuple[Site, Window]]
+    endpoint: _Endpoint, batch: Sequence[tuple[Site, Window]], *, split: bool = False
 ) -> list[MatomoDay | SiteError]:
     """All records of one batch, each site's over its own window; every failure it can
-    attribute becomes a SiteError."""
+    attribute becomes a SiteError.
+
+    A batch whose answer stays unusable after its retries is asked again in halves, down to
+    single sites, so one site that breaks the whole bulk answer (a PHP fatal error in its
+    reports is a 500 for everyone) costs only itself. `split`: this batch is such a half.
+    A half is split further only once Matomo has answered some request usably: when the
+    server itself is down, every half fails too, and halving would multiply the requests
+    (and timeouts) by the batch size.
+    """
     started = time.monotonic()
     form = build_bulk_form(
         [(site.matomo_site_id, window) for site, window in batch], endpoint.token
     )
     try:
-        answer, attempts = await _post_with_retries(endpoint, form, sites=len(batch))
-        results = bulk_results(answer, len(batch))
+        answer, attempts = await _post_with_retries(
+            endpoint,
+            form,
+            sites=len(batch),
+            max_attempts=min(SPLIT_ATTEMPTS, endpoint.max_attempts) if split else None,
+            split=split,
+        )
+        try:
+            results = bulk_results(answer, len(batch))
+        except MatomoError:
+            endpoint.stats.failed()
+            raise
+        endpoint.answered += 1
+    except MatomoBatchFailed as exc:
+        if len(batch) > 1 and (not split or endpoint.answered):
+            log.warning(
+                "matomo.batch_split", sites=len(batch), error=redact(str(exc), endpoint.token)
+            )
+            middle = len(batch) // 2
+            halves = await asyncio.gather(
+                _fetch_batch(endpoint, batch[:middle], split=True),
+                _fetch_batch(endpoint, batch[middle:], split=True),
+            )
+            return [record for half in halves for record in half]
+        if split and len(batch) == 1:
+            return _batch_failed(
+                endpoint,
+                batch,
+                f"Matomo fails on site id {batch[0][0].matomo_site_id} alone ({exc}): check that "
+                "site's reports in Matomo; the other sites of its batch were fetched",
+            )
+        return _batch_failed(endpoint, batch, str(exc))
     except MatomoError as exc:
-        message = redact(str(exc), endpoint.token)
-        log.warning("matomo.batch_failed", sites=len(batch), error=message)
-        return [SiteError(site=site.domain, source=SOURCE, error=message) for site, _ in batch]
+        return _batch_failed(endpoint, batch, str(exc))
     records: list[MatomoDay | SiteError] = []
     failed = 0
     for (site, window), result in zip(batch, results, strict=True):
@@ -348,10 +396,26 @@ async def _fetch_batch(
     return records
 
 
+def _batch_failed(
+    endpoint: _Endpoint, batch: Sequence[tuple[Site, Window]], error: str
+) -> list[MatomoDay | SiteError]:
+    message = redact(error, endpoint.token)
+    log.warning("matomo.batch_failed", sites=len(batch), error=message)
+    return [SiteError(site=site.domain, source=SOURCE, error=message) for site, _ in batch]
+
+
 async def _post_with_retries(
-    endpoint: _Endpoint, form: dict[str, str], *, sites: int
+    endpoint: _Endpoint,
+    form: dict[str, str],
+    *,
+    sites: int,
+    max_attempts: int | None = None,
+    split: bool = False,
 ) -> tuple[Any, int]:
-    """The decoded JSON answer and the attempt that got it; MatomoError once retries run out."""
+    """The decoded JSON answer and the attempt that got it; MatomoError once retries run out
+    (MatomoBatchFailed when every attempt met a transient fault). `split`: the first attempt
+    already re-asks what a failed bulk request asked, so it counts as a retry."""
+    attempts_allowed = max_attempts or endpoint.max_attempts
 
     def log_retry(state: RetryCallState) -> None:
         reason = state.outcome.exception() if state.outcome else None
@@ -364,7 +428,7 @@ async def _post_with_retries(
         )
 
     retrying = AsyncRetrying(
-        stop=stop_after_attempt(endpoint.max_attempts),
+        stop=stop_after_attempt(attempts_allowed),
         wait=wait_exponential_jitter(
             multiplier=endpoint.backoff_initial,
             max=endpoint.backoff_max,
@@ -378,15 +442,15 @@ async def _post_with_retries(
         async for attempt in retrying:
             with attempt:
                 async with endpoint.in_flight:
-                    endpoint.stats.sent(retry=attempt.retry_state.attempt_number > 1)
+                    endpoint.stats.sent(retry=split or attempt.retry_state.attempt_number > 1)
                     try:
                         answer = await _post_once(endpoint, form)
                     except (MatomoError, MatomoTransientError) as failure:
                         endpoint.stats.failed(rate_limited=isinstance(failure, MatomoRateLimited))
                         raise
     except MatomoTransientError as exc:
-        raise MatomoError(
-            f"Matomo unreachable after {endpoint.max_attempts} attempts: {exc}"
+        raise MatomoBatchFailed(
+            f"Matomo unreachable after {attempts_allowed} attempts: {exc}"
         ) from None
     return answer, attempt.retry_state.attempt_number
 
@@ -414,7 +478,7 @@ async def _post_once(endpoint: _Endpoint, form: dict[str, str]) -> Any:
 
 
 def _too_big() -> MatomoError:
-    return MatomoError(
+    return MatomoBatchFailed(
         f"Matomo answer exceeds {MAX_RESPONSE_BYTES // (1024 * 1024)} MiB: lower "
         "MATOMO_BATCH_SIZE or fetch a shorter window"
     )

@@ -275,22 +275,30 @@ async def test_unconfigured_matomo_fails_before_any_request(session, mocked):
     assert posts(mocked) == []
 
 
-@pytest.mark.parametrize(
-    ("answer", "error"),
-    [
-        ([day_range(MAY_1)], "Matomo bulk answer has 1 results for 2 sites"),
-        (
-            {"result": "success", "message": "ok"},
-            "Matomo bulk answer is an object, expected a list",
-        ),
-    ],
-)
-async def test_unmatchable_bulk_answer_fails_the_batch(session, mocked, answer: Any, error: str):
-    mocked.post(ENDPOINT, payload=answer)
+async def test_unmatchable_bulk_answer_fails_each_site_alone_after_splitting(session, mocked):
+    mocked.post(ENDPOINT, payload={"result": "success", "message": "ok"}, repeat=True)
 
     records = await collect([site(1), site(2)], MAY_1, MAY_1, session)
 
-    assert errors_by_site(records) == {"s1.example": error, "s2.example": error}
+    assert errors_by_site(records) == {
+        f"s{n}.example": f"Matomo fails on site id {n} alone (Matomo bulk answer is an object, "
+        "expected a list): check that site's reports in Matomo; the other sites of its batch "
+        "were fetched"
+        for n in (1, 2)
+    }
+    assert len(posts(mocked)) == 1 + 2, "the batch once, then each half once"
+
+
+async def test_a_bulk_answer_of_the_wrong_length_is_asked_again_in_halves(session, mocked):
+    def respond(url: Any, **kwargs: Any) -> CallbackResult:
+        return CallbackResult(payload=[day_range(MAY_1, 7, 7)])  # always one result
+
+    mocked.post(ENDPOINT, callback=respond, repeat=True)
+
+    records = await collect([site(1), site(2)], MAY_1, MAY_1, session)
+
+    assert errors_by_site(records) == {}
+    assert sorted(r.site_id for r in records if isinstance(r, MatomoDay)) == [1001, 1002]
 
 
 async def test_token_echoed_by_matomo_never_reaches_errors_or_logs(session, mocked):
@@ -388,7 +396,7 @@ async def test_transient_fault_then_success_is_retried(session, mocked, fault: d
     assert len(posts(mocked)) == 2
 
 
-async def test_batch_behind_a_502_page_gives_up_while_other_batches_succeed(session, mocked):
+async def test_a_site_that_breaks_its_batch_fails_alone(session, mocked):
     def respond(url: Any, **kwargs: Any) -> CallbackResult:
         ids = requested_ids(kwargs["data"])
         if 1 in ids:
@@ -399,10 +407,28 @@ async def test_batch_behind_a_502_page_gives_up_while_other_batches_succeed(sess
 
     records = await collect([site(1), site(2), site(3)], MAY_1, MAY_1, session, matomo_batch_size=2)
 
-    give_up = "Matomo unreachable after 3 attempts: HTTP 502"
-    assert errors_by_site(records) == {"s1.example": give_up, "s2.example": give_up}
-    assert [r for r in records if isinstance(r, MatomoDay)] == [MatomoDay(1003, MAY_1, 3, 3)]
-    assert len(posts(mocked)) == 3 + 1
+    assert errors_by_site(records) == {
+        "s1.example": "Matomo fails on site id 1 alone (Matomo unreachable after 2 attempts: "
+        "HTTP 502): check that site's reports in Matomo; the other sites of its batch were "
+        "fetched"
+    }
+    stored = sorted(r.site_id for r in records if isinstance(r, MatomoDay))
+    assert stored == [1002, 1003]
+    # [1, 2]: its 3 attempts; then [1] twice (SPLIT_ATTEMPTS) and [2] once; [3] once.
+    assert len(posts(mocked)) == 3 + 2 + 1 + 1
+
+
+async def test_a_server_that_answers_nothing_is_split_only_once(session, mocked):
+    mocked.post(ENDPOINT, status=502, body=PROXY_502, content_type="text/html", repeat=True)
+
+    records = await collect([site(n) for n in range(1, 9)], MAY_1, MAY_1, session)
+
+    # The batch's 3 attempts, then each half twice; with no usable answer anywhere, the halves
+    # are not split again (halving a dead server only multiplies the waiting).
+    assert len(posts(mocked)) == 3 + 2 * 2
+    errors = errors_by_site(records)
+    assert len(errors) == 8
+    assert all(e == "Matomo unreachable after 2 attempts: HTTP 502" for e in errors.values())
 
 
 async def test_connection_errors_until_give_up_name_the_cause(session, mocked):

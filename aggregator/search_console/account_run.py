@@ -103,8 +103,8 @@ class ClientGate:
 
     A deleted OAuth client or a Cloud project without the Search Console API fails every account
     alike; letting each account's first request race would cost one refused request (and one
-    error line) per account. So the token endpoint and the API are each entered one request at
-    a time until an answer proves the client works there; from then on the gate costs nothing.
+    error line) per account. So the token endpoint and the API are each entered by one request
+    until its outcome says the client is not broken there; from then on the gate costs nothing.
     Once the client is found broken, every request stops before it is sent.
     """
 

@@ -151,13 +151,18 @@ class _SearchConsole:
             emit(SiteError(subject, SOURCE, self._gate.failure))
 
     async def _refresh_first(self, token: AccountToken) -> None:
-        """The account's first token refresh, through the client's gate (see ClientGate)."""
+        """The account's first token refresh, through the client's gate (see ClientGate). Any
+        outcome but a rejected client opens the gate: a refresh that failed for its own account
+        or a token endpoint that is down says nothing against the client, and refreshing the
+        accounts one by one would multiply the wait."""
         async with self._gate.passage("token"):
             try:
                 await token.get()
             except OAuthClientRejected as rejected:
                 raise self._gate.broken(str(rejected)) from None
-            self._gate.proven("token")
+            finally:
+                if self._gate.failure is None:
+                    self._gate.proven("token")
 
     async def _run_account(
         self, account: GscAccount, sites: Sequence[Site], emit: Callable[[GscRecord], None]
@@ -322,6 +327,7 @@ class _SearchConsole:
                     self._stats.failed()
                     kind, problem = ErrorKind.TRANSIENT, f"network error: {type(error).__name__}"
                     log.warning("gsc.query", account=email, property=subject, error=problem)
+                    self._gate.proven("api")  # nothing against the client: don't serialize
                 else:
                     log.debug("gsc.query", account=email, property=subject, status=status)
                     if status == 200:
@@ -337,8 +343,7 @@ class _SearchConsole:
                     self._stats.failed(rate_limited=kind is ErrorKind.RATE_LIMITED)
                     if kind is ErrorKind.CLIENT_BROKEN:
                         raise self._gate.broken(self._api_disabled_message(problem))
-                    if kind not in (ErrorKind.TRANSIENT, ErrorKind.UNAUTHENTICATED):
-                        self._gate.proven("api")
+                    self._gate.proven("api")
             if kind is ErrorKind.UNAUTHENTICATED and not renewed:
                 renewed = True
                 await run.token.renew(token)

@@ -15,6 +15,8 @@ What it implements (see the Matomo reference, sections 1-7):
   order, one error object in the slot of a failing sub-request only.
 * `API.getMatomoVersion`, `SitesManager.getSitesIdWithAtLeastViewAccess`,
   `SitesManager.getSitesWithAtLeastViewAccess` for connectivity checks and site discovery.
+* `fatal_sites`: a site whose reports crash PHP (a fatal error): any request that touches it,
+  a whole bulk request included, is answered 500 with PHP's HTML error page.
 * Any other method: HTTP 200 with an error object. A request without `module=API` gets the
   HTML login page, like a real Matomo.
 
@@ -54,10 +56,18 @@ _LOGIN_HTML = (
     '<title>Sign in - Matomo</title></head><body class="login">'
     '<form id="login_form" method="post"></form></body></html>\n'
 )
+_PHP_FATAL_HTML = (
+    "<br />\n<b>Fatal error</b>:  Allowed memory size of 134217728 bytes exhausted (tried to "
+    "allocate 20480 bytes) in <b>/var/www/matomo/core/DataTable.php</b> on line <b>1187</b><br />"
+)
 _FAIL_MESSAGE = (
     "Mysql error: SQLSTATE[HY000]: General error: 2006 MySQL server has gone away "
     "(simulated failure for this site)"
 )
+
+
+class PhpFatalError(Exception):
+    """The PHP process died: the whole HTTP request fails, not one bulk element."""
 
 
 class MatomoError(Exception):
@@ -95,6 +105,7 @@ class MatomoSimulator(SimServer):
         today: date | None = None,
         latency: float = 0.0,
         fail_sites: Collection[int] = (),
+        fatal_sites: Collection[int] = (),
         fail_next: int = 0,
         hang: bool = False,
         empty_day_share: float = _EMPTY_DAY_SHARE,
@@ -107,6 +118,7 @@ class MatomoSimulator(SimServer):
         self.seed = seed
         self.today = today or date.today()
         self.fail_sites: set[int] = set(fail_sites)
+        self.fatal_sites: set[int] = set(fatal_sites)
         self.fail_next = fail_next
         self.hang = hang
         self.empty_day_share = empty_day_share
@@ -204,6 +216,8 @@ class MatomoSimulator(SimServer):
                 result = self._call(params, token_ok)
         except MatomoError as error:
             return _render(error, error.status)
+        except PhpFatalError:
+            return web.Response(status=500, text=_PHP_FATAL_HTML, content_type="text/html")
         return _render(result, 200)
 
     def _bulk(self, urls: list[str], outer: dict[str, str], token_ok: bool) -> list[Any]:
@@ -290,6 +304,8 @@ class MatomoSimulator(SimServer):
             if not token_ok or idsite not in self.sites:
                 raise _no_access(idsite)
         days, keyed_by_date = self._days(params["date"])
+        if any(i in self.fatal_sites for i in ids):
+            raise PhpFatalError()
         failing = [i for i in ids if i in self.fail_sites]
         if failing:
             raise MatomoError(_FAIL_MESSAGE)

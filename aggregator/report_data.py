@@ -20,8 +20,6 @@ from aggregator.config import Settings
 from aggregator.dates import SOURCES, due_day, today_in
 from aggregator.token_health import AccountHealth, load_accounts
 
-GRID_DAYS = 30
-
 # One character per cell keeps 10,000 sites x 2 sources x 30 days near 600 kB of data.
 FINAL, PROVISIONAL, ZERO, MISSING, FAILED, BEFORE, NOT_DUE = "FPZMXBN"
 CELL_STATES: Mapping[str, str] = {
@@ -104,9 +102,10 @@ class ReportData:
         return sorted(by_account.items(), key=lambda item: (item[0] == "", item[0]))
 
 
-def grid_days(today: date, days: int = GRID_DAYS) -> tuple[date, ...]:
-    """The `days` days ending yesterday, oldest first."""
-    return tuple(today - timedelta(days=n) for n in range(days, 0, -1))
+def grid_days(today: date, days: int = status.WINDOW_DAYS) -> tuple[date, ...]:
+    """The `days` days ending yesterday, oldest first: the window of status's figures."""
+    start = status.window_start(today, days)
+    return tuple(start + timedelta(days=n) for n in range(days))
 
 
 def site_cells(

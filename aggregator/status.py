@@ -215,13 +215,20 @@ class StatusReport:
         )
 
 
+def window_start(today: date, window_days: int = WINDOW_DAYS) -> date:
+    """The first day of the figures' window: the `window_days` days ending yesterday, the days
+    a nightly run heals by default and the HTML report draws. A source's expected days in it
+    end at its due day."""
+    return today - timedelta(days=window_days)
+
+
 def judge(facts: SourceFacts, today: date, error: str | None, window_days: int) -> SourceStatus:
     """The state of one (site, source). Days before a site's deployment are not expected, so a
     new site is neither behind nor missing a month; a source the last run failed is failing
     even when its numbers are still recent enough, so a broken source is reported the next
     morning, not when its data has aged past the due day."""
     due = due_day(facts.source, today)
-    first = max(due - timedelta(days=window_days - 1), facts.deployed_on)
+    first = max(window_start(today, window_days), facts.deployed_on)
     expected = (due - first).days + 1 if first <= due else 0
     state: State
     if error is not None:
@@ -478,11 +485,9 @@ async def load_facts(
     conn: asyncpg.Connection, today: date, zone: ZoneInfo, window_days: int = WINDOW_DAYS
 ) -> list[SourceFacts]:
     """Facts for each configured source of each monitored site."""
-    span = timedelta(days=window_days - 1)
+    start = window_start(today, window_days)
     matomo_due, gsc_due = due_day("matomo", today), due_day("gsc", today)
-    rows = await conn.fetch(
-        _FACTS, zone.key, matomo_due - span, matomo_due, gsc_due - span, gsc_due
-    )
+    rows = await conn.fetch(_FACTS, zone.key, start, matomo_due, start, gsc_due)
     facts = []
     for row in rows:
         if row["has_matomo"]:

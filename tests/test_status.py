@@ -54,15 +54,16 @@ def test_a_site_deployed_after_the_due_day_is_new_not_behind() -> None:
     assert one(facts("matomo", None, deployed=date(2024, 5, 7))).expected_days == 3
 
 
-def test_completion_counts_each_sources_window_ending_at_its_due_day() -> None:
+def test_completion_counts_the_30_days_ending_yesterday_up_to_each_due_day() -> None:
     report = build_report(
         TODAY, [facts("matomo", date(2024, 5, 9), 30), facts("gsc", date(2024, 5, 5), 20)], []
     )
-    assert report.completion() == (50, 60)
-    assert report.completion("gsc") == (20, 30)
+    assert report.completion("matomo") == (30, 30)
+    assert report.completion("gsc") == (20, 26)  # 10 April to the due day, 5 May
+    assert report.completion() == (50, 56)
     payload = status.as_json(report)
     assert payload["sources"]["matomo"]["completion"]["rate"] == 1.0
-    assert payload["sources"]["gsc"]["completion"]["present"] == 20
+    assert payload["sources"]["gsc"]["completion"]["expected"] == 26
 
 
 def test_causes_group_the_same_error_across_sites() -> None:

@@ -119,7 +119,9 @@ class Setting:
             number: float | int = int(value) if self.kind == "count" else float(value)
         except ValueError:
             number = math.nan
-        if not (math.isfinite(number) and self.low <= number <= self.high):
+        # Compared as is (not through float()): a 400-digit whole number is out of range, not
+        # an OverflowError; NaN fails every comparison.
+        if not (self.low <= number <= self.high):
             raise ConfigError(f"{self.variable} must be {self.allowed}, got {value[:40]!r}")
         return number
 

@@ -1,3 +1,4 @@
+import math
 import os
 import subprocess
 import sys
@@ -114,7 +115,7 @@ BAD_ZONES = ("Mars/Olympus", "../../etc/passwd", "x" * 300)
 def bad_values(setting: Setting) -> tuple[str, ...]:
     """Values outside what `setting` documents: garbage, non-finite, below and above its range."""
     if setting.kind in ("number", "count"):
-        extra = [str(setting.low - 1), str(setting.high * 10 + 1), "9" * 5000]
+        extra = [str(setting.low - 1), str(setting.high * 10 + 1), "9" * 400, "9" * 5000]
         if setting.low > 0:
             extra += ["0", "1e-320", str(setting.low / 2)]
         if setting.kind == "count":
@@ -218,11 +219,15 @@ def test_in_range_values_are_read_with_their_type() -> None:
     assert settings.matomo_url == "http://[::1]:8080/matomo"
 
 
-def test_settings_defaults_are_the_tables() -> None:
+def test_settings_defaults_are_the_tables_and_inside_finite_ranges() -> None:
     defaults = Settings()
     for setting in SETTINGS:
         if setting.kind in ("number", "count", "url"):
             assert getattr(defaults, setting.field) == setting.default, setting.variable
+        if setting.kind in ("number", "count"):
+            assert math.isfinite(setting.low) and math.isfinite(setting.high), setting.variable
+            if setting.default is not None:
+                assert setting.low <= setting.default <= setting.high, setting.variable
 
 
 def test_the_readme_shows_every_setting_with_its_range() -> None:

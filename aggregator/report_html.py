@@ -38,7 +38,7 @@ h1{font-size:1.3em}h2{font-size:1.1em;margin-top:1.6em}
 pre{background:#f6f6f6;padding:.8em;overflow:auto;font-size:12px}
 table.t{border-collapse:collapse}table.t td,table.t th{padding:2px 8px;border-bottom:1px solid #ddd;
 text-align:left;font-size:13px}td.num{text-align:right}
-.bad{color:#b3261e}.warn{color:#8a5a00}
+td.e{white-space:nowrap}.bad{color:#b3261e}.warn{color:#8a5a00}
 .r{white-space:nowrap;height:11px;line-height:11px}
 .n{display:inline-block;width:230px;overflow:hidden;text-overflow:ellipsis;font-size:11px;
 vertical-align:top}
@@ -128,7 +128,8 @@ def _accounts(data: ReportData) -> str:
         problem = f"{error} ({cause})" if cause else error
         css = ' class="bad"' if health.failing and account.active else ""
         rows += (
-            f"<tr{css}><td>{_e(account.email)}</td><td>{'yes' if account.active else 'no'}</td>"
+            f'<tr{css}><td class="e">{_e(account.email)}</td>'
+            f"<td>{'yes' if account.active else 'no'}</td>"
             f'<td class="num">{account.sites}</td>'
             f"<td>{_e(token_health.summary(health, now))}</td><td>{_e(problem)}</td></tr>"
         )

@@ -38,6 +38,7 @@ WINDOW_DAYS = 30
 RUNS_SHOWN = 10
 EXAMPLES_SHOWN = 3
 CAUSES_SHOWN = 15
+CAUSE_WIDTH = 100  # a cause longer than this is cut in the terminal (JSON and --all keep it)
 JSON_SCHEMA_VERSION = 1
 SITE_PLACEHOLDER = "<site>"
 
@@ -279,6 +280,10 @@ def _examples(sites: Sequence[str]) -> str:
     return shown if len(sites) <= EXAMPLES_SHOWN else f"{shown}, …"
 
 
+def _clip(text: str, width: int = CAUSE_WIDTH) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _rate(present: int, expected: int) -> float | None:
     return present / expected if expected else None
 
@@ -335,7 +340,7 @@ def attention_lines(report: StatusReport, limit: int = CAUSES_SHOWN) -> list[str
     ]
     lines += [f"  run     failing: {' '.join(e.split())}" for e in report.run_errors[:limit]]
     rows = [
-        (c.source, c.state, str(len(c.sites)), c.cause, f"e.g. {_examples(c.sites)}")
+        (c.source, c.state, str(len(c.sites)), _clip(c.cause), f"e.g. {_examples(c.sites)}")
         for c in causes[: max(limit - len(report.run_errors), 0)]
     ]
     lines += [f"  {line}" for line in table_lines(("", "", "sites", "cause", ""), rows)[1:]]

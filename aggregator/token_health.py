@@ -69,17 +69,16 @@ def age(since: datetime | None, now: datetime) -> str:
 
 
 def summary(health: TokenHealth, now: datetime) -> str:
-    """One phrase for a table cell: connected when, last success when."""
-    connected = age(health.connected_at, now)
+    """One phrase for a table cell: connected when, last success when, failing since when."""
     connected = (
-        "connected before token health was recorded"
-        if connected == "unknown"
-        else (f"connected {connected}")
+        "connected: unknown"
+        if health.connected_at is None
+        else f"connected {age(health.connected_at, now)}"
     )
     success = (
         "never refreshed"
         if health.last_success_at is None
-        else (f"last refresh ok {age(health.last_success_at, now)}")
+        else f"last refresh ok {age(health.last_success_at, now)}"
     )
     text = f"{connected}, {success}"
     if health.failing_since is not None:

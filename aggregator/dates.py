@@ -7,6 +7,8 @@ from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 DEFAULT_LOOKBACK_DAYS = 4
+# A bound, so that an absurd --lookback is a one-line usage error instead of a date overflow.
+MAX_LOOKBACK_DAYS = 3660
 PACIFIC = ZoneInfo("America/Los_Angeles")
 SOURCES = ("matomo", "gsc")
 # Days between a site's Matomo due day (yesterday) and its Search Console due day. Google
@@ -99,8 +101,11 @@ def resolve_window(
             raise DateError(f"--from {start} is after --to {end}")
         return Window(start, end, explicit=True)
     days = DEFAULT_LOOKBACK_DAYS if lookback is None else lookback
-    if days < 1:
-        raise DateError(f"--lookback must be at least 1, got {days}")
+    if not 1 <= days <= MAX_LOOKBACK_DAYS:
+        raise DateError(
+            f"--lookback must be at least 1 and at most {MAX_LOOKBACK_DAYS} (ten years; "
+            f"backfill further with --from/--to), got {days}"
+        )
     yesterday = today - timedelta(days=1)
     return Window(yesterday - timedelta(days=days - 1), yesterday, explicit=False)
 

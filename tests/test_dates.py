@@ -47,6 +47,7 @@ def test_from_alone_runs_until_yesterday() -> None:
         ({"day": date(2026, 2, 1), "start": date(2026, 2, 1)}, "--date cannot be combined"),
         ({"lookback": 2, "day": date(2026, 2, 1)}, "--lookback cannot be combined"),
         ({"lookback": 0}, "at least 1"),
+        ({"lookback": 999_999_999}, "at most 3660"),
     ],
 )
 def test_invalid_windows_say_what_to_change(kwargs: dict, message: str) -> None:

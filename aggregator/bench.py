@@ -9,6 +9,11 @@ no client could beat: the slowest account's paced requests at its allowed rate p
 refresh and the last answer, or the OAuth client's share, or Matomo's rounds of bulk requests,
 whichever is longest.
 
+Nightly: a 10,000-site run with a realistic history already stored (30 days of both sources,
+a few hundred missing site-days, a few dozen provisional rows left behind), so each site's
+window heals its own gaps: planning time (the run's `run.planned` log line), rows written
+against what the gaps and the lookback require, requests and peak memory.
+
 Upsert: storage.upsert_daily_rows with 5,000 sites x 200 days = 1,000,000 rows, once into an
 empty table and once more with every value changed, each pass in its own child process.
 
@@ -24,13 +29,14 @@ import contextlib
 import json
 import math
 import os
+import random
 import resource
 import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -51,6 +57,12 @@ DEFAULT_SIZES = (200, 2_000, 10_000)
 DEFAULT_ACCOUNTS = {200: 4, 2_000: 10, 10_000: 20}
 SITES_PER_ACCOUNT = 500  # for other sizes: 500 sites at 20/s is a 25 s floor
 UPSERT_SITES, UPSERT_DAYS = 5_000, 200
+NIGHTLY_SITES, NIGHTLY_ACCOUNTS = 10_000, 20
+HISTORY_DAYS = 30  # stored before the night, ending the day before yesterday
+HEAL_DAYS = 30  # the job's default AGGREGATOR_HEAL_DAYS
+GAP_RUN_SITES, GAP_RUN = 30, (12, 6)  # Matomo's archiver broken for them, days Y-12..Y-6
+SINGLE_GAPS = 100  # one source missing one day at one site (a failed fetch)
+STALE_PROVISIONAL = 40  # provisional rows left behind (a property lost for a while)
 QUICK_UPSERT_SITES = 500
 
 
@@ -129,6 +141,7 @@ async def _child_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
         gsc_max_qps_per_account=spec["account_qps"],
         gsc_max_qps_per_client=spec["client_qps"],
         run_deadline=spec["deadline"],
+        heal_days=spec["heal_days"],
     )
     window = resolve_window(today_in(settings.timezone), lookback=spec["lookback"])
     began = time.perf_counter()
@@ -252,6 +265,9 @@ async def pipeline_scenario(dsn: str, sites: int, workdir: Path) -> PipelineResu
             "account_qps": ACCOUNT_QPS,
             "client_qps": CLIENT_QPS,
             "lookback": LOOKBACK_DAYS,
+            # An empty table: with healing on, its first night would backfill every missing
+            # day; 0 keeps this the plain 4-day window (the nightly scenario heals).
+            "heal_days": 0,
             "deadline": 20 * floor.seconds + 60,
             "log": str(workdir / f"run-{sites}.jsonl"),
         }
@@ -268,6 +284,154 @@ async def pipeline_scenario(dsn: str, sites: int, workdir: Path) -> PipelineResu
         refused=google.query_requests - expected_queries(portfolio),
         max_account_qps=max(google.max_queries_per_second.values(), default=0),
         rows=child["rows"],
+        status=child["status"],
+        errors=child["errors"],
+        baseline_mb=child["baseline_mb"],
+        peak_mb=child["peak_mb"],
+    )
+
+
+_HISTORY_COLUMNS = (
+    "site_id",
+    "date",
+    "matomo_visits",
+    "matomo_actions",
+    "matomo_updated_at",
+    "gsc_clicks",
+    "gsc_impressions",
+    "gsc_ctr",
+    "gsc_position",
+    "gsc_final",
+    "gsc_updated_at",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """The rows stored before the benchmarked night, and the (site, day) rows that night must
+    write: every site's lookback plus each day some source lacks or holds only provisionally."""
+
+    records: list[tuple]
+    required: int
+    gaps: int
+    stale: int
+
+
+def nightly_history(portfolio: world.Portfolio, today: date, *, seed: int = 7) -> History:
+    """HISTORY_DAYS of both sources for every site up to the day before yesterday, the newest
+    two GSC days provisional (as last night left them), with GAP_RUN_SITES runs of missing
+    Matomo days, SINGLE_GAPS single missing days and STALE_PROVISIONAL old provisional rows."""
+    rng = random.Random(seed)
+    # The counts describe NIGHTLY_SITES sites; a smaller portfolio (--quick) gets its share.
+    share = len(portfolio.sites) / NIGHTLY_SITES
+    run_sites, singles, stale_rows = (
+        max(1, round(count * share)) for count in (GAP_RUN_SITES, SINGLE_GAPS, STALE_PROVISIONAL)
+    )
+    yesterday = today - timedelta(days=1)
+    days = [yesterday - timedelta(days=n) for n in range(HISTORY_DAYS, 0, -1)]
+    stored_at = datetime.combine(yesterday, datetime.min.time(), UTC)
+    heal_from, lookback_start = days[0], yesterday - timedelta(days=LOOKBACK_DAYS - 1)
+    old = [d for d in days if heal_from <= d < lookback_start]
+    missing: set[tuple[int, date, str]] = set()
+    matomo_sites = [s for s in portfolio.sites if s.matomo_site_id is not None]
+    gsc_sites = [s for s in portfolio.sites if s.gsc_account_id is not None]
+    for site in rng.sample(matomo_sites, run_sites):
+        first, last = GAP_RUN
+        for n in range(last, first + 1):
+            missing.add((site.id, yesterday - timedelta(days=n), "matomo"))
+    while len(missing) < run_sites * (GAP_RUN[0] - GAP_RUN[1] + 1) + singles:
+        source = rng.choice(("matomo", "gsc"))
+        site = rng.choice(matomo_sites if source == "matomo" else gsc_sites)
+        missing.add((site.id, rng.choice(old), source))
+    stale: set[tuple[int, date]] = set()
+    while len(stale) < stale_rows:
+        key = (rng.choice(gsc_sites).id, rng.choice(old))
+        if (*key, "gsc") not in missing:
+            stale.add(key)
+    records = []
+    for site in portfolio.sites:
+        for n, day in enumerate(days):
+            matomo = site.matomo_site_id is not None and (site.id, day, "matomo") not in missing
+            gsc = site.gsc_account_id is not None and (site.id, day, "gsc") not in missing
+            if not (matomo or gsc):
+                continue
+            final = n < HISTORY_DAYS - 2 and (site.id, day) not in stale
+            records.append(
+                (site.id, day)
+                + ((n % 90, n % 90 * 3, stored_at) if matomo else (None, None, None))
+                + (
+                    (n % 7, 10 + n, (n % 7) / (10 + n), 3.5, final, stored_at)
+                    if gsc
+                    else (None,) * 6
+                )
+            )
+    needed = {(site, day) for site, day, _ in missing} | stale
+    required = len(portfolio.sites) * LOOKBACK_DAYS + len(needed)
+    return History(records, required, len(missing), len(stale))
+
+
+@dataclass(frozen=True, slots=True)
+class NightlyResult:
+    sites: int
+    history_rows: int
+    gaps: int
+    stale: int
+    plan_seconds: float
+    seconds: float
+    rows: int
+    required: int
+    matomo_requests: int
+    query_requests: int
+    status: str
+    errors: list[str]
+    baseline_mb: float
+    peak_mb: float
+
+
+async def nightly_scenario(dsn: str, sites: int, workdir: Path) -> NightlyResult:
+    """One night of `aggregator run` over a portfolio with HISTORY_DAYS already stored."""
+    portfolio = world.make_portfolio(sites, accounts_for(sites))
+    await _seed(dsn, portfolio)
+    today = datetime.now(UTC).date()  # the run's AGGREGATOR_TIMEZONE (UTC) decides its days
+    history = nightly_history(portfolio, today)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.copy_records_to_table(
+            "daily_analytics", records=history.records, columns=_HISTORY_COLUMNS
+        )
+        await conn.execute("analyze")
+    finally:
+        await conn.close()
+    floor = pipeline_floor(portfolio)
+    log = workdir / f"nightly-{sites}.jsonl"
+    async with (
+        world.matomo_simulator(portfolio, latency=LATENCY) as matomo,
+        world.google_simulator(portfolio, latency=LATENCY, qps_per_account=ACCOUNT_QPS) as google,
+    ):
+        spec = {
+            "dsn": dsn,
+            "matomo_url": matomo.url,
+            "google_url": google.url,
+            "account_qps": ACCOUNT_QPS,
+            "client_qps": CLIENT_QPS,
+            "lookback": LOOKBACK_DAYS,
+            "heal_days": HEAL_DAYS,
+            "deadline": 20 * floor.seconds + 60,
+            "log": str(log),
+        }
+        child = await _in_child("pipeline", spec, limit=spec["deadline"] + 60)
+    planned = [line for line in log.read_text().splitlines() if '"run.planned"' in line]
+    return NightlyResult(
+        sites=sites,
+        history_rows=len(history.records),
+        gaps=history.gaps,
+        stale=history.stale,
+        plan_seconds=json.loads(planned[-1])["seconds"] if planned else math.nan,
+        seconds=child["seconds"],
+        rows=child["rows"],
+        required=history.required,
+        matomo_requests=matomo.requests,
+        query_requests=google.query_requests,
         status=child["status"],
         errors=child["errors"],
         baseline_mb=child["baseline_mb"],
@@ -380,6 +544,44 @@ def pipeline_table(results: Sequence[PipelineResult]) -> str:
     )
 
 
+def nightly_table(results: Sequence[NightlyResult]) -> str:
+    return table(
+        (
+            "sites",
+            "stored rows",
+            "gaps",
+            "stale prov.",
+            "planning s",
+            "wall s",
+            "rows written",
+            "required",
+            "excess",
+            "Matomo",
+            "queries",
+            "peak RSS MB",
+            "status",
+        ),
+        [
+            (
+                f"{r.sites:,}",
+                f"{r.history_rows:,}",
+                r.gaps,
+                r.stale,
+                f"{r.plan_seconds:.3f}",
+                f"{r.seconds:.2f}",
+                f"{r.rows:,}",
+                f"{r.required:,}",
+                f"{(r.rows - r.required) / r.required:+.1%}",
+                r.matomo_requests,
+                f"{r.query_requests:,}",
+                f"{r.peak_mb:.0f} (+{r.peak_mb - r.baseline_mb:.0f})",
+                r.status if not r.errors else f"{r.status}, {len(r.errors)} errors",
+            )
+            for r in results
+        ],
+    )
+
+
 def upsert_table(results: Sequence[UpsertResult]) -> str:
     return table(
         ("pass", "rows", "seconds", "rows/s", "peak RSS MB", "rows stored"),
@@ -404,6 +606,7 @@ def upsert_table(results: Sequence[UpsertResult]) -> str:
 class BenchOptions:
     sizes: tuple[int, ...] = DEFAULT_SIZES
     upsert_sites: int | None = UPSERT_SITES  # None: skip the upsert benchmark
+    nightly_sites: int | None = NIGHTLY_SITES  # None: skip the nightly benchmark
     upsert_days: int = UPSERT_DAYS
 
 
@@ -451,6 +654,27 @@ async def run_bench(server_dsn: str, options: BenchOptions, out: TextIO) -> int:
                 failed = failed or r.status != "ok"
                 for error in r.errors[:5]:
                     print(f"  {r.sites} sites: {error[:160]}", file=out)
+        if options.nightly_sites:
+            print(
+                f"\nNightly run with history: {HISTORY_DAYS} days stored, "
+                f"AGGREGATOR_HEAL_DAYS={HEAL_DAYS}, {LOOKBACK_DAYS}-day lookback, same simulators",
+                file=out,
+                flush=True,
+            )
+            with tempfile.TemporaryDirectory(prefix="aggregator-bench-") as workdir:
+                nightly = await nightly_scenario(dsn, options.nightly_sites, Path(workdir))
+            print("\n" + nightly_table([nightly]), file=out)
+            print(
+                "\ngaps = missing (site, day, source) values; stale prov. = old provisional "
+                "rows; planning = the run's own planning (set-based reads + per-site windows); "
+                "required = each site's lookback days plus every (site, day) with a gap or a "
+                "stale provisional value; excess = rows written beyond that (days re-fetched "
+                "between a site's oldest gap and its lookback).",
+                file=out,
+            )
+            failed = failed or nightly.status != "ok"
+            for error in nightly.errors[:5]:
+                print(f"  nightly: {error[:160]}", file=out)
         if options.upsert_sites:
             total = options.upsert_sites * options.upsert_days
             print(
@@ -515,6 +739,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--skip-upsert", action="store_true", help="skip the upsert benchmark")
     parser.add_argument(
+        "--nightly",
+        type=int,
+        default=NIGHTLY_SITES,
+        metavar="N",
+        help=f"sites of the nightly run with history (default {NIGHTLY_SITES:,}; 0 skips it)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help=f"smoke run: 200 sites and a {QUICK_UPSERT_SITES * UPSERT_DAYS:,}-row upsert",
@@ -549,6 +780,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else QUICK_UPSERT_SITES
         if args.quick
         else UPSERT_SITES,
+        nightly_sites=(200 if args.quick else args.nightly) or None,
     )
     out = sys.stdout
     print(machine(), file=out)

@@ -439,6 +439,7 @@ async def _plan(
 ) -> dict[SourceName, SourcePlan]:
     """Per source: its sites, each over its own window (see aggregator.planning), planned from
     one set-based read of the stored history, whatever the number of sites."""
+    began = time.monotonic()
     window = request.window
     histories = await storage.site_histories(
         conn,
@@ -454,6 +455,12 @@ async def _plan(
             continue
         _require_configured(name, settings, len(share.sites))
         plan[name] = share
+    log.info(
+        "run.planned",
+        sites=len(sites),
+        seconds=round(time.monotonic() - began, 3),
+        site_days={name: sum(map(len, share.windows.values())) for name, share in plan.items()},
+    )
     return plan
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import date, timedelta
+
 import pytest
 
 from aggregator import bench
@@ -60,3 +62,29 @@ def test_synthetic_rows_are_unique_and_a_second_variant_changes_every_row() -> N
 def test_table_aligns_columns() -> None:
     text = bench.table(("name", "n"), [("a", 1), ("longer", 1000)])
     assert text.splitlines() == ["name       n", "------  ----", "a          1", "longer  1000"]
+
+
+def test_nightly_history_holds_the_promised_gaps_and_counts_what_the_night_needs() -> None:
+    portfolio = world.make_portfolio(2_000, 4)  # a fifth of the 10,000-site counts
+    today = date(2025, 6, 10)
+
+    history = bench.nightly_history(portfolio, today)
+
+    keys = [(r[0], r[1]) for r in history.records]
+    assert len(keys) == len(set(keys))
+    assert (history.gaps, history.stale) == (6 * 7 + 20, 8)
+    yesterday = today - timedelta(days=1)
+    assert {day for _, day in keys} == {
+        yesterday - timedelta(days=n) for n in range(1, bench.HISTORY_DAYS + 1)
+    }
+    values = sum((r[2] is not None) + (r[5] is not None) for r in history.records)
+    sources = sum(
+        (s.matomo_site_id is not None) + (s.gsc_account_id is not None) for s in portfolio.sites
+    )
+    assert values == sources * bench.HISTORY_DAYS - history.gaps
+    # The stale rows, and the two newest days of every Search Console site (as last night
+    # left them; gaps are older than the lookback).
+    gsc_sites = sum(1 for s in portfolio.sites if s.gsc_account_id is not None)
+    assert sum(1 for r in history.records if r[9] is False) == 8 + 2 * gsc_sites
+    assert len(portfolio.sites) * bench.LOOKBACK_DAYS < history.required
+    assert history.required <= len(portfolio.sites) * bench.LOOKBACK_DAYS + history.gaps + 8

@@ -139,10 +139,20 @@ async def histories(conn, ids, zone: str = "UTC") -> dict[int, SiteHistory]:
     )
 
 
+async def tracked_site(conn, domain: str, **options) -> int:
+    """A site on both sources (a site without a source has nothing of it to heal)."""
+    account = await conn.fetchval("select id from gsc_accounts limit 1") or await add_account(
+        conn, "a@example.com", "rt"
+    )
+    number = await conn.fetchval("select count(*) + 1 from sites")
+    return await add_site(conn, domain, matomo_site_id=number, gsc_account_id=account, **options)
+
+
 async def test_history_finds_each_sites_oldest_gap_per_source(conn) -> None:
-    full = await add_site(conn, "full.com")
-    holes = await add_site(conn, "holes.com")
-    empty = await add_site(conn, "empty.com")
+    full = await tracked_site(conn, "full.com")
+    holes = await tracked_site(conn, "holes.com")
+    empty = await tracked_site(conn, "empty.com")
+    untracked = await add_site(conn, "untracked.com")  # no source: nothing to heal
     await store(conn, full, days_between(day(40), YESTERDAY))
     await store(conn, holes, days_between(day(40), YESTERDAY))
     await store(conn, holes, [day(12)], matomo=False, gsc_final=False)  # gsc provisional
@@ -160,20 +170,21 @@ async def test_history_finds_each_sites_oldest_gap_per_source(conn) -> None:
         "delete from daily_analytics where site_id = $1 and date = $2", holes, day(35)
     )
 
-    found = await histories(conn, [full, holes, empty])
+    found = await histories(conn, [full, holes, empty, untracked])
 
     assert (found[full].matomo_heal_from, found[full].gsc_heal_from) == (None, None)
     assert found[holes].matomo_heal_from == day(20)
     assert found[holes].gsc_heal_from == day(20)
     assert (found[empty].matomo_heal_from, found[empty].gsc_heal_from) == (LIMIT, LIMIT)
     assert found[empty].matomo_served_at is None
+    assert (found[untracked].matomo_heal_from, found[untracked].gsc_heal_from) == (None, None)
     assert found[full].matomo_served_at is not None and found[full].gsc_served_at is not None
 
 
 async def test_history_sees_provisional_days_and_the_local_deployment_day(conn) -> None:
     # 23:30 UTC on day(15) is already the next calendar day, day(14), in Auckland.
     deployed = datetime.combine(day(15), datetime.min.time(), UTC) + timedelta(hours=23.5)
-    site = await add_site(conn, "nz.example", deployed_at=deployed)
+    site = await tracked_site(conn, "nz.example", deployed_at=deployed)
     await store(conn, site, [d for d in days_between(day(15), YESTERDAY) if d != day(9)])
     await store(conn, site, [day(9)], gsc_final=False)
 

@@ -62,6 +62,7 @@ class AccountLine:
     last_error: str | None
     token: str
     sites: int
+    connected_at: datetime | None = None
 
 
 def token_source(account_id: int, stored: bool, overrides: Mapping[int, object]) -> str:
@@ -75,7 +76,7 @@ def render_accounts(lines: list[AccountLine], zone: ZoneInfo) -> str:
     if not lines:
         return "no Google accounts yet: connect one with `aggregator accounts add EMAIL`\n"
     rows = table_lines(
-        ("id", "email", "active", "token", "sites", "last refresh", "last error"),
+        ("id", "email", "active", "token", "sites", "connected", "last refresh ok", "last error"),
         (
             (
                 str(a.id),
@@ -83,6 +84,7 @@ def render_accounts(lines: list[AccountLine], zone: ZoneInfo) -> str:
                 "yes" if a.active else "no",
                 a.token,
                 str(a.sites),
+                a.connected_at.astimezone(zone).date().isoformat() if a.connected_at else "-",
                 a.last_refresh_at.astimezone(zone).strftime("%Y-%m-%d %H:%M")
                 if a.last_refresh_at
                 else "-",
@@ -205,9 +207,15 @@ async def list_accounts(
     conn: asyncpg.Connection, overrides: Mapping[int, object]
 ) -> list[AccountLine]:
     """Every account; the query reads only whether a token is stored, never the token."""
+    connected = (
+        "a.connected_at"
+        if await storage.has_column(conn, "gsc_accounts", "connected_at")
+        else "null::timestamptz"
+    )
     rows = await conn.fetch(
-        """
+        f"""
         select a.id, a.email, a.is_active, a.last_refresh_at, a.last_error,
+               {connected} as connected_at,
                coalesce(a.refresh_token, '') <> '' as has_token,
                count(s.id) filter (where s.is_active and s.deployed_at is not null) as sites
         from gsc_accounts a
@@ -225,6 +233,7 @@ async def list_accounts(
             last_error=row["last_error"],
             token=token_source(row["id"], row["has_token"], overrides),
             sites=row["sites"],
+            connected_at=row["connected_at"],
         )
         for row in rows
     ]

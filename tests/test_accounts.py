@@ -43,6 +43,7 @@ async def test_list_shows_token_source_never_the_token(db, conn, tmp_path) -> No
     assert rows["env@example.com"][2:5] == ["yes", "env", "0"]
     assert rows["none@example.com"][2:5] == ["no", "missing", "0"]
     assert "invalid_grant: reconnect" in result.stdout
+    assert "connected" in result.stdout.splitlines()[0]
 
 
 async def test_add_stores_the_consented_token_and_reactivates(db, conn, capsys) -> None:

@@ -379,7 +379,13 @@ def read_environment(env_file: Path | None = Path(".env")) -> dict[str, str]:
     """The process environment layered over `.env` (the real environment wins, as with dotenv)."""
     merged: dict[str, str] = {}
     if env_file is not None and env_file.is_file():
-        merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+        try:
+            values = dotenv_values(env_file, encoding="utf-8")
+        except (OSError, ValueError) as exc:  # unreadable, or not UTF-8 (UnicodeDecodeError)
+            raise ConfigError(
+                f"cannot read {env_file} ({type(exc).__name__}): save it as UTF-8 text or remove it"
+            ) from None
+        merged.update({k: v for k, v in values.items() if v is not None})
     merged.update(os.environ)
     return merged
 

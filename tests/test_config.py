@@ -236,3 +236,11 @@ def test_the_readme_shows_every_setting_with_its_range() -> None:
     assert not missing, "README.md lacks (python -m aggregator.config prints them):\n" + "\n".join(
         missing
     )
+
+
+def test_an_env_file_that_is_not_utf8_is_one_line(tmp_path, monkeypatch, capsys) -> None:
+    (tmp_path / ".env").write_bytes(b"MATOMO_URL=http://x\xff\xfe\n")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ".env" in err and "UTF-8" in err, err

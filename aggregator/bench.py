@@ -45,6 +45,8 @@ import asyncpg
 from aggregator import migrations, storage
 from aggregator.local_postgres import any_postgres, dsn_with_search_path
 from aggregator.simulators import portfolio as world
+from aggregator.simulators.google import GoogleSimulator
+from aggregator.simulators.matomo import MatomoSimulator
 
 SCHEMA = "aggregator_bench"
 LATENCY = 0.100  # seconds per API call, Matomo and Google alike
@@ -249,11 +251,11 @@ async def _seed(dsn: str, portfolio: world.Portfolio) -> None:
         await conn.close()
 
 
-async def pipeline_scenario(dsn: str, sites: int, workdir: Path) -> PipelineResult:
-    accounts = accounts_for(sites)
-    portfolio = world.make_portfolio(sites, accounts)
-    await _seed(dsn, portfolio)
-    floor = pipeline_floor(portfolio)
+async def _run_in_child(
+    dsn: str, portfolio: world.Portfolio, floor: Floor, *, heal_days: int, log: Path
+) -> tuple[dict[str, Any], MatomoSimulator, GoogleSimulator]:
+    """`aggregator run` in a child process against simulators serving `portfolio`: the child's
+    figures, and the simulators, whose counters say what they received."""
     async with (
         world.matomo_simulator(portfolio, latency=LATENCY) as matomo,
         world.google_simulator(portfolio, latency=LATENCY, qps_per_account=ACCOUNT_QPS) as google,
@@ -265,13 +267,24 @@ async def pipeline_scenario(dsn: str, sites: int, workdir: Path) -> PipelineResu
             "account_qps": ACCOUNT_QPS,
             "client_qps": CLIENT_QPS,
             "lookback": LOOKBACK_DAYS,
-            # An empty table: with healing on, its first night would backfill every missing
-            # day; 0 keeps this the plain 4-day window (the nightly scenario heals).
-            "heal_days": 0,
+            "heal_days": heal_days,
             "deadline": 20 * floor.seconds + 60,
-            "log": str(workdir / f"run-{sites}.jsonl"),
+            "log": str(log),
         }
         child = await _in_child("pipeline", spec, limit=spec["deadline"] + 60)
+    return child, matomo, google
+
+
+async def pipeline_scenario(dsn: str, sites: int, workdir: Path) -> PipelineResult:
+    accounts = accounts_for(sites)
+    portfolio = world.make_portfolio(sites, accounts)
+    await _seed(dsn, portfolio)
+    floor = pipeline_floor(portfolio)
+    # An empty table: with healing on, its first night would backfill every missing day; 0
+    # keeps this the plain 4-day window (the nightly scenario heals).
+    child, matomo, google = await _run_in_child(
+        dsn, portfolio, floor, heal_days=0, log=workdir / f"run-{sites}.jsonl"
+    )
     return PipelineResult(
         sites=sites,
         accounts=accounts,
@@ -402,24 +415,10 @@ async def nightly_scenario(dsn: str, sites: int, workdir: Path) -> NightlyResult
         await conn.execute("analyze")
     finally:
         await conn.close()
-    floor = pipeline_floor(portfolio)
     log = workdir / f"nightly-{sites}.jsonl"
-    async with (
-        world.matomo_simulator(portfolio, latency=LATENCY) as matomo,
-        world.google_simulator(portfolio, latency=LATENCY, qps_per_account=ACCOUNT_QPS) as google,
-    ):
-        spec = {
-            "dsn": dsn,
-            "matomo_url": matomo.url,
-            "google_url": google.url,
-            "account_qps": ACCOUNT_QPS,
-            "client_qps": CLIENT_QPS,
-            "lookback": LOOKBACK_DAYS,
-            "heal_days": HEAL_DAYS,
-            "deadline": 20 * floor.seconds + 60,
-            "log": str(log),
-        }
-        child = await _in_child("pipeline", spec, limit=spec["deadline"] + 60)
+    child, matomo, google = await _run_in_child(
+        dsn, portfolio, pipeline_floor(portfolio), heal_days=HEAL_DAYS, log=log
+    )
     planned = [line for line in log.read_text().splitlines() if '"run.planned"' in line]
     return NightlyResult(
         sites=sites,

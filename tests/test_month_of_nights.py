@@ -109,6 +109,18 @@ async def test_a_month_of_nights_with_faults_ends_with_every_reachable_day_exact
             asked = Counter(prop for prop, _, _ in google.queried)
             assert set(asked) == {sites[n].registered_property for n in reachable}, night
             assert set(asked.values()) <= {1}, night
+            if night == DEAD_TOKEN_NIGHTS[-1] + 1:
+                # Reconnected: its sites' windows reach back to their oldest day still
+                # provisional (the last night before the token died left it so); the other
+                # account's sites keep the plain lookback.
+                starts = {prop: start for prop, start, _ in google.queried}
+                healed_from = today_of(DEAD_TOKEN_NIGHTS[0] - 1) - timedelta(days=2)
+                for number in reachable:
+                    dead = sites[number].gsc_account_id == 2
+                    want = healed_from if dead else today - timedelta(days=4)
+                    if number == LATE:
+                        want = max(want, LATE_DEPLOYED_ON)
+                    assert starts[sites[number].registered_property] == want, number
             if night not in MATOMO_DOWN_NIGHTS:
                 assert matomo.requests == math.ceil(len(matomo_sites) / 100) == 1, night
             expect_ok = not (

@@ -7,14 +7,17 @@ import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 
+import aiohttp
 import pytest
 
 from aggregator import storage
 from aggregator.config import ConfigError, Secret, Settings, load_settings
 from aggregator.dates import Window, heal_limit, site_window
+from aggregator.matomo import fetch_matomo_visits
 from aggregator.model import GscDay, MatomoDay, Site, SiteHistory, SourceRecord
 from aggregator.pipeline import RunRequest, SourceInput, run_job
 from aggregator.planning import plan_source, skipped_gsc_sites
+from aggregator.simulators.matomo import MatomoSimulator
 from tests.factories import add_account, add_site, stored_rows
 
 YESTERDAY = date(2025, 3, 30)
@@ -327,3 +330,25 @@ async def test_a_run_cut_short_every_night_still_serves_every_site_in_turn(db, c
         assert first.isdisjoint(served), "sites served on an earlier night wait their turn"
         served |= first
     assert served == set(sites), "no site starves when every night is cut at the same place"
+
+
+async def test_one_bulk_request_carries_each_sites_own_dates_and_yields_only_those() -> None:
+    windows = {10: Window(day(20), YESTERDAY, False), 20: LOOKBACK}
+    sites = [Site(10, "healing.com", matomo_site_id=1), Site(20, "clean.com", matomo_site_id=2)]
+    simulator = MatomoSimulator(token="m-token", sites={1: "UTC", 2: "UTC"}, today=YESTERDAY)
+    async with simulator, aiohttp.ClientSession() as session:
+        settings = Settings(matomo_url=simulator.url, matomo_token=Secret("m-token"))
+        records = [
+            record
+            async for record in fetch_matomo_visits(
+                sites, LOOKBACK.start, LOOKBACK.end, settings, session, windows=windows
+            )
+        ]
+
+    assert simulator.requests == 1 and simulator.subrequests == 2
+    assert {(r.site_id, r.day) for r in records} == {
+        (site, d) for site, window in windows.items() for d in window.days()
+    }
+    ids = {10: 1, 20: 2}
+    for r in records:
+        assert (r.visits, r.actions) == (simulator.visits(ids[r.site_id], r.day) or (0, 0))

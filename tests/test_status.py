@@ -222,3 +222,12 @@ async def test_cli_json_closed_pipe_ends_quietly(db, conn, tmp_path) -> None:
 def test_cli_without_schema_exits_2(empty_db, tmp_path) -> None:
     line = one_line_error(aggregator("status", env={"DATABASE_URL": empty_db}, cwd=tmp_path))
     assert "run `aggregator migrate`" in line
+
+
+def test_html_report_to_an_unwritable_place_is_one_line_exit_2(db, tmp_path) -> None:
+    target = tmp_path / "no-such-dir" / "report.html"
+    line = one_line_error(
+        aggregator("status", "--html", str(target), env={"DATABASE_URL": db}, cwd=tmp_path)
+    )
+    assert line == f"aggregator: error: cannot write --html {target}: No such file or directory"
+    assert not target.parent.exists()

@@ -41,6 +41,7 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 # Statements that take or renew the lease are tiny; waiting longer means something is wrong.
 LEASE_STATEMENT_SECONDS = 5.0
 POLL_SECONDS = 1.0
+MIN_POLL_SECONDS = 0.02
 
 DIED = (
     "the process running this run stopped renewing its lease (killed, out of memory, power "
@@ -105,7 +106,10 @@ async def take_lease(
         remaining = give_up - time.monotonic()
         if remaining <= 0:
             raise storage.RunLocked(_locked_message(holder, wait_seconds))
-        await asyncio.sleep(min(POLL_SECONDS, remaining))
+        # Look again when the holder's lease would run out (a dead holder is replaced at
+        # once), or after a poll interval if it is being renewed.
+        expires = holder.expires_in if holder is not None else 0.0
+        await asyncio.sleep(min(POLL_SECONDS, remaining, max(expires, MIN_POLL_SECONDS)))
 
 
 def _locked_message(holder: storage.LeaseHolder | None, waited: float) -> str:

@@ -469,15 +469,20 @@ class LeaseHolder:
     run_id: int
     owner: str | None
     started_at: datetime
+    expires_in: float  # seconds until its lease runs out unless renewed (the server's clock)
 
 
 async def lease_holder(conn: asyncpg.Connection) -> LeaseHolder | None:
     row = await conn.fetchrow(
-        "select id, lease_owner, started_at from aggregator_runs where status = 'running'"
+        """
+        select id, lease_owner, started_at,
+               greatest(extract(epoch from lease_until - now()), 0)::float8 as expires_in
+        from aggregator_runs where status = 'running'
+        """
     )
     if row is None:
         return None
-    return LeaseHolder(row["id"], row["lease_owner"], row["started_at"])
+    return LeaseHolder(row["id"], row["lease_owner"], row["started_at"], row["expires_in"])
 
 
 async def renew_lease(

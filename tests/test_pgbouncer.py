@@ -100,6 +100,41 @@ class Bouncer:
         self.user = user
         self.password = password
         self.direct = direct  # the same database, straight to the server (for setup/checks)
+        self._process: subprocess.Popen[bytes] | None = None
+        self._command: list[str] = []
+        self._workdir = Path()
+
+    def start(self, command: list[str], workdir: Path) -> None:
+        self._command, self._workdir = command, workdir
+        process = self._process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while not _accepts(self.port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                output = process.stdout.read().decode(errors="replace") if process.stdout else ""
+                log = workdir / "pgbouncer.log"
+                output += log.read_text(errors="replace") if log.exists() else ""
+                pytest.fail(f"pgbouncer did not start on 127.0.0.1:{self.port}:\n{output[-2000:]}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout:
+            process.stdout.close()
+
+    def restart(self) -> None:
+        """What a pooler restart does to its clients: every connection through it is cut."""
+        self.stop()
+        self.start(self._command, self._workdir)
 
     def dsn(self, query: str = "") -> str:
         auth = f"{quote(self.user, safe='')}:{quote(self.password, safe='')}@"
@@ -155,31 +190,14 @@ pidfile = {workdir / "pgbouncer.pid"}
     )
     for path in workdir.iterdir():
         path.chmod(0o644)
-    process = subprocess.Popen(
-        [binary, *_run_as(upstream["host"]), str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    command = [binary, *_run_as(upstream["host"]), str(config)]
+    direct = _database_dsn(server_dsn, database)
+    bouncer = Bouncer(port, database, upstream["user"], upstream["password"], direct)
     try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while not _accepts(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                output = process.stdout.read().decode(errors="replace") if process.stdout else ""
-                log = workdir / "pgbouncer.log"
-                output += log.read_text(errors="replace") if log.exists() else ""
-                pytest.fail(f"pgbouncer did not start on 127.0.0.1:{port}:\n{output[-2000:]}")
-            time.sleep(0.05)
-        direct = _database_dsn(server_dsn, database)
-        yield Bouncer(port, database, upstream["user"], upstream["password"], direct)
+        bouncer.start(command, workdir)
+        yield bouncer
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        if process.stdout:
-            process.stdout.close()
+        bouncer.stop()
         asyncio.run(_admin(server_dsn, f"drop database if exists {database} with (force)"))
         shutil.rmtree(workdir, ignore_errors=True)
 

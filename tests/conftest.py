@@ -23,6 +23,7 @@ from aioresponses import core as aioresponses_core
 from aggregator import migrations, redaction
 from aggregator.local_postgres import any_postgres, dsn_with_search_path
 from aggregator.logs import reset_logging
+from tests.test_pgbouncer import pgbouncer  # noqa: F401  (one real PgBouncer for every module)
 
 
 @pytest.fixture(scope="session")

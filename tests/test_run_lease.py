@@ -25,7 +25,7 @@ from aggregator import migrations
 from aggregator.pipeline import RunRequest, run_job
 from aggregator.simulators import portfolio as world
 from tests.factories import seed
-from tests.test_pgbouncer import Bouncer, pgbouncer  # noqa: F401  (the fixture)
+from tests.test_pgbouncer import Bouncer
 from tests.test_pipeline import SOURCES, WINDOW, settings_for
 from tests.test_signals import (
     _google,
@@ -265,7 +265,7 @@ async def test_a_non_superuser_owner_runs_migrates_and_holds_the_lease(server_ds
             await migrations.apply_migrations(owner)
             await owner.execute(
                 "insert into sites (domain, deployed_at, matomo_site_id) values"
-                " ('example.com', now(), 1)"
+                " ('example.com', '2024-01-01', 1)"
             )
         finally:
             await owner.close()

@@ -203,7 +203,9 @@ gaps as (
                    where sh.gsc_short and (d.gsc_updated_at is null or d.gsc_final is false)
                ) as gsc_heal_from
         from generate_series(0, $3::date - sh.first_day) as g(n)
-        left join daily_analytics d on d.site_id = sh.id and d.date = sh.first_day + g.n
+        left join daily_analytics d
+            on d.site_id = sh.id and d.date = sh.first_day + g.n
+            and d.date between sh.first_day and $3  -- lets the key's index read only these days
     ) as oldest
     where sh.matomo_short or sh.gsc_short
 )

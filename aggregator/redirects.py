@@ -16,10 +16,10 @@ from urllib.parse import urljoin, urlsplit
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 
-def target_origin(request_url: str, location: str | None) -> str:
+def target_origin(request_url: str, location: str) -> str:
     """scheme://host[:port] of a redirect's target (a relative Location is the same origin)."""
     try:
-        parts = urlsplit(urljoin(request_url, location or ""))
+        parts = urlsplit(urljoin(request_url, location))
         port = f":{parts.port}" if parts.port else ""
         host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
     except ValueError:
@@ -33,6 +33,11 @@ def refused_redirect(
     service: str, variable: str, request_url: str, status: int, location: str | None
 ) -> str:
     """One line: who redirected where, that nothing was sent there, and what to configure."""
+    if not location:
+        return (
+            f"{service} answered HTTP {status}, a redirect without a target; redirects are "
+            f"not followed: check {variable}"
+        )
     return (
         f"{service} answered HTTP {status} redirecting to {target_origin(request_url, location)}; "
         f"redirects are not followed, so nothing was sent there: if that is the right server, "

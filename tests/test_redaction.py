@@ -20,7 +20,7 @@ from typing import ClassVar
 from urllib.parse import parse_qs, quote, quote_plus
 
 from aiohttp import web
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator import redaction
@@ -83,6 +83,8 @@ def encodings(secret: str, before: bytes, after: bytes) -> list[str]:
     return spelled
 
 
+# No per-example deadline: on a loaded CI machine a slow example is not a wrong one.
+@settings(deadline=None)
 @given(secret=secrets, before=context_bytes, after=context_bytes, left=surroundings)
 def test_every_spelling_of_a_secret_is_masked(
     secret: str, before: bytes, after: bytes, left: str
@@ -94,6 +96,7 @@ def test_every_spelling_of_a_secret_is_masked(
         assert not revealed(redactor(text), secret), spelled
 
 
+@settings(deadline=None)
 @given(first=secrets, second=secrets)
 def test_every_secret_of_several_is_masked(first: str, second: str) -> None:
     redactor = Redactor(first, second)

@@ -167,8 +167,8 @@ SETTINGS: tuple[Setting, ...] = (
         "GSC_MAX_QPS_PER_ACCOUNT",
         "gsc_max_qps_per_account",
         "number",
-        "Search Console queries/s per Google account",
-        default=10.0,
+        "optional ceiling on Search Console queries/s per Google account (unset: the rate is "
+        "learned from Google's answers)",
         low=0.01,
         high=1000,
         unit="queries/s",
@@ -177,9 +177,8 @@ SETTINGS: tuple[Setting, ...] = (
         "GSC_MAX_QPS_PER_CLIENT",
         "gsc_max_qps_per_client",
         "number",
-        "Search Console queries/s per OAuth client, shared by all its accounts "
-        "(default: a new Cloud project's 60/min)",
-        default=1.0,
+        "optional ceiling on Search Console queries/s per OAuth client, shared by all its "
+        "accounts (unset: learned)",
         low=0.01,
         high=1000,
         unit="queries/s",
@@ -344,8 +343,8 @@ class Settings:
     google_token_url: str = default_of("GOOGLE_TOKEN_URL")
     gsc_api_url: str = default_of("GSC_API_URL")
     timezone: ZoneInfo = field(default_factory=lambda: ZoneInfo("UTC"))
-    gsc_max_qps_per_account: float = default_of("GSC_MAX_QPS_PER_ACCOUNT")
-    gsc_max_qps_per_client: float = default_of("GSC_MAX_QPS_PER_CLIENT")
+    gsc_max_qps_per_account: float | None = default_of("GSC_MAX_QPS_PER_ACCOUNT")
+    gsc_max_qps_per_client: float | None = default_of("GSC_MAX_QPS_PER_CLIENT")
     matomo_batch_size: int = default_of("MATOMO_BATCH_SIZE")
     matomo_concurrency: int = default_of("MATOMO_CONCURRENCY")
     http_connect_timeout: float = default_of("HTTP_CONNECT_TIMEOUT_SECONDS")

@@ -72,6 +72,8 @@ class SourceInput:
     windows: Mapping[SiteId, Window]
     pacific_today: date
     stats: SourceStats = field(default_factory=SourceStats)
+    # Search Console's learned query rates, read before the run and stored after it.
+    rates: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
 Source = Callable[[SourceInput], AsyncIterator[SourceRecord]]
@@ -136,6 +138,7 @@ def default_source(name: SourceName) -> Source:
             stats=given.stats,
             windows=given.windows,
             pacific_today=given.pacific_today,
+            rates=given.rates,
         )
 
     return gsc
@@ -201,6 +204,7 @@ async def run_job(
                 else {}
             )
             plan = await _plan(conn, settings, request, sites, accounts)
+            rates = await storage.load_learned_rates(conn) if "gsc" in plan else {}
         skipped = skipped_gsc_sites(sites, accounts) if "gsc" in request.sources else []
         run = _Run(
             settings,
@@ -212,6 +216,7 @@ async def run_job(
             progress or NoProgress(),
             skipped=skipped,
             pacific_today=today_in(PACIFIC, now),
+            rates=rates,
         )
         # A dry run writes nothing, so it takes no lease: it never waits for (or blocks) a run.
         if request.dry_run:
@@ -267,8 +272,10 @@ class _Run:
         *,
         skipped: Sequence[SiteError],
         pacific_today: date,
+        rates: dict[tuple[str, str], float],
     ) -> None:
         self._settings = settings
+        self._rates = rates
         self._skipped = skipped
         self._pacific_today = pacific_today
         self._request = request
@@ -307,6 +314,7 @@ class _Run:
                 self._halt,
                 self._progress,
                 self._pacific_today,
+                self._rates,
             )
         finally:
             watch.cancel()
@@ -412,6 +420,7 @@ class _Run:
                         errors=self.errors,
                         stats={name: figures.as_json() for name, figures in self.stats.items()},
                     )
+                    await storage.save_learned_rates(conn, self._rates)
         except (*TRANSIENT_ERRORS, asyncpg.PostgresError) as exc:
             log.error("run.close_failed", run=lease.run_id, error=type(exc).__name__)
 
@@ -475,12 +484,16 @@ async def _collect(
     halt: asyncio.Event,
     progress: ProgressSink,
     pacific_today: date,
+    rates: dict[tuple[str, str], float],
 ) -> str | None:
     """Drain every source into `table` until done, the deadline, or `halt`; return "halt" or
     "deadline" when cut short (None when complete). `after_add` runs after every record (a
     full table is flushed there, which makes the source wait)."""
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.http_connect_timeout)
-    connector = aiohttp.TCPConnector(limit=100)
+    # No pool-wide cap: Search Console's in-flight queries follow its learned rates (rate x
+    # latency) and Matomo has its own small limit (MATOMO_CONCURRENCY), so neither can starve
+    # the other of connections.
+    connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
 
         def open_source(name: SourceName, share: SourcePlan) -> AsyncIterator[SourceRecord]:
@@ -497,6 +510,7 @@ async def _collect(
                     final_only=request.final_only,
                     windows=share.windows,
                     pacific_today=pacific_today,
+                    rates=rates,
                     stats=table.stats[name],
                 )
             )
@@ -543,19 +557,25 @@ async def _drain(
     skipped: set[SiteId | None] = set()
     stats = table.stats[name]
     began = time.monotonic()
+    # A site with nothing to store (no day Google has yet) yields no record: when the source
+    # ends on its own, such sites are ok; when it is cut short or crashes, or reports one error
+    # for sites it does not name (a broken OAuth client), the unaccounted sites failed.
+    whole = False
     progress.start(name, len(sites))
     try:
         async for record in stream:
             table.add(record)
             await after_add()
             if isinstance(record, SiteError):
-                (skipped if record.skipped else failed).add(ids.get(record.site))
-                seen.add(ids.get(record.site))
+                site_id = ids.get(record.site)
+                (skipped if record.skipped else failed).add(site_id)
+                seen.add(site_id)
             elif isinstance(record, MatomoDay | GscDay):
                 seen.add(record.site_id)
             else:
                 continue
             progress.update(name, len(seen), len(failed | skipped))
+        whole = None not in failed
     except asyncio.CancelledError:
         raise
     except Exception as exc:
@@ -568,9 +588,9 @@ async def _drain(
             )
         )
     finally:
-        # A site the source never answered for (a client-wide error reported once, a cut-short
-        # run, a crash) counts as failed: ok + failed + skipped = the source's sites.
-        stats.sites_ok = len(seen - failed - skipped)
-        stats.sites_failed = len(sites) - stats.sites_ok - len(skipped - failed)
-        stats.sites_skipped += len(skipped - failed)
+        named_failed = len(failed - {None})
+        stats.sites_skipped += len(skipped - failed - {None})
+        unaccounted = len(sites) - len(seen - {None})
+        stats.sites_ok = len(seen - failed - skipped - {None}) + (unaccounted if whole else 0)
+        stats.sites_failed = named_failed + (0 if whole else unaccounted)
         stats.seconds = time.monotonic() - began

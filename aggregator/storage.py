@@ -514,6 +514,32 @@ async def renew_lease(
     return renewed is not None
 
 
+async def load_learned_rates(conn: asyncpg.Connection) -> dict[tuple[str, str], float]:
+    """The Search Console query rates earlier runs learned, keyed (scope, key)."""
+    rows = await conn.fetch("select scope, key, queries_per_second from gsc_learned_rates")
+    return {(row["scope"], row["key"]): row["queries_per_second"] for row in rows}
+
+
+async def save_learned_rates(
+    conn: asyncpg.Connection, rates: Mapping[tuple[str, str], float]
+) -> None:
+    """Store what this run learned, where the next run starts."""
+    if not rates:
+        return
+    await conn.execute(
+        """
+        insert into gsc_learned_rates (scope, key, queries_per_second, learned_at)
+        select scope, key, qps, now()
+        from unnest($1::text[], $2::text[], $3::float8[]) as t(scope, key, qps)
+        on conflict (scope, key) do update
+        set queries_per_second = excluded.queries_per_second, learned_at = excluded.learned_at
+        """,
+        [scope for scope, _ in rates],
+        [key for _, key in rates],
+        list(rates.values()),
+    )
+
+
 async def finish_run(
     conn: asyncpg.Connection,
     run_id: int,

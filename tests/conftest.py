@@ -23,6 +23,7 @@ from aioresponses import core as aioresponses_core
 from aggregator import migrations, redaction
 from aggregator.local_postgres import any_postgres, dsn_with_search_path
 from aggregator.logs import reset_logging
+from aggregator.search_console import rates
 from tests.test_pgbouncer import pgbouncer  # noqa: F401  (one real PgBouncer for every module)
 
 
@@ -100,3 +101,11 @@ def _reset_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(redaction, "SECRETS", redaction.Redactor())
     yield
     reset_logging()
+
+
+@pytest.fixture(autouse=True)
+def _search_console_starts_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run with nothing learned starts Search Console at one query a second and doubles from
+    there: right for a real night, seconds of ramp for every small test portfolio. Tests start
+    at 100/s instead; tests about learning rates set START_RATE themselves."""
+    monkeypatch.setattr(rates, "START_RATE", 100.0)

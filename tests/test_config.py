@@ -17,11 +17,14 @@ from aggregator.config import (
     load_settings,
     read_environment,
 )
+from aggregator.search_console import rates
 
 
 def test_defaults_survive_a_new_cloud_projects_quota() -> None:
     settings = load_settings({})
-    assert settings.gsc_max_qps_per_client * 60 <= 60
+    # No ceiling by default: the rate is learned, starting at a new Cloud project's 60/min.
+    assert settings.gsc_max_qps_per_client is None and settings.gsc_max_qps_per_account is None
+    assert rates.START_RATE_DEFAULT * 60 <= 60
     assert settings.google_token_url == "https://oauth2.googleapis.com/token"
     assert settings.gsc_api_url == "https://searchconsole.googleapis.com"
     assert str(settings.timezone) == "UTC"

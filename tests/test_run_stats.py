@@ -57,8 +57,8 @@ async def test_each_run_stores_its_api_figures_per_source(db, conn, monkeypatch)
 
 async def test_a_rate_limited_answer_counts_as_failed_and_rate_limited(db, monkeypatch):
     monkeypatch.setattr(gsc, "_backoff_sleep", no_sleep)
-    portfolio = await seed(db, world.make_portfolio(4, 1))
-    async with world.google_simulator(portfolio, today=TODAY, qps_per_account=1) as google:
+    portfolio = await seed(db, world.make_portfolio(60, 1))
+    async with world.google_simulator(portfolio, today=TODAY, qps_per_account=30) as google:
         settings = simulated_settings(
             db,
             "http://unused.invalid",
@@ -70,7 +70,7 @@ async def test_a_rate_limited_answer_counts_as_failed_and_rate_limited(db, monke
     figures = outcome.stats["gsc"]
     assert figures.requests == google.sites_requests + google.query_requests
     assert figures.rate_limited == figures.failed_requests > 0
-    assert figures.sites_ok + figures.sites_failed == 4
+    assert figures.sites_ok + figures.sites_failed == 58
 
 
 def test_figures_serialise_with_the_contracts_names() -> None:

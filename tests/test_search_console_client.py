@@ -24,6 +24,7 @@ from yarl import URL
 
 from aggregator.demo import simulated_settings
 from aggregator.model import AccountRefresh, GscAccount, GscDay, Site, SiteError
+from aggregator.search_console import account_run
 from aggregator.search_console import answers as search_console_data
 from aggregator.search_console import client as gsc
 from aggregator.search_console.answers import (
@@ -963,8 +964,8 @@ async def test_logs_carry_no_secret(
 class CountingPacer(Pacer):
     created: ClassVar[list[CountingPacer]] = []
 
-    def __init__(self, per_second: float) -> None:
-        super().__init__(per_second)
+    def __init__(self, per_second: float, *, headroom: float = PACING_HEADROOM) -> None:
+        super().__init__(per_second, headroom=headroom)
         CountingPacer.created.append(self)
 
 
@@ -975,7 +976,7 @@ async def test_every_request_passes_its_account_pacer_and_the_shared_client_pace
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(CountingPacer, "created", [])
-    monkeypatch.setattr(gsc, "Pacer", CountingPacer)
+    monkeypatch.setattr(account_run, "Pacer", CountingPacer)
     mocked.get(
         SITES_URL,
         payload={"siteEntry": [{"siteUrl": "sc-domain:a1.com", "permissionLevel": "siteOwner"}]},
@@ -994,9 +995,11 @@ async def test_every_request_passes_its_account_pacer_and_the_shared_client_pace
     )
 
     assert errors_of(records) == {}
-    client = [pacer for pacer in CountingPacer.created if pacer.per_second == 500.0]
+    # A ceiling is kept with the pacing headroom; nothing refused, so the rates stay there.
+    client_rate, account_rate = 500.0 / PACING_HEADROOM, 100.0 / PACING_HEADROOM
+    client = [p for p in CountingPacer.created if p.per_second == pytest.approx(client_rate)]
     per_account = sorted(
-        pacer.granted for pacer in CountingPacer.created if pacer.per_second == 100.0
+        p.granted for p in CountingPacer.created if p.per_second == pytest.approx(account_rate)
     )
     assert len(client) == 1, "one pacer for the OAuth client, shared by both accounts"
     assert client[0].granted == 5  # sites.list + 4 queries

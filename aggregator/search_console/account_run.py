@@ -15,7 +15,8 @@ from typing import Literal
 
 from aggregator.model import GscAccount
 from aggregator.search_console.oauth import AccountToken, Sleep
-from aggregator.search_console.pacing import Pacer
+from aggregator.search_console.pacing import PACING_HEADROOM, Pacer
+from aggregator.search_console.rates import Throttle
 
 
 class SiteFailure(Exception):
@@ -36,13 +37,32 @@ class ClientBroken(Exception):
     project): reported once for the whole client, never per site."""
 
 
+class Paced:
+    """One quota scope (an account, the OAuth client): its learned rate and the pacer that
+    spaces its queries evenly at that rate."""
+
+    def __init__(self, start: float | None, ceiling: float | None) -> None:
+        # A ceiling the operator set is kept with the pacer's headroom (see PACING_HEADROOM);
+        # a learned rate already sits under the limit Google showed.
+        self.throttle = Throttle(start, ceiling / PACING_HEADROOM if ceiling else None)
+        self.pacer = Pacer(self.throttle.rate, headroom=1.0)
+
+    def answered(self, now: float, sent_at: float) -> None:
+        self.throttle.answered(now, sent_at)
+        self.pacer.pace(self.throttle.rate)
+
+    def refused(self, now: float, sent_at: float) -> None:
+        self.throttle.refused(now, sent_at)
+        self.pacer.pace(self.throttle.rate)
+
+
 class AccountRun:
     """Everything shared by one account's site tasks during one run."""
 
-    def __init__(self, account: GscAccount, token: AccountToken, pacer: Pacer) -> None:
+    def __init__(self, account: GscAccount, token: AccountToken, paced: Paced) -> None:
         self.account = account
         self.token = token
-        self.pacer = pacer
+        self.paced = paced
         self._stopped: str | None = None
         self._rest_over: asyncio.Event | None = None
         self._listing_lock = asyncio.Lock()

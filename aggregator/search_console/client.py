@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -39,6 +38,7 @@ from aggregator.search_console.account_run import (
     AccountRun,
     ClientBroken,
     ClientGate,
+    Paced,
     PropertyUnreachable,
     SiteFailure,
 )
@@ -69,7 +69,7 @@ from aggregator.search_console.oauth import (
     Sleep,
     TokenError,
 )
-from aggregator.search_console.pacing import Pacer
+from aggregator.search_console.rates import COOLDOWN
 
 log = structlog.get_logger(__name__)
 
@@ -83,6 +83,9 @@ MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 _backoff_sleep: Sleep = asyncio.sleep
 
 GscRecord = GscDay | SiteError | AccountRefresh
+# The pacers set the rate; this only keeps a 10,000-site account from holding thousands of
+# sockets if Google stalls. Above the most any learned rate needs in flight (rate x latency).
+_MAX_IN_FLIGHT_PER_ACCOUNT = 256
 
 
 class _NoAccess(SiteFailure):
@@ -103,6 +106,7 @@ class _SearchConsole:
         rest_allowed: bool = True,
         windows: Mapping[SiteId, Window] | None = None,
         pacific_today: date | None = None,
+        rates: dict[tuple[str, str], float] | None = None,
     ) -> None:
         self._settings = settings
         self._stats = stats or SourceStats()
@@ -114,7 +118,11 @@ class _SearchConsole:
         self._windows = windows or {}
         self._final_only = final_only
         self._pacific_today = pacific_today or today_in(PACIFIC)
-        self._client_pacer = Pacer(settings.gsc_max_qps_per_client)
+        # Learned rates in, learned rates out: the pipeline stores them for the next run.
+        self._rates = {} if rates is None else rates
+        self._client_key = ("client", settings.google_client_id or "")
+        self._client = Paced(self._rates.get(self._client_key), settings.gsc_max_qps_per_client)
+        self._refused_at: dict[int, float] = {}
         self._timeout = aiohttp.ClientTimeout(
             total=settings.gsc_timeout, sock_connect=settings.http_connect_timeout
         )
@@ -143,12 +151,52 @@ class _SearchConsole:
                         emit(SiteError(site.domain, SOURCE, message, skipped=True))
                 else:
                     group.create_task(self._run_account(account, account_sites, emit))
-        if self._gate.failure is not None:
+        if self._gate.failure is None:
+            self._learned_client_rate()
+        else:
             # One error for the whole client: every site fails for the same reason.
             count = sum(len(group) for group in by_account.values())
             log.warning("gsc.client_broken", sites=count, error=self._gate.failure)
             subject = f"(OAuth client: {count} site{'' if count == 1 else 's'})"
             emit(SiteError(subject, SOURCE, self._gate.failure))
+
+    def _paced_account(self, account: GscAccount) -> Paced:
+        start = self._rates.get(("account", str(account.id)))
+        return Paced(start, self._settings.gsc_max_qps_per_account)
+
+    def _learned_client_rate(self) -> None:
+        """Note what the OAuth client's scope learned, once the accounts are done."""
+        learned = self._client.throttle.learned()
+        self._rates[self._client_key] = learned
+        log.info(
+            "gsc.client_rate",
+            learned_qps=round(learned, 2),
+            refused=self._client.throttle.refusals,
+        )
+
+    def _rate_answer(
+        self, run: AccountRun, sent_at: float, refused: GoogleError | None = None
+    ) -> None:
+        """Tell the throttles how Google answered a query sent at `sent_at`. A refusal goes
+        to the quota Google's wording names; when it names none, to the account's, and to the
+        client's too when other accounts were refused within the same COOLDOWN."""
+        now = asyncio.get_running_loop().time()
+        if refused is None:
+            run.paced.answered(now, sent_at)
+            self._client.answered(now, sent_at)
+            return
+        account_id = run.account.id
+        scope = refused.quota_scope
+        if scope is None:
+            others = any(
+                now - at < COOLDOWN for other, at in self._refused_at.items() if other != account_id
+            )
+            scope = "both" if others else "account"
+        self._refused_at[account_id] = now
+        if scope in ("account", "both"):
+            run.paced.refused(now, sent_at)
+        if scope in ("client", "both"):
+            self._client.refused(now, sent_at)
 
     async def _refresh_first(self, token: AccountToken) -> None:
         """The account's first token refresh, through the client's gate (see ClientGate). Any
@@ -177,10 +225,8 @@ class _SearchConsole:
             for site in sites:
                 emit(SiteError(site.domain, SOURCE, str(failure)))
         else:
-            run = AccountRun(account, token, Pacer(self._settings.gsc_max_qps_per_account))
-            parallel = asyncio.Semaphore(
-                max(1, math.ceil(self._settings.gsc_max_qps_per_account * 2))
-            )
+            run = AccountRun(account, token, self._paced_account(account))
+            parallel = asyncio.Semaphore(_MAX_IN_FLIGHT_PER_ACCOUNT)
 
             failed = 0
             began = time.monotonic()
@@ -195,12 +241,16 @@ class _SearchConsole:
             async with asyncio.TaskGroup() as group:
                 for site in sites:
                     group.create_task(fetch(site))
+            learned = run.paced.throttle.learned()
+            self._rates[("account", str(account.id))] = learned
             log.info(
                 "gsc.account_done",
                 account=account.email,
                 sites=len(sites),
                 failed=failed,
                 seconds=round(time.monotonic() - began, 1),
+                learned_qps=round(learned, 2),
+                refused=run.paced.throttle.refusals,
             )
         if token.outcome is not None:
             emit(token.outcome)
@@ -315,8 +365,11 @@ class _SearchConsole:
             async with self._gate.passage("api"):
                 # The account's own slot first, so waiting for it uses up no client capacity;
                 # it is held while the client's slot is awaited, so its spacing is kept.
-                async with run.pacer.slot(), self._client_pacer.slot():
+                async with run.paced.pacer.slot(), self._client.pacer.slot():
                     pass
+                sent_at = asyncio.get_running_loop().time()
+                run.paced.throttle.sent(sent_at)
+                self._client.throttle.sent(sent_at)
                 run.check()
                 after_rest = run.has_rested
                 retry_after: float | None = None
@@ -331,6 +384,7 @@ class _SearchConsole:
                 else:
                     log.debug("gsc.query", account=email, property=subject, status=status)
                     if status == 200:
+                        self._rate_answer(run, sent_at)
                         self._gate.proven("api")
                         if not isinstance(body, Mapping):
                             self._stats.failed()
@@ -341,6 +395,8 @@ class _SearchConsole:
                     error = classify_google_error(status, body)
                     kind, problem = error.kind, self._describe(error)
                     self._stats.failed(rate_limited=kind is ErrorKind.RATE_LIMITED)
+                    limited = kind is ErrorKind.RATE_LIMITED
+                    self._rate_answer(run, sent_at, error if limited else None)
                     if kind is ErrorKind.CLIENT_BROKEN:
                         raise self._gate.broken(self._api_disabled_message(problem))
                     self._gate.proven("api")
@@ -477,6 +533,7 @@ async def fetch_gsc_performance(
     stats: SourceStats | None = None,
     windows: Mapping[SiteId, Window] | None = None,
     pacific_today: date | None = None,
+    rates: dict[tuple[str, str], float] | None = None,
 ) -> AsyncIterator[GscDay | SiteError | AccountRefresh]:
     """Search Console numbers for `sites` over start..end (Pacific-time days, inclusive), or
     over `windows[site.id]` where given: one query per site whatever its window.
@@ -487,7 +544,9 @@ async def fetch_gsc_performance(
     Yields each site's GscDay records or one SiteError as soon as that site is done, so an
     interrupted run keeps what it fetched, and one AccountRefresh per account whose token
     refresh was attempted. Sites without gsc_account_id are not GSC sites and are ignored.
-    Every request is counted into `stats`.
+    Every request is counted into `stats`. `rates` holds the query rates learned by earlier
+    runs, keyed ("client", GOOGLE_CLIENT_ID) and ("account", account id); each account's and
+    the client's are updated as they finish (see .rates).
     """
     console = _SearchConsole(
         settings,
@@ -497,6 +556,7 @@ async def fetch_gsc_performance(
         stats=stats,
         windows=windows,
         pacific_today=pacific_today,
+        rates=rates,
     )
     ready: asyncio.Queue[GscRecord | None] = asyncio.Queue()
     producer = asyncio.create_task(console.run(sites, accounts, ready.put_nowait))
@@ -544,7 +604,7 @@ async def account_access(
 
     async def one(account: GscAccount) -> AccountAccess:
         token = AccountToken(account, settings, console._redact, sleep=_backoff_sleep)
-        run = AccountRun(account, token, Pacer(settings.gsc_max_qps_per_account))
+        run = AccountRun(account, token, Paced(None, settings.gsc_max_qps_per_account))
         try:
             await console._refresh_first(token)
             answer = await console._call(

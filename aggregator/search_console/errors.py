@@ -20,6 +20,9 @@ _CLIENT_REASONS = frozenset({"accessnotconfigured", "servicedisabled"})
 # A quotaExceeded whose message names a per-second or per-minute quota is QPS, not load: Google
 # words those "Quota exceeded for quota metric 'Queries' and limit 'Queries per minute ...'".
 _QPS_WORDING = re.compile(r"\bqps\b|per (?:minute|second)|\brate\b", re.IGNORECASE)
+# Google Cloud's quota errors name the limit: "... and limit 'Queries per minute per user' of
+# service ..." for a user's quota, "... limit 'Queries per minute' ..." for the project's.
+_QUOTA_LIMIT = re.compile(r"limit '([^']*)'", re.IGNORECASE)
 _MAX_MESSAGE_CHARS = 400
 _RETRY_BASE_SECONDS = 1.0
 _RETRY_CAP_SECONDS = 30.0
@@ -42,6 +45,17 @@ class GoogleError:
     status: int
     reason: str | None
     message: str
+
+    @property
+    def quota_scope(self) -> str | None:
+        """Which quota refused a query, where Google's quota wording says it: "account" for a
+        limit "per user", "client" for the Cloud project's own; None when it does not say."""
+        if self.kind is not ErrorKind.RATE_LIMITED:
+            return None
+        match = _QUOTA_LIMIT.search(self.message)
+        if match is None:
+            return None
+        return "account" if "per user" in match.group(1).lower() else "client"
 
 
 def classify_google_error(status: int, body: object) -> GoogleError:

@@ -34,13 +34,18 @@ class Pacer:
     """
 
     def __init__(self, per_second: float, *, headroom: float = PACING_HEADROOM) -> None:
-        if not per_second > 0:
-            raise ValueError(f"per_second must be > 0, got {per_second!r}")
-        self.per_second = per_second
-        self.interval = headroom / per_second
+        self._headroom = headroom
+        self.pace(per_second)
         self.granted = 0
         self._next = -math.inf  # loop time before which no slot starts
         self._lock = asyncio.Lock()
+
+    def pace(self, per_second: float) -> None:
+        """Change the rate; the next slot is spaced by the new interval."""
+        if not per_second > 0:
+            raise ValueError(f"per_second must be > 0, got {per_second!r}")
+        self.per_second = per_second
+        self.interval = self._headroom / per_second
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:

@@ -19,7 +19,8 @@ One aiohttp app serves both, so one base URL works as `GOOGLE_TOKEN_URL=<url>/to
   after the horizon, as Google does; properties in `quiet_properties` have no provisional rows.
 * Errors use Google's envelope `{"error": {"code", "message", "errors": [...], "status"}}`:
   401 UNAUTHENTICATED, 403 forbidden (no/unverified access), 403 quotaExceeded (load quota),
-  403 dailyLimitExceeded, 403 accessNotConfigured (`api_disabled`: the API is off in the
+  429 beyond `qps_per_account` / `qps_per_project` queries in any second (`foreign_qps`: another
+  client's share of the project quota), 403 dailyLimitExceeded, 403 accessNotConfigured (`api_disabled`: the API is off in the
   Cloud project), 429 rateLimitExceeded with `Retry-After: 1` (per-account QPS; or one of
   the 403 forms in `RATE_LIMIT_ANSWERS`), 400 INVALID_ARGUMENT, 503. The token endpoint
   answers 401 deleted_client when `client_deleted` is set.
@@ -64,6 +65,15 @@ _API_DISABLED = (
     "disabled. Enable it by visiting https://console.developers.google.com/apis/api/"
     "searchconsole.googleapis.com/overview?project=123456789012 then retry. If you enabled this "
     "API recently, wait a few minutes for the action to propagate to our systems and retry."
+)
+# With `quota_wording`, a 429 says which quota refused, as Google Cloud's quota system words it.
+_USER_QUOTA = (
+    "Quota exceeded for quota metric 'Search Analytics queries' and limit 'Queries per minute "
+    "per user' of service 'searchconsole.googleapis.com' for consumer 'project_number:123456'."
+)
+_PROJECT_QUOTA = (
+    "Quota exceeded for quota metric 'Search Analytics queries' and limit 'Queries per minute' "
+    "of service 'searchconsole.googleapis.com' for consumer 'project_number:123456'."
 )
 # How the per-account QPS limit is answered: Google uses 429, and 403 with these reasons.
 RATE_LIMIT_ANSWERS = {
@@ -196,6 +206,9 @@ class GoogleSimulator(SimServer):
         latency: float = 0.0,
         incomplete_days: int = 2,
         qps_per_account: float | None = None,
+        qps_per_project: float | None = None,
+        foreign_qps: float = 0.0,
+        quota_wording: bool = False,
         quota_exhausted_accounts: Collection[str] = (),
         daily_limit_accounts: Collection[str] = (),
         rate_limit_answer: str = "429",
@@ -224,6 +237,9 @@ class GoogleSimulator(SimServer):
         self.today = today or datetime.now(ZoneInfo("America/Los_Angeles")).date()
         self.incomplete_days = incomplete_days
         self.qps_per_account = qps_per_account
+        self.qps_per_project = qps_per_project
+        self.foreign_qps = foreign_qps
+        self.quota_wording = quota_wording
         self.quota_exhausted_accounts: set[str] = set(quota_exhausted_accounts)
         self.daily_limit_accounts: set[str] = set(daily_limit_accounts)
         if rate_limit_answer not in RATE_LIMIT_ANSWERS:
@@ -257,6 +273,7 @@ class GoogleSimulator(SimServer):
         self.query_requests_by_account: Counter[str] = Counter()
         self.queried: list[tuple[str, date, date]] = []  # (siteUrl, startDate, endDate)
         self.max_queries_per_second: dict[str, int] = {}
+        self.rate_limited = 0
         self._windows.clear()
         self.max_in_flight = self.in_flight
 
@@ -481,18 +498,41 @@ class GoogleSimulator(SimServer):
         except GoogleError as error:
             return error.response()
 
-    def _check_rate(self, email: str) -> None:
-        now = asyncio.get_running_loop().time()
-        window = self._windows.get(email)
+    def _recent(self, key: str, now: float) -> deque[float]:
+        """The arrival times of `key`'s queries in the last second."""
+        window = self._windows.get(key)
         if window is None:
-            window = self._windows[email] = deque()
+            window = self._windows[key] = deque()
         while window and window[0] <= now - 1.0:
             window.popleft()
-        window.append(now)
-        if len(window) > self.max_queries_per_second.get(email, 0):
-            self.max_queries_per_second[email] = len(window)
-        if self.qps_per_account is not None and len(window) > self.qps_per_account:
+        return window
+
+    def _check_rate(self, email: str) -> None:
+        """Per account and per project, a query beyond the quota's count of accepted queries
+        in the last second is answered 429 (or a 403 form) and not counted against the quota.
+        `foreign_qps` is another client's steady use of the project's quota.
+        `max_queries_per_second[email]` counts every arrival, refused ones included."""
+        now = asyncio.get_running_loop().time()
+        arrivals = self._recent("\x00arrivals:" + email, now)
+        arrivals.append(now)
+        self.max_queries_per_second[email] = max(
+            self.max_queries_per_second.get(email, 0), len(arrivals)
+        )
+        accepted = self._recent(email, now)
+        project = self._recent("\x00project", now)
+        over_account = self.qps_per_account is not None and len(accepted) >= self.qps_per_account
+        over_project = (
+            self.qps_per_project is not None
+            and len(project) + self.foreign_qps >= self.qps_per_project
+        )
+        if not (over_account or over_project):
+            accepted.append(now)
+            project.append(now)
+        else:
+            self.rate_limited += 1
             code, reason, message = RATE_LIMIT_ANSWERS[self.rate_limit_answer]
+            if code == 429 and self.quota_wording:
+                message = _PROJECT_QUOTA if over_project else _USER_QUOTA
             raise GoogleError(
                 code,
                 message,

@@ -1,0 +1,123 @@
+"""The query rate Google allows, learned from its answers: one Throttle per Google account and
+one per OAuth client (the Cloud project's quota, shared by its accounts).
+
+Google publishes 1,200 queries/min per user and 40,000/min per project, grants new projects
+60/min, and other tools may eat into an account's quota, so the real limit is unknown. A
+Throttle starts safely (the rate learned last night, else a ceiling the operator set, else
+START_RATE), grows fourfold a second while its rate is in use and Google answers, and on a
+429 or a rate-limit 403 takes the rate Google accepted just before as the limit: it drops to
+CUT of that and then settles at SETTLE of it, close under the limit instead of oscillating far
+below. Refusals within COOLDOWN of a cut belong to the overload already cut for.
+After PROBE_AFTER calm seconds it raises its estimate by PROBE_STEP, so a quota that grew (or a
+neighbour that stopped eating it) is found again. What it learned is stored by the pipeline and
+is where the next run starts.
+
+Pure apart from the clock, which the caller passes in (the event loop's monotonic time).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+START_RATE_DEFAULT = 1.0  # queries/s with nothing learned: a new Cloud project's 60/min
+START_RATE = START_RATE_DEFAULT  # module-level, read at call time: tests start faster
+MIN_RATE = 0.05  # never slower than one query in 20 s: the night must go on
+MAX_RATE = 1000.0  # the most GSC_MAX_QPS_* allows; with no ceiling set, the only cap
+CUT = 0.85
+SETTLE = 0.95
+COOLDOWN = 1.0
+PROBE_AFTER = 30.0
+PROBE_STEP = 1.05
+_BUSY_SHARE = 0.5  # a rate counts as in use when this share of it is being sent
+_SLOW_START_GROWTH = 4.0  # per second, until Google first refuses
+
+
+class Throttle:
+    """One scope's (an account's or the OAuth client's) learned query rate."""
+
+    def __init__(self, start: float | None, ceiling: float | None) -> None:
+        self.ceiling = min(ceiling, MAX_RATE) if ceiling else MAX_RATE
+        # With nothing learned, a ceiling the operator set is a rate they vouch for.
+        self.rate = self.start = _clamp(start or ceiling or START_RATE, self.ceiling)
+        self.limit: float | None = None  # the accepted rate at Google's last refusal
+        self.peak = 0.0  # the highest rate Google accepted
+        self.refusals = 0
+        self._sent: deque[float] = deque()
+        self._accepted: deque[float] = deque()
+        self._grown_at: float | None = None
+        self._cut_at = -math.inf
+        self._calm_since = 0.0
+
+    def window(self) -> float:
+        """Seconds over which rates are measured: one, or three queries' worth."""
+        return max(1.0, 3.0 / self.rate)
+
+    def sent(self, now: float) -> None:
+        """Note a query sent now."""
+        _note(self._sent, now, self.window())
+
+    def answered(self, now: float, sent_at: float) -> None:
+        """Google answered a query sent at `sent_at`: grow while the rate is in use and under
+        the estimate."""
+        window = self.window()
+        _note(self._accepted, sent_at, window)
+        self.peak = max(self.peak, _count(self._accepted, sent_at, window) / window)
+        in_use = _count(self._sent, now, window) / window
+        last, self._grown_at = self._grown_at, now
+        if last is None or in_use < _BUSY_SHARE * self.rate:
+            return
+        elapsed = min(now - last, 1.0)
+        if self.limit is None:
+            self.rate = _clamp(self.rate * _SLOW_START_GROWTH**elapsed, self.ceiling)
+            return
+        if now - self._calm_since >= PROBE_AFTER:
+            self.limit *= PROBE_STEP
+            self._calm_since = now
+        target = SETTLE * self.limit
+        if self.rate < target:
+            self.rate = _clamp(
+                min(target, self.rate + (target - self.rate) * elapsed), self.ceiling
+            )
+
+    def refused(self, now: float, sent_at: float) -> None:
+        """Google refused a query sent at `sent_at`: the limit is about the rate it accepted
+        over the window before that (counted by send time, as Google counts arrivals); cut
+        under it, unless this belongs to the overload already cut for."""
+        self.refusals += 1
+        self._calm_since = now
+        if now - self._cut_at < COOLDOWN:
+            return
+        self._cut_at = now
+        window = self.window()
+        # One less than counted: send times are taken a little before the query is on the wire.
+        accepted = (_count(self._accepted, sent_at, window) - 1) / window
+        # Refused at a rate well under the estimate (a per-minute quota filling up, a neighbour
+        # eating the quota): the current rate is what was too fast.
+        estimate = max(min(accepted, self.rate), MIN_RATE)
+        self.limit = estimate if self.limit is None else min(self.limit, estimate)
+        self.rate = _clamp(CUT * estimate, self.ceiling)
+
+    def learned(self) -> float:
+        """The rate the next run starts at: SETTLE of the limit once refused, else the highest
+        rate Google accepted (never below where this run started)."""
+        if self.limit is not None:
+            return _clamp(SETTLE * self.limit, self.ceiling)
+        return _clamp(max(self.peak, self.start), self.ceiling)
+
+
+def _note(times: deque[float], now: float, window: float) -> int:
+    """Append `now`, forget what is older than `window`; return how many remain."""
+    times.append(now)
+    while times and times[0] <= now - window:
+        times.popleft()
+    return len(times)
+
+
+def _count(times: deque[float], now: float, window: float) -> int:
+    """How many of `times` fall in (now - window, now]."""
+    return sum(1 for at in times if now - window < at <= now)
+
+
+def _clamp(rate: float, ceiling: float) -> float:
+    return max(MIN_RATE, min(rate, ceiling))

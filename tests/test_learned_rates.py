@@ -1,0 +1,157 @@
+"""Search Console rates need no tuning: with no GSC_MAX_QPS_* set, runs against simulators that
+answer 429 beyond a per-account and a per-project quota find the rates Google allows, store
+them, and start the next run from them. Asserted from the simulator's own counts and the stored
+rates, never from wall time.
+
+Rates are scaled up (quotas of 40-100 queries/s, and the safe start with them) so a run takes a
+second or two of real loop time; the controller only sees ratios and seconds, so the scaling
+keeps its behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import date
+
+import asyncpg
+import pytest
+
+from aggregator.dates import Window
+from aggregator.demo import simulated_settings
+from aggregator.pipeline import RunOutcome, RunRequest, run_job
+from aggregator.search_console import client as gsc
+from aggregator.search_console import rates
+from aggregator.search_console.rates import Throttle
+from aggregator.simulators import portfolio as world
+from aggregator.simulators.google import GoogleSimulator
+from tests.factories import seed
+
+TODAY = date(2025, 6, 10)
+WINDOW = Window(date(2025, 6, 8), date(2025, 6, 9))
+
+
+# Rates here are ~20-60 times Google's; waits shrink by as much, so the simulated night keeps
+# its proportions (a Retry-After of 1 s is 50 ms of loop time).
+TIME_SCALE = 20.0
+
+
+async def scaled_sleep(seconds: float) -> None:
+    await asyncio.sleep(seconds / TIME_SCALE)
+
+
+@pytest.fixture(autouse=True)
+def scaled_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gsc, "_backoff_sleep", scaled_sleep)
+
+
+async def night(db: str, google: GoogleSimulator) -> RunOutcome:
+    settings = simulated_settings(db, "http://unused.invalid", google.url)
+    assert settings.gsc_max_qps_per_account is None and settings.gsc_max_qps_per_client is None
+    return await run_job(settings, RunRequest(WINDOW, sources=("gsc",)))
+
+
+async def learned(conn: asyncpg.Connection) -> dict[tuple[str, str], float]:
+    rows = await conn.fetch("select scope, key, queries_per_second from gsc_learned_rates")
+    return {(r["scope"], r["key"]): r["queries_per_second"] for r in rows}
+
+
+def gsc_sites(portfolio: world.Portfolio) -> int:
+    return sum(1 for site in portfolio.sites if site.gsc_account_id is not None)
+
+
+async def test_standard_quota_second_night_starts_within_ten_percent_under_it(
+    db, conn, monkeypatch
+) -> None:
+    """Per account 40/s, per project 1,333/s (Google's 1,200/min and 40,000/min, scaled): the
+    accounts' quota binds, and after two nights each account's learned rate sits within 10%
+    under it; the client's never exceeds the project's."""
+    monkeypatch.setattr(rates, "START_RATE", 2.0)  # 1/s against 20/s, scaled
+    portfolio = await seed(db, world.make_portfolio(150, 3))
+    async with world.google_simulator(
+        portfolio, today=TODAY, qps_per_account=40, qps_per_project=1333, quota_wording=True
+    ) as google:
+        first = await night(db, google)
+        after_first = await learned(conn)
+        google.reset_counters()
+        second = await night(db, google)
+        after_second = await learned(conn)
+
+    assert first.status == second.status == "ok"
+    for account in portfolio.accounts:
+        assert after_first[("account", str(account.id))] <= 40
+        assert 0.9 * 40 <= after_second[("account", str(account.id))] <= 40
+    assert after_second[("client", world.CLIENT_ID)] <= 1333
+    # The second night starts at the learned rate: hardly any refusal.
+    assert google.rate_limited <= len(portfolio.accounts) * 3
+    assert second.stats["gsc"].rate_limited == google.rate_limited
+
+
+async def test_a_new_projects_60_per_minute_fails_no_site(db, conn, monkeypatch) -> None:
+    """A new Cloud project's 60 queries/min (scaled to 60/s, with the safe start scaled alike):
+    every site is stored and fewer than 1 query in 10 is refused."""
+    monkeypatch.setattr(rates, "START_RATE", 60.0)
+    portfolio = await seed(db, world.make_portfolio(124, 4))
+    async with world.google_simulator(
+        portfolio, today=TODAY, qps_per_account=1200, qps_per_project=60, quota_wording=True
+    ) as google:
+        outcome = await night(db, google)
+
+    assert outcome.status == "ok", outcome.errors[:3]
+    assert google.rate_limited < google.query_requests / 10
+    assert 0 < (await learned(conn))[("client", world.CLIENT_ID)] <= 60
+
+
+async def test_a_quota_shared_with_another_client_fails_no_site(db, conn, monkeypatch) -> None:
+    """Another tool eats half of the project's quota (50 of 100/s): the job finds the half
+    that is left and every site is stored."""
+    monkeypatch.setattr(rates, "START_RATE", 10.0)
+    portfolio = await seed(db, world.make_portfolio(93, 3))
+    async with world.google_simulator(
+        portfolio,
+        today=TODAY,
+        qps_per_account=40,
+        qps_per_project=100,
+        foreign_qps=50,
+        quota_wording=True,
+    ) as google:
+        outcome = await night(db, google)
+
+    assert outcome.status == "ok", [e.error for e in outcome.errors[:3]]
+    assert outcome.stats["gsc"].sites_ok == gsc_sites(portfolio)
+    assert (await learned(conn))[("client", world.CLIENT_ID)] <= 50
+
+
+def serve(throttle: Throttle, now: float, seconds: float, limit: float | None = None) -> float:
+    """Queries at the throttle's pace for `seconds`, each answered unless `limit` (queries
+    in the trailing second) is reached; returns the clock."""
+    accepted: list[float] = []
+    end = now + seconds
+    while now < end:
+        now += 1 / throttle.rate
+        throttle.sent(now)
+        recent = [at for at in accepted if at > now - 1.0]
+        if limit is not None and len(recent) >= limit:
+            throttle.refused(now, now)
+        else:
+            accepted.append(now)
+            throttle.answered(now, now)
+    return now
+
+
+def test_a_refusal_sets_the_limit_and_the_rate_settles_just_under_it() -> None:
+    throttle = Throttle(start=2.0, ceiling=None)
+    now = serve(throttle, 0.0, 3.0)
+    assert throttle.rate > 30, "it grows while Google answers"
+    now = serve(throttle, now, 20.0, limit=40)
+    assert throttle.limit is not None and 0.9 * 40 <= throttle.limit <= 41
+    assert 0.9 * 40 <= throttle.rate <= 40, "close under the limit, not far below"
+    assert 0.9 * 40 <= throttle.learned() <= 40
+
+
+def test_a_ceiling_is_never_exceeded_and_the_rate_never_drops_below_the_floor() -> None:
+    throttle = Throttle(start=None, ceiling=5.0)
+    now = serve(throttle, 0.0, 10.0)
+    assert throttle.rate == 5.0
+    for step in range(20):
+        throttle.refused(now + 2 * step, now + 2 * step)
+    assert throttle.rate >= rates.MIN_RATE

@@ -34,7 +34,7 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -43,6 +43,7 @@ from typing import Any, TextIO
 import asyncpg
 
 from aggregator import migrations, storage
+from aggregator.config import default_of
 from aggregator.local_postgres import any_postgres, dsn_with_search_path
 from aggregator.simulators import portfolio as world
 from aggregator.simulators.google import GoogleSimulator
@@ -66,6 +67,7 @@ GAP_RUN_SITES, GAP_RUN = 30, (12, 6)  # Matomo's archiver broken for them, days 
 SINGLE_GAPS = 100  # one source missing one day at one site (a failed fetch)
 STALE_PROVISIONAL = 40  # provisional rows left behind (a property lost for a while)
 QUICK_UPSERT_SITES = 500
+FLUSHING_SITES = 10_000  # x UPSERT_DAYS: a 2,000,000-row backfill through the flushing path
 
 
 def accounts_for(sites: int) -> int:
@@ -159,22 +161,26 @@ async def _child_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def synthetic_rows(sites: int, days: int, *, variant: int) -> Iterator[storage.DailyRow]:
-    """sites x days rows with both sources, generated lazily; another `variant` changes every
-    value, so a second pass updates every row."""
+def synthetic_rows(
+    sites: int | Iterable[int], days: int, *, variant: int
+) -> Iterator[storage.DailyRow]:
+    """Rows with both sources for `sites` (ids, or a count: ids 1..N) x `days`, generated
+    lazily; another `variant` changes every value, so a second pass updates every row."""
+    for site_id in range(1, sites + 1) if isinstance(sites, int) else sites:
+        for day, matomo, gsc in _synthetic_days(site_id, days, variant):
+            yield storage.DailyRow(site_id, day, matomo=matomo, gsc=gsc)
+
+
+def _synthetic_days(
+    site_id: int, days: int, variant: int
+) -> Iterator[tuple[date, tuple[int, int], tuple[int, int, float, float, bool]]]:
     first = date(2024, 1, 1)
-    calendar = [first + timedelta(days=n) for n in range(days)]
-    for site_id in range(1, sites + 1):
-        for n, day in enumerate(calendar):
-            visits = (site_id * 7 + n * 13 + variant) % 5_000
-            impressions = (site_id * 31 + n * 17 + variant) % 100_000 + 1
-            clicks = impressions // (3 + variant)
-            yield storage.DailyRow(
-                site_id,
-                day,
-                matomo=(visits, visits * 3),
-                gsc=(clicks, impressions, clicks / impressions, 1.0 + n % 50, n < days - 3),
-            )
+    for n in range(days):
+        visits = (site_id * 7 + n * 13 + variant) % 5_000
+        impressions = (site_id * 31 + n * 17 + variant) % 100_000 + 1
+        clicks = impressions // (3 + variant)
+        gsc = (clicks, impressions, clicks / impressions, 1.0 + n % 50, n < days - 3)
+        yield first + timedelta(days=n), (visits, visits * 3), gsc
 
 
 async def _child_upsert(spec: dict[str, Any]) -> dict[str, Any]:
@@ -188,6 +194,51 @@ async def _child_upsert(spec: dict[str, Any]) -> dict[str, Any]:
     finally:
         await conn.close()
     return {"rows": count, "seconds": seconds, "baseline_mb": baseline, "peak_mb": peak_rss_mb()}
+
+
+def _synthetic_sources(days: int) -> dict[str, Any]:
+    """Matomo and Search Console stand-ins that yield every site's `days` days as fast as the
+    pipeline takes them, taking turns site by site (as two real sources at the same pace), so
+    most (site, day) rows are joined in memory and stored by one flush."""
+    from aggregator.model import GscDay, MatomoDay
+
+    async def matomo(given: Any) -> AsyncIterator[Any]:
+        for site in given.sites:
+            for day, (visits, actions), _ in _synthetic_days(site.id, days, 0):
+                yield MatomoDay(site.id, day, visits, actions)
+            await asyncio.sleep(0)  # one site done: the other source takes its turn
+
+    async def gsc(given: Any) -> AsyncIterator[Any]:
+        for site in given.sites:
+            for day, _, figures in _synthetic_days(site.id, days, 0):
+                yield GscDay(site.id, day, *figures)
+            await asyncio.sleep(0)
+
+    return {"matomo": matomo, "gsc": gsc}
+
+
+async def _child_flushing(spec: dict[str, Any]) -> dict[str, Any]:
+    """A backfill through run_job's store-while-fetching path: the lease, the DailyTable,
+    flushes of AGGREGATOR_FLUSH_ROWS rows and the heartbeat, all real."""
+    from aggregator.dates import Window
+    from aggregator.demo import simulated_settings
+    from aggregator.pipeline import RunRequest, run_job
+
+    baseline = peak_rss_mb()
+    unused = "http://127.0.0.1:9"  # the synthetic sources call no server
+    settings = simulated_settings(spec["dsn"], unused, unused, flush_rows=spec["flush_rows"])
+    first = date(2024, 1, 1)
+    window = Window(first, first + timedelta(days=spec["days"] - 1))
+    began = time.perf_counter()
+    outcome = await run_job(settings, RunRequest(window), sources=_synthetic_sources(spec["days"]))
+    seconds = time.perf_counter() - began
+    return {
+        "sent": outcome.rows_upserted,
+        "seconds": seconds,
+        "status": outcome.status,
+        "baseline_mb": baseline,
+        "peak_mb": peak_rss_mb(),
+    }
 
 
 async def _in_child(kind: str, spec: dict[str, Any], limit: float) -> dict[str, Any]:
@@ -483,6 +534,49 @@ async def upsert_scenario(dsn: str, sites: int, days: int) -> list[UpsertResult]
     return results
 
 
+@dataclass(frozen=True, slots=True)
+class FlushingResult:
+    sites: int
+    days: int
+    rows: int  # distinct (site, day) rows stored
+    sent: int  # rows sent over all flushes (a row whose halves met in two flushes counts twice)
+    seconds: float
+    status: str
+    baseline_mb: float
+    peak_mb: float
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.seconds
+
+
+async def flushing_scenario(
+    dsn: str, sites: int, days: int, flush_rows: int = default_of("AGGREGATOR_FLUSH_ROWS")
+) -> FlushingResult:
+    portfolio = world.make_portfolio(sites, 1)
+    await _seed(dsn, portfolio)
+    spec = {"dsn": dsn, "sites": sites, "days": days, "flush_rows": flush_rows}
+    child = await _in_child("flushing", spec, limit=900)
+    served = sum(1 for s in portfolio.sites if s.matomo_site_id or s.gsc_account_id) * days
+    conn = await asyncpg.connect(dsn)
+    try:
+        stored = await conn.fetchval("select count(*) from daily_analytics")
+    finally:
+        await conn.close()
+    if stored != served:
+        raise RuntimeError(f"the flushing backfill stored {stored} rows, not {served}")
+    return FlushingResult(
+        sites,
+        days,
+        stored,
+        child["sent"],
+        child["seconds"],
+        child["status"],
+        child["baseline_mb"],
+        child["peak_mb"],
+    )
+
+
 # --- report -------------------------------------------------------------------------------------
 
 
@@ -598,6 +692,28 @@ def upsert_table(results: Sequence[UpsertResult]) -> str:
     )
 
 
+def flushing_table(result: FlushingResult, single: Sequence[UpsertResult]) -> str:
+    inserts = [r for r in single if r.label == "insert"]
+    versus = (
+        f"{result.rows_per_second / (inserts[0].rows / inserts[0].seconds):.0%}" if inserts else "-"
+    )
+    return table(
+        ("backfill", "rows", "sent", "seconds", "rows/s", "vs one upsert", "peak RSS MB", "status"),
+        [
+            (
+                f"{result.sites:,} sites x {result.days} days",
+                f"{result.rows:,}",
+                f"{result.sent:,}",
+                f"{result.seconds:.2f}",
+                f"{result.rows_per_second:,.0f}",
+                versus,
+                f"{result.peak_mb:.0f} (+{result.peak_mb - result.baseline_mb:.0f})",
+                result.status,
+            )
+        ],
+    )
+
+
 # --- entry points ---------------------------------------------------------------------------
 
 
@@ -607,6 +723,7 @@ class BenchOptions:
     upsert_sites: int | None = UPSERT_SITES  # None: skip the upsert benchmark
     nightly_sites: int | None = NIGHTLY_SITES  # None: skip the nightly benchmark
     upsert_days: int = UPSERT_DAYS
+    flushing_sites: int | None = FLUSHING_SITES  # None: skip the flushing backfill
 
 
 async def run_bench(server_dsn: str, options: BenchOptions, out: TextIO) -> int:
@@ -684,6 +801,26 @@ async def run_bench(server_dsn: str, options: BenchOptions, out: TextIO) -> int:
             )
             upserts = await upsert_scenario(dsn, options.upsert_sites, options.upsert_days)
             print("\n" + upsert_table(upserts), file=out)
+        if options.flushing_sites:
+            total = options.flushing_sites * options.upsert_days
+            print(
+                f"\nBackfill while fetching: `run` with sources yielding {total:,} rows "
+                f"({options.flushing_sites:,} sites x {options.upsert_days} days, both sources), "
+                f"flushed every {default_of('AGGREGATOR_FLUSH_ROWS'):,} rows, under the lease",
+                file=out,
+                flush=True,
+            )
+            flushing = await flushing_scenario(dsn, options.flushing_sites, options.upsert_days)
+            print(
+                "\n" + flushing_table(flushing, upserts if options.upsert_sites else []), file=out
+            )
+            print(
+                "\nsent = rows over all flushes (a day whose two sources' halves arrived in "
+                "different flushes is sent twice); vs one upsert = rows/s against the single "
+                "1,000,000-row insert above; peak RSS = the run's process.",
+                file=out,
+            )
+            failed = failed or flushing.status != "ok"
     finally:
         admin = await asyncpg.connect(server_dsn)
         try:
@@ -762,6 +899,8 @@ def _child_main(kind: str, text: str) -> int:
             # As under cron: INFO and up, JSON lines, secrets masked, into a file.
             configure_logging(secrets=[world.MATOMO_TOKEN, world.CLIENT_SECRET], stream=log)
             result = asyncio.run(_child_pipeline(spec))
+    elif kind == "flushing":
+        result = asyncio.run(_child_flushing(spec))
     else:
         result = asyncio.run(_child_upsert(spec))
     print(json.dumps(result))
@@ -780,6 +919,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.quick
         else UPSERT_SITES,
         nightly_sites=(200 if args.quick else args.nightly) or None,
+        flushing_sites=None
+        if args.skip_upsert
+        else QUICK_UPSERT_SITES
+        if args.quick
+        else FLUSHING_SITES,
     )
     out = sys.stdout
     print(machine(), file=out)

@@ -296,7 +296,7 @@ SETTINGS: tuple[Setting, ...] = (
         "flush_rows",
         "count",
         "rows held in memory before they are stored (memory is bounded by it)",
-        default=50_000,
+        default=20_000,
         low=1,
         high=1_000_000,
     ),

@@ -7,6 +7,7 @@ here when they arrive close together, and are stored by separate flushes when th
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from datetime import date
 
@@ -28,18 +29,31 @@ class Batch:
 
 @dataclass(slots=True)
 class DailyTable:
-    """Rows and refresh outcomes not yet stored; every error and source figure of the run."""
+    """Rows and refresh outcomes not yet stored; every error and source figure of the run.
 
+    `limit` is how many rows it holds before its sources must make room (a flush); a dry
+    run's table has none."""
+
+    limit: int = sys.maxsize
     rows: dict[tuple[SiteId, date], DailyRow] = field(default_factory=dict)
     errors: list[SiteError] = field(default_factory=list)
     refreshes: list[AccountRefresh] = field(default_factory=list)
     stats: dict[str, SourceStats] = field(default_factory=dict)
 
+    @property
+    def full(self) -> bool:
+        return len(self.rows) >= self.limit
+
     def add(self, record: SourceRecord) -> None:
+        # The hot path of a backfill (millions of calls): one dict lookup per record.
         if isinstance(record, MatomoDay):
-            self._row(record.site_id, record.day).matomo = (record.visits, record.actions)
+            key = (record.site_id, record.day)
+            row = self.rows.get(key) or self._new_row(key)
+            row.matomo = (record.visits, record.actions)
         elif isinstance(record, GscDay):
-            self._row(record.site_id, record.day).gsc = (
+            key = (record.site_id, record.day)
+            row = self.rows.get(key) or self._new_row(key)
+            row.gsc = (
                 record.clicks,
                 record.impressions,
                 record.ctr,
@@ -70,9 +84,6 @@ class DailyTable:
             row.gsc = row.gsc or old.gsc
         self.refreshes[:0] = batch.refreshes
 
-    def _row(self, site_id: SiteId, day: date) -> DailyRow:
-        key = (site_id, day)
-        row = self.rows.get(key)
-        if row is None:
-            row = self.rows[key] = DailyRow(site_id, day)
+    def _new_row(self, key: tuple[SiteId, date]) -> DailyRow:
+        row = self.rows[key] = DailyRow(*key)
         return row

@@ -2,7 +2,8 @@
 AGGREGATOR_FLUSH_SECONDS, each flush one transaction that first re-checks the run's lease.
 
 So a killed run loses at most the last flush interval, memory is bounded by the flush size
-(a full table makes the sources wait), and a run that lost its lease writes nothing more.
+(a full table is flushed in the background while the sources go on; one twice full makes
+them wait), and a run that lost its lease writes nothing more.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class StoreFailed(Exception):
 class Flusher:
     """Moves the table's rows and refresh outcomes into the database, one batch at a time.
 
-    `bound()` gives the seconds any statement may take right now (the run's remaining
+    The table's `limit` is the flush size. `bound()` gives the seconds any statement may take right now (the run's remaining
     deadline, or a short grace once the run is stopping). The first failure (StoreFailed or
     LeaseLost) is kept in `failure`, `on_failure` is called so the run stops fetching, and no
     flush writes after it: a storage that refuses once is not hammered for the rest of the run.
@@ -46,29 +47,38 @@ class Flusher:
         lease: RunLease,
         table: DailyTable,
         *,
-        max_rows: int,
         bound: Callable[[], float],
         on_failure: Callable[[], None],
     ) -> None:
         self._pool = pool
         self._lease = lease
         self._table = table
-        self._max_rows = max_rows
         self._bound = bound
         self._on_failure = on_failure
         self._lock = asyncio.Lock()
+        self._background: asyncio.Task[None] | None = None
         self.last_started = time.monotonic()
         self.rows_sent = 0
         self.failure: str | None = None
 
-    @property
-    def full(self) -> bool:
-        return len(self._table.rows) >= self._max_rows
-
     async def make_room(self) -> None:
-        """Called after each record: a full table is flushed before its source goes on."""
-        if self.full:
-            await self.flush()
+        """Called after each record. A full table starts a flush in the background, so the
+        database writes while the sources fetch; a table twice full waits for that flush
+        (memory stays bounded by about three flushes' rows)."""
+        if not self._table.full:
+            return
+        if self._background is None or self._background.done():
+            self._background = asyncio.create_task(self.flush(), name="flush")
+        if len(self._table.rows) >= 2 * self._table.limit:
+            # wait() rather than await: a source cancelled here must not cancel the flush.
+            await asyncio.wait({self._background})
+
+    async def stop_background(self) -> None:
+        """Cancel a flush started by make_room (its batch goes back to the table): once the
+        run is stopping, the last flush stores everything under the stop grace instead."""
+        if self._background is not None:
+            self._background.cancel()
+            await asyncio.gather(self._background, return_exceptions=True)
 
     async def flush_every(self, seconds: float) -> None:
         """Flush at least every `seconds` until cancelled (a flush for fullness resets it)."""

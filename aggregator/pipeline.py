@@ -221,7 +221,7 @@ async def run_job(
         # A dry run writes nothing, so it takes no lease: it never waits for (or blocks) a run.
         if request.dry_run:
             table = DailyTable()
-            await run.collect(table, _nothing)
+            await run.collect(table, _nothing)  # a dry run's table is never full
             run.rows = list(table.rows.values())
             run.settle(table, len(run.rows))
         else:
@@ -254,7 +254,7 @@ async def run_job(
 
 
 async def _nothing() -> None:
-    """A dry run's after-record step: it keeps every row to print them."""
+    """A dry run keeps every row, to print them."""
 
 
 class _Run:
@@ -294,7 +294,7 @@ class _Run:
         self.fatal: str | None = None
         self.stats: dict[str, SourceStats] = {}
 
-    async def collect(self, table: DailyTable, after_add: Callable[[], Awaitable[None]]) -> None:
+    async def collect(self, table: DailyTable, make_room: Callable[[], Awaitable[None]]) -> None:
         """Fetch into `table` until done, the deadline or a halt (noting which cut it). Sites
         skipped by the plan are errors of the run from the start."""
         table.errors.extend(self._skipped)
@@ -310,7 +310,7 @@ class _Run:
                 self._accounts,
                 self._sources,
                 table,
-                after_add,
+                make_room,
                 self._halt,
                 self._progress,
                 self._pacific_today,
@@ -370,12 +370,11 @@ class _Run:
             )
         except (*TRANSIENT_ERRORS, asyncpg.PostgresError) as exc:
             raise storage.StorageError(f"could not start the run: {type(exc).__name__}") from None
-        table = DailyTable()
+        table = DailyTable(limit=self._settings.flush_rows)
         flusher = Flusher(
             pool,
             lease,
             table,
-            max_rows=self._settings.flush_rows,
             bound=self._statement_seconds,
             on_failure=self._halt.set,
         )
@@ -386,12 +385,15 @@ class _Run:
             await self.collect(table, flusher.make_room)
             # A flush cut by a signal went back to the table: the last flush stores it all.
             await _cancelled(periodic)
+            if self._halt.is_set():
+                await flusher.stop_background()
             await flusher.flush()
         except BaseException as exc:
             crashed = f"the run stopped unexpectedly: {type(exc).__name__}"
             raise
         finally:
             await _cancelled(periodic)
+            await flusher.stop_background()
             await _cancelled(heartbeat)
             self.fatal = flusher.failure or crashed
             self.written = flusher.rows_sent
@@ -480,15 +482,15 @@ async def _collect(
     accounts: Mapping[int, GscAccount],
     sources: Mapping[SourceName, Source] | None,
     table: DailyTable,
-    after_add: Callable[[], Awaitable[None]],
+    make_room: Callable[[], Awaitable[None]],
     halt: asyncio.Event,
     progress: ProgressSink,
     pacific_today: date,
     rates: dict[tuple[str, str], float],
 ) -> str | None:
     """Drain every source into `table` until done, the deadline, or `halt`; return "halt" or
-    "deadline" when cut short (None when complete). `after_add` runs after every record (a
-    full table is flushed there, which makes the source wait)."""
+    "deadline" when cut short (None when complete). `make_room` runs when the table is full
+    (a flush, which may make the source wait)."""
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.http_connect_timeout)
     # No pool-wide cap: Search Console's in-flight queries follow its learned rates (rate x
     # latency) and Matomo has its own small limit (MATOMO_CONCURRENCY), so neither can starve
@@ -517,7 +519,7 @@ async def _collect(
 
         tasks = [
             asyncio.create_task(
-                _drain(name, open_source(name, share), share.sites, table, after_add, progress),
+                _drain(name, open_source(name, share), share.sites, table, make_room, progress),
                 name=f"source-{name}",
             )
             for name, share in plan.items()
@@ -545,7 +547,7 @@ async def _drain(
     stream: AsyncIterator[SourceRecord],
     sites: Sequence[Site],
     table: DailyTable,
-    after_add: Callable[[], Awaitable[None]],
+    make_room: Callable[[], Awaitable[None]],
     progress: ProgressSink,
 ) -> None:
     """Feed one source into the table. A bug in a source fails that source, not the run.
@@ -565,7 +567,8 @@ async def _drain(
     try:
         async for record in stream:
             table.add(record)
-            await after_add()
+            if table.full:
+                await make_room()
             if isinstance(record, SiteError):
                 site_id = ids.get(record.site)
                 (skipped if record.skipped else failed).add(site_id)

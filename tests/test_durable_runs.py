@@ -8,6 +8,7 @@ import json
 from collections.abc import AsyncIterator
 
 import asyncpg
+import pytest
 
 from aggregator import pipeline
 from aggregator.model import AccountRefresh, MatomoDay, SiteError, SourceRecord
@@ -121,8 +122,13 @@ async def test_statement_timeout_in_a_later_flush_closes_the_run_as_partial(db, 
         yield MatomoDay(sites[1], WINDOW.start, 1, 1)
 
     async def blocker() -> None:
-        await stored_first.wait()  # the full table was flushed before the source went on
-        assert await conn.fetchval("select count(*) from daily_analytics") == len(WINDOW.days())
+        await stored_first.wait()
+        for _ in range(500):  # the full table's flush, started in the background, commits
+            if await conn.fetchval("select count(*) from daily_analytics") == len(WINDOW.days()):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            pytest.fail("the first flush was never stored")
         locker = await asyncpg.connect(db)
         async with locker.transaction():
             await locker.execute("lock table daily_analytics in exclusive mode")

@@ -92,13 +92,20 @@ async def take_lease(
     Raises storage.RunLocked when the wait is over."""
     give_up = time.monotonic() + wait_seconds
     while True:
-        async with pool.acquire() as conn, conn.transaction():
-            await storage.bound_statements(conn, LEASE_STATEMENT_SECONDS)
-            closed = await storage.close_dead_runs(conn, DIED)
-            run_id = await storage.start_run(
-                conn, start, end, sites_total, lease_seconds=lease_seconds, owner=owner_name()
-            )
-            holder = await storage.lease_holder(conn) if run_id is None else None
+        closed, run_id, holder = 0, None, None
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                # Within the wait (a busy holder's locked row must not stretch it much).
+                seconds = min(LEASE_STATEMENT_SECONDS, max(give_up - time.monotonic(), 0.5))
+                await storage.bound_statements(conn, seconds)
+                closed = await storage.close_dead_runs(conn, DIED)
+                run_id = await storage.start_run(
+                    conn, start, end, sites_total, lease_seconds=lease_seconds, owner=owner_name()
+                )
+                holder = await storage.lease_holder(conn) if run_id is None else None
+        except (asyncpg.LockNotAvailableError, asyncpg.QueryCanceledError):
+            # The holder's row is locked by its flush in progress: it is alive.
+            closed, run_id, holder = 0, None, None
         if closed:
             log.warning("run.closed_dead_runs", runs=closed)
         if run_id is not None:

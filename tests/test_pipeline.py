@@ -5,6 +5,7 @@ import json
 from collections.abc import AsyncIterator
 from datetime import UTC, date
 
+import asyncpg
 import pytest
 
 from aggregator import storage
@@ -203,6 +204,25 @@ async def test_a_second_run_waits_for_the_lease_then_gives_up(db, conn, portfoli
     assert dead["status"] == "failed" and dead["finished_at"] is not None
     assert "stopped renewing its lease" in json.loads(dead["errors"])[-1]["error"]
     assert await conn.fetchval("select count(*) from aggregator_runs where status = 'running'") == 0
+
+
+async def test_a_holder_busy_in_a_long_flush_is_waited_for_not_an_error(
+    db, conn, portfolio
+) -> None:
+    """A live run's row is locked while its flush commits (and its lease may look expired
+    meanwhile): a second run waits on, then says another run holds the lease."""
+    holder = await storage.start_run(conn, START, END, 4, lease_seconds=0.001)
+    busy = await asyncpg.connect(db)
+    try:
+        async with busy.transaction():
+            await busy.execute("select 1 from aggregator_runs where id = $1 for update", holder)
+            with pytest.raises(storage.RunLocked, match="another aggregator run"):
+                await run_job(settings_for(db, lock_wait=0.2), RunRequest(WINDOW), sources=SOURCES)
+    finally:
+        await busy.close()
+    assert await conn.fetchval("select status from aggregator_runs where id = $1", holder) == (
+        "running"
+    )
 
 
 class RecordingProgress:

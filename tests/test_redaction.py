@@ -105,6 +105,19 @@ def test_every_secret_of_several_is_masked(first: str, second: str) -> None:
     assert not revealed(masked, first) and not revealed(masked, second)
 
 
+def test_secrets_learned_one_by_one_between_calls_are_all_masked() -> None:
+    redactor = Redactor()
+    tokens = [f"ya29.token-{i:04d}-learned-during-the-run" for i in range(300)]
+    for token in tokens:
+        redactor.add(token)
+        assert redactor(f"echo {token}") == "echo ***"
+    text = " ".join(tokens[::7]) + " " + base64.b64encode(tokens[0].encode()).decode()
+    assert not any(revealed(redactor(text), token) for token in tokens)
+    # A secret containing another is masked whole, whichever was learned first.
+    redactor.add("ya29.token-0000-learned-during-the-run-and-more")
+    assert redactor("x ya29.token-0000-learned-during-the-run-and-more y") == "x *** y"
+
+
 def test_a_redactor_for_one_purpose_registers_its_secrets_for_everything() -> None:
     token = "ya29.access-token-learned-at-run-time"
     Redactor().add(token)

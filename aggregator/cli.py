@@ -268,7 +268,7 @@ def _status_command(args: argparse.Namespace, settings: Settings) -> int:
         return status.command(args, settings)
     data = asyncio.run(report_data.collect(settings, datetime.now(tz=settings.timezone)))
     size = report_html.write(data, args.html)
-    print(f"report: {args.html.resolve()} ({size / 1e6:.1f} MB)", file=sys.stderr)
+    print(f"report: {args.html.resolve()} ({report_html.size_text(size)})", file=sys.stderr)
     return status.show(args, data.status, settings)
 
 

@@ -167,7 +167,7 @@ async def print_status(conn: asyncpg.Connection, zone: ZoneInfo, report: Path, o
     size = report_html.write(data, report)
     lines = status.summary_lines(data.status, zone) + status.attention_lines(data.status)
     print("\n" + "\n".join(lines), file=out)
-    print(f"\nHTML report of the demo data ({size / 1e6:.1f} MB): {report}", file=out)
+    print(f"\nHTML report of the demo data ({report_html.size_text(size)}): {report}", file=out)
 
 
 async def print_report(

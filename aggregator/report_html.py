@@ -239,6 +239,11 @@ Point at a cell to see its day; add <code>#all</code> to the URL to open every g
 """
 
 
+def size_text(size: int) -> str:
+    """A file size for the operator: '27 kB', '1.2 MB'."""
+    return f"{size / 1e6:.1f} MB" if size >= 1_000_000 else f"{max(size // 1000, 1)} kB"
+
+
 def write(data: ReportData, path: Path) -> int:
     """Write the page to `path` (whole or not at all: a half-written report would mislead);
     return its size in bytes."""

@@ -106,3 +106,10 @@ def test_run_chart_draws_each_series_and_leaves_gaps_for_runs_without_stats() ->
     # The run without stats splits the error-rate line in two.
     chart = page[page.index("API error rate") - 900 : page.index("API error rate")]
     assert chart.count("<polyline") == 2
+
+
+def test_sizes_read_as_an_operator_expects() -> None:
+    assert report_html.size_text(26_938) == "26 kB"
+    assert report_html.size_text(872_191) == "872 kB"
+    assert report_html.size_text(1_250_000) == "1.2 MB"
+    assert report_html.size_text(12) == "1 kB"

@@ -68,6 +68,7 @@ SINGLE_GAPS = 100  # one source missing one day at one site (a failed fetch)
 STALE_PROVISIONAL = 40  # provisional rows left behind (a property lost for a while)
 QUICK_UPSERT_SITES = 500
 FLUSHING_SITES = 10_000  # x UPSERT_DAYS: a 2,000,000-row backfill through the flushing path
+SLOW_LATENCY, SLOW_SITES, SLOW_ACCOUNTS = 0.500, 5_000, 20  # real queries take 0.3-0.5 s
 
 
 def accounts_for(sites: int) -> int:
@@ -268,6 +269,7 @@ async def _in_child(kind: str, spec: dict[str, Any], limit: float) -> dict[str, 
 
 @dataclass(frozen=True, slots=True)
 class PipelineResult:
+    label: str  # "tuned" (ceilings set to the quotas), "500 ms", "no tuning, night 1/2"
     sites: int
     accounts: int
     seconds: float
@@ -297,26 +299,41 @@ async def _seed(dsn: str, portfolio: world.Portfolio) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         await world.seed_portfolio(conn, portfolio)
+        await conn.execute("truncate gsc_learned_rates")
         await conn.execute("analyze")
     finally:
         await conn.close()
 
 
 async def _run_in_child(
-    dsn: str, portfolio: world.Portfolio, floor: Floor, *, heal_days: int, log: Path
+    dsn: str,
+    portfolio: world.Portfolio,
+    floor: Floor,
+    *,
+    heal_days: int,
+    log: Path,
+    latency: float = LATENCY,
+    tuned: bool = True,
 ) -> tuple[dict[str, Any], MatomoSimulator, GoogleSimulator]:
     """`aggregator run` in a child process against simulators serving `portfolio`: the child's
-    figures, and the simulators, whose counters say what they received."""
+    figures, and the simulators, whose counters say what they received. `tuned`: the
+    GSC_MAX_QPS_* ceilings are set to the quotas; else unset, and the rates are learned."""
     async with (
-        world.matomo_simulator(portfolio, latency=LATENCY) as matomo,
-        world.google_simulator(portfolio, latency=LATENCY, qps_per_account=ACCOUNT_QPS) as google,
+        world.matomo_simulator(portfolio, latency=latency) as matomo,
+        world.google_simulator(
+            portfolio,
+            latency=latency,
+            qps_per_account=ACCOUNT_QPS,
+            qps_per_project=CLIENT_QPS,
+            quota_wording=True,
+        ) as google,
     ):
         spec = {
             "dsn": dsn,
             "matomo_url": matomo.url,
             "google_url": google.url,
-            "account_qps": ACCOUNT_QPS,
-            "client_qps": CLIENT_QPS,
+            "account_qps": ACCOUNT_QPS if tuned else None,
+            "client_qps": CLIENT_QPS if tuned else None,
             "lookback": LOOKBACK_DAYS,
             "heal_days": heal_days,
             "deadline": 20 * floor.seconds + 60,
@@ -326,17 +343,37 @@ async def _run_in_child(
     return child, matomo, google
 
 
-async def pipeline_scenario(dsn: str, sites: int, workdir: Path) -> PipelineResult:
-    accounts = accounts_for(sites)
+async def pipeline_scenario(
+    dsn: str,
+    sites: int,
+    workdir: Path,
+    *,
+    accounts: int | None = None,
+    latency: float = LATENCY,
+    tuned: bool = True,
+    label: str = "tuned",
+) -> PipelineResult:
+    """One `aggregator run`. With `tuned` False the rates are learned: the first night of a
+    size starts from nothing (learned rates are cleared when the portfolio is seeded), the next
+    one from what the first stored."""
+    accounts = accounts or accounts_for(sites)
     portfolio = world.make_portfolio(sites, accounts)
-    await _seed(dsn, portfolio)
-    floor = pipeline_floor(portfolio)
+    if label != "no tuning, night 2":
+        await _seed(dsn, portfolio)
+    floor = pipeline_floor(portfolio, latency=latency)
     # An empty table: with healing on, its first night would backfill every missing day; 0
     # keeps this the plain 4-day window (the nightly scenario heals).
     child, matomo, google = await _run_in_child(
-        dsn, portfolio, floor, heal_days=0, log=workdir / f"run-{sites}.jsonl"
+        dsn,
+        portfolio,
+        floor,
+        heal_days=0,
+        log=workdir / f"run-{sites}-{label.replace(' ', '-')}.jsonl",
+        latency=latency,
+        tuned=tuned,
     )
     return PipelineResult(
+        label=label,
         sites=sites,
         accounts=accounts,
         seconds=child["seconds"],
@@ -598,6 +635,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 def pipeline_table(results: Sequence[PipelineResult]) -> str:
     return table(
         (
+            "run",
             "sites",
             "accounts",
             "wall s",
@@ -616,6 +654,7 @@ def pipeline_table(results: Sequence[PipelineResult]) -> str:
         ),
         [
             (
+                r.label,
                 f"{r.sites:,}",
                 r.accounts,
                 f"{r.seconds:.2f}",
@@ -720,6 +759,8 @@ def flushing_table(result: FlushingResult, single: Sequence[UpsertResult]) -> st
 @dataclass(frozen=True, slots=True)
 class BenchOptions:
     sizes: tuple[int, ...] = DEFAULT_SIZES
+    slow_row: bool = True  # the 500 ms-latency row
+    untuned: bool = True  # the "no tuning" rows, two nights per size
     upsert_sites: int | None = UPSERT_SITES  # None: skip the upsert benchmark
     nightly_sites: int | None = NIGHTLY_SITES  # None: skip the nightly benchmark
     upsert_days: int = UPSERT_DAYS
@@ -756,6 +797,27 @@ async def run_bench(server_dsn: str, options: BenchOptions, out: TextIO) -> int:
                 for sites in options.sizes:
                     results.append(await pipeline_scenario(dsn, sites, Path(workdir)))
                     print(f"  {sites:,} sites done", file=out, flush=True)
+                if options.slow_row:
+                    results.append(
+                        await pipeline_scenario(
+                            dsn,
+                            SLOW_SITES,
+                            Path(workdir),
+                            accounts=SLOW_ACCOUNTS,
+                            latency=SLOW_LATENCY,
+                            label=f"{SLOW_LATENCY * 1000:.0f} ms",
+                        )
+                    )
+                    print(f"  {SLOW_SITES:,} sites at 500 ms done", file=out, flush=True)
+                for sites in options.sizes if options.untuned else ():
+                    for night in (1, 2):
+                        label = f"no tuning, night {night}"
+                        results.append(
+                            await pipeline_scenario(
+                                dsn, sites, Path(workdir), tuned=False, label=label
+                            )
+                        )
+                    print(f"  {sites:,} sites, no tuning, done", file=out, flush=True)
             print("\n" + pipeline_table(results), file=out)
             print(
                 "\nfloor: max(slowest account's paced requests / its rate, all paced requests "
@@ -763,7 +825,9 @@ async def run_bench(server_dsn: str, options: BenchOptions, out: TextIO) -> int:
                 "(bound named). ratio = wall / floor. refused = queries beyond one per site "
                 "(429s). max q/s = most queries one account had in any 1-s window. rows/s = "
                 "rows upserted / wall. peak RSS = the run's process (+ growth over its "
-                "start, after imports).",
+                "start, after imports). tuned: GSC_MAX_QPS_* set to the quotas; 500 ms: "
+                "every API call takes 500 ms (tuned); no tuning: no GSC_MAX_QPS_*, night 1 "
+                "learns from nothing (one query a second), night 2 starts where it left off.",
                 file=out,
             )
             for r in results:
@@ -913,6 +977,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _child_main(*args.child)
     options = BenchOptions(
         sizes=(200,) if args.quick else args.sizes,
+        slow_row=not args.quick,
         upsert_sites=None
         if args.skip_upsert
         else QUICK_UPSERT_SITES

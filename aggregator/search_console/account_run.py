@@ -148,9 +148,17 @@ class ClientGate:
     @contextlib.asynccontextmanager
     async def passage(self, stage: Stage) -> AsyncIterator[None]:
         self.check()
-        if stage in self._proven:
-            yield
-            return
-        async with self._locks[stage]:
-            self.check()
-            yield
+        if stage not in self._proven:
+            lock = self._locks[stage]
+            await lock.acquire()
+            try:
+                # Whoever waited here while the first request proved the client goes on at
+                # once, all together, instead of one by one behind the lock.
+                if stage not in self._proven:
+                    self.check()
+                    yield
+                    return
+            finally:
+                lock.release()
+        self.check()
+        yield

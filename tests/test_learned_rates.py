@@ -66,7 +66,7 @@ async def test_standard_quota_second_night_starts_within_ten_percent_under_it(
     accounts' quota binds, and after two nights each account's learned rate sits within 10%
     under it; the client's never exceeds the project's."""
     monkeypatch.setattr(rates, "START_RATE", 2.0)  # 1/s against 20/s, scaled
-    portfolio = await seed(db, world.make_portfolio(150, 3))
+    portfolio = await seed(db, world.make_portfolio(300, 3))
     async with world.google_simulator(
         portfolio, today=TODAY, qps_per_account=40, qps_per_project=1333, quota_wording=True
     ) as google:
@@ -138,8 +138,9 @@ def serve(throttle: Throttle, now: float, seconds: float, limit: float | None = 
     return now
 
 
-def test_a_refusal_sets_the_limit_and_the_rate_settles_just_under_it() -> None:
-    throttle = Throttle(start=2.0, ceiling=None)
+def test_a_refusal_sets_the_limit_and_the_rate_settles_just_under_it(monkeypatch) -> None:
+    monkeypatch.setattr(rates, "START_RATE", 2.0)
+    throttle = Throttle(start=None, ceiling=None)
     now = serve(throttle, 0.0, 3.0)
     assert throttle.rate > 30, "it grows while Google answers"
     now = serve(throttle, now, 20.0, limit=40)
@@ -155,3 +156,11 @@ def test_a_ceiling_is_never_exceeded_and_the_rate_never_drops_below_the_floor() 
     for step in range(20):
         throttle.refused(now + 2 * step, now + 2 * step)
     assert throttle.rate >= rates.MIN_RATE
+
+
+def test_a_learned_rate_is_where_the_next_run_stays_until_it_probes_above_it() -> None:
+    throttle = Throttle(start=38.0, ceiling=None)
+    now = serve(throttle, 1000.0, rates.PROBE_AFTER - 1, limit=40)
+    assert throttle.refusals == 0 and throttle.rate == pytest.approx(38.0)
+    serve(throttle, now, 5.0, limit=40)
+    assert throttle.rate <= 40, "a probe above the limit is cut back under it"

@@ -37,17 +37,20 @@ class Throttle:
     """One scope's (an account's or the OAuth client's) learned query rate."""
 
     def __init__(self, start: float | None, ceiling: float | None) -> None:
+        """`start`: the rate an earlier run learned (None: nothing learned)."""
         self.ceiling = min(ceiling, MAX_RATE) if ceiling else MAX_RATE
         # With nothing learned, a ceiling the operator set is a rate they vouch for.
         self.rate = self.start = _clamp(start or ceiling or START_RATE, self.ceiling)
-        self.limit: float | None = None  # the accepted rate at Google's last refusal
+        # A learned rate is SETTLE of a limit Google showed: start from that limit, probing
+        # above it only after PROBE_AFTER calm seconds, instead of rediscovering it by force.
+        self.limit: float | None = start / SETTLE if start else None
         self.peak = 0.0  # the highest rate Google accepted
         self.refusals = 0
         self._sent: deque[float] = deque()
         self._accepted: deque[float] = deque()
         self._grown_at: float | None = None
         self._cut_at = -math.inf
-        self._calm_since = 0.0
+        self._calm_since: float | None = None
 
     def window(self) -> float:
         """Seconds over which rates are measured: one, or three queries' worth."""
@@ -64,6 +67,8 @@ class Throttle:
         _note(self._accepted, sent_at, window)
         self.peak = max(self.peak, _count(self._accepted, sent_at, window) / window)
         in_use = _count(self._sent, now, window) / window
+        if self._calm_since is None:
+            self._calm_since = now
         last, self._grown_at = self._grown_at, now
         if last is None or in_use < _BUSY_SHARE * self.rate:
             return

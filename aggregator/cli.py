@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import os
 import signal
 import sys
@@ -247,19 +248,36 @@ def _main(argv: Sequence[str] | None) -> int:
         "check": check.command,
     }
     try:
-        return handlers[args.command](args, settings)
+        code = handlers[args.command](args, settings)
+        sys.stdout.flush()  # a full disk shows here, while we can still say so in one line
+        return code
     except (ConfigError, DateError, UsageError, storage.StorageError) as exc:
         return _fail(str(exc), sys.stderr)
     except BrokenPipeError:
         return _reader_went_away()
+    except OSError as exc:
+        if exc.errno not in _OUTPUT_ERRNOS:
+            raise
+        _silence_stdout()
+        return _fail(f"cannot write the output: {os.strerror(exc.errno)}", sys.stderr)
+
+
+# Failures of writing stdout itself (`> /dev/full`, a dead terminal, a full quota): the
+# output is lost, so the command fails in one line instead of a crash report.
+_OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EFBIG, errno.EDQUOT})
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _reader_went_away() -> int:
     """`aggregator status --json | head`: the reader closed the pipe. End quietly, as `cat`
-    does: point stdout at /dev/null so the interpreter's final flush cannot fail again."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    does, with stdout silenced."""
+    _silence_stdout()
     return EXIT_BROKEN_PIPE
 
 

@@ -219,6 +219,26 @@ async def test_cli_json_closed_pipe_ends_quietly(db, conn, tmp_path) -> None:
     assert err.decode() == ""  # no BrokenPipeError traceback
 
 
+async def test_cli_json_to_a_full_disk_fails_in_one_line(db, conn, tmp_path) -> None:
+    await add_site(conn, "full.com", matomo_site_id=1)
+    dev_full = os.open("/dev/full", os.O_WRONLY)  # every write fails with ENOSPC
+    full = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "aggregator",
+        "status",
+        "--json",
+        stdout=dev_full,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "DATABASE_URL": db},
+        cwd=tmp_path,
+    )
+    os.close(dev_full)
+    _, err = await asyncio.wait_for(full.communicate(), 60)
+    assert full.returncode == 2, err.decode()
+    assert err.decode() == "aggregator: error: cannot write the output: No space left on device\n"
+
+
 def test_cli_without_schema_exits_2(empty_db, tmp_path) -> None:
     line = one_line_error(aggregator("status", env={"DATABASE_URL": empty_db}, cwd=tmp_path))
     assert "run `aggregator migrate`" in line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -44,6 +45,15 @@ class Window:
 
     def __len__(self) -> int:
         return (self.end - self.start).days + 1
+
+
+def spanning(windows: Iterable[Window]) -> Window:
+    """The smallest window holding every one of `windows` (at least one): a source's range
+    follows from its sites' own windows, so it is derived, never stored beside them."""
+    given = list(windows)
+    if not given:
+        raise ValueError("no window to span")
+    return Window(min(w.start for w in given), max(w.end for w in given))
 
 
 def parse_day(text: str, flag: str) -> date:

@@ -23,7 +23,7 @@ from aggregator import storage
 from aggregator.api_stats import SourceStats
 from aggregator.config import ConfigError, Settings
 from aggregator.daily_table import DailyTable
-from aggregator.dates import PACIFIC, Window, heal_limit, today_in
+from aggregator.dates import PACIFIC, Window, heal_limit, spanning, today_in
 from aggregator.flushing import Flusher
 from aggregator.lease import TRANSIENT_ERRORS, LeaseLost, RunLease, keep_alive, take_lease
 from aggregator.model import (
@@ -58,14 +58,13 @@ class UsageError(Exception):
 class SourceInput:
     """What one source needs: its sites, each site's own window and shared resources.
 
-    `start`..`end` spans every site's window; a source fetches each site over `windows[id]`
-    only. `pacific_today` is Search Console's today (injected, so nights can be simulated).
+    A source fetches each site over `windows[id]` only; `start`..`end` spans them all and is
+    derived from them, so the two can never disagree. `pacific_today` is Search Console's
+    today (injected, so nights can be simulated).
     """
 
     sites: Sequence[Site]
     accounts: Mapping[int, GscAccount]
-    start: date
-    end: date
     settings: Settings
     session: aiohttp.ClientSession
     final_only: bool
@@ -74,6 +73,14 @@ class SourceInput:
     stats: SourceStats = field(default_factory=SourceStats)
     # Search Console's learned query rates, read before the run and stored after it.
     rates: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    @property
+    def start(self) -> date:
+        return spanning(self.windows.values()).start
+
+    @property
+    def end(self) -> date:
+        return spanning(self.windows.values()).end
 
 
 Source = Callable[[SourceInput], AsyncIterator[SourceRecord]]
@@ -505,8 +512,6 @@ async def _collect(
                 SourceInput(
                     sites=share.sites,
                     accounts=accounts,
-                    start=share.start,
-                    end=share.end,
                     settings=settings,
                     session=session,
                     final_only=request.final_only,

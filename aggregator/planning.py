@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
-from aggregator.dates import Window, site_window
+from aggregator.dates import Window, site_window, spanning
 from aggregator.model import GscAccount, Site, SiteError, SiteHistory, SiteId
 
 _NEVER = datetime.min.replace(tzinfo=UTC)
@@ -27,11 +27,11 @@ class SourcePlan:
 
     @property
     def start(self) -> date:
-        return min(window.start for window in self.windows.values())
+        return spanning(self.windows.values()).start
 
     @property
     def end(self) -> date:
-        return max(window.end for window in self.windows.values())
+        return spanning(self.windows.values()).end
 
 
 def plan_source(

@@ -3,7 +3,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from aggregator.dates import DateError, Window, parse_day, resolve_window, today_in
+from aggregator.dates import DateError, Window, parse_day, resolve_window, spanning, today_in
 
 TODAY = date(2026, 3, 1)
 
@@ -31,6 +31,14 @@ def test_explicit_range_and_single_day() -> None:
     assert resolve_window(TODAY, day=date(2026, 2, 28)) == Window(
         date(2026, 2, 28), date(2026, 2, 28)
     )
+
+
+def test_a_span_reaches_from_the_earliest_start_to_the_latest_end() -> None:
+    healed = Window(date(2026, 1, 5), date(2026, 2, 10), explicit=False)
+    lookback = Window(date(2026, 2, 7), date(2026, 2, 12), explicit=False)
+    assert spanning([lookback, healed]) == Window(date(2026, 1, 5), date(2026, 2, 12))
+    with pytest.raises(ValueError, match="no window"):
+        spanning([])
 
 
 def test_from_alone_runs_until_yesterday() -> None:

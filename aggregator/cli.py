@@ -22,7 +22,6 @@ from aggregator import (
     migrations,
     report_data,
     report_html,
-    status,
     storage,
 )
 from aggregator.config import ConfigError, Settings, load_settings, read_environment
@@ -31,6 +30,8 @@ from aggregator.logs import configure_logging
 from aggregator.pipeline import ALL_SOURCES, RunOutcome, RunRequest, UsageError, run_job
 from aggregator.progress import terminal_progress
 from aggregator.redaction import masked_output
+from aggregator.status import command as status_command
+from aggregator.status.verdict import WINDOW_DAYS as STATUS_WINDOW_DAYS
 from aggregator.text_table import error_lines, table_lines
 
 EXIT_OK, EXIT_PARTIAL, EXIT_UNUSABLE = 0, 1, 2
@@ -132,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         help="is the data fresh? the verdict per source, then what needs attention",
         description="Per source: how many sites are fresh, behind, failing or new, the due "
-        f"day, completion, run durations and API error rate over {status.WINDOW_DAYS} days; "
+        f"day, completion, run durations and API error rate over {STATUS_WINDOW_DAYS} days; "
         "then the sites that need attention, one line per cause. Exit status: 0 nothing "
         "behind or failing, 1 something is, 2 configuration or database unusable.",
     )
@@ -283,11 +284,11 @@ def _reader_went_away() -> int:
 
 def _status_command(args: argparse.Namespace, settings: Settings) -> int:
     if args.html is None:
-        return status.command(args, settings)
+        return status_command.run(args, settings)
     data = asyncio.run(report_data.collect(settings, datetime.now(tz=settings.timezone)))
     size = report_html.write(data, args.html)
     print(f"report: {args.html.resolve()} ({report_html.size_text(size)})", file=sys.stderr)
-    return status.show(args, data.status, settings)
+    return status_command.show(args, data.status, settings)
 
 
 def _run_async(coro_factory: Callable[[asyncio.Event], Coroutine[Any, Any, int]]) -> int:

@@ -19,13 +19,14 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 
-from aggregator import migrations, report_data, report_html, status, storage
+from aggregator import migrations, report_data, report_html, storage
 from aggregator.config import Secret, Settings
 from aggregator.dates import resolve_window, today_in
 from aggregator.local_postgres import default_data_dir, dsn_with_search_path, embedded_postgres
 from aggregator.pipeline import RunOutcome, RunRequest, run_job
 from aggregator.progress import terminal_progress
 from aggregator.simulators import portfolio as world
+from aggregator.status import render as status_render
 from aggregator.text_table import error_lines, table_lines
 
 DEMO_SCHEMA = "aggregator_demo"
@@ -165,7 +166,7 @@ async def print_status(conn: asyncpg.Connection, zone: ZoneInfo, report: Path, o
     now = datetime.now(tz=zone)
     data = await report_data.gather(conn, today_in(zone, now), zone, now)
     size = report_html.write(data, report)
-    lines = status.summary_lines(data.status, zone) + status.attention_lines(data.status)
+    lines = status_render.overview_lines(data.status, zone)
     print("\n" + "\n".join(lines), file=out)
     print(f"\nHTML report of the demo data ({report_html.size_text(size)}): {report}", file=out)
 

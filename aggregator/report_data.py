@@ -15,9 +15,11 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 
-from aggregator import status, storage
+from aggregator import storage
 from aggregator.config import Settings
 from aggregator.dates import SOURCES, due_day, today_in
+from aggregator.status import queries
+from aggregator.status.verdict import WINDOW_DAYS, StatusReport, window_start
 from aggregator.token_health import AccountHealth, load_accounts
 
 # One character per cell keeps 10,000 sites x 2 sources x 30 days near 600 kB of data.
@@ -84,7 +86,7 @@ class ReportData:
     days: tuple[date, ...]
     sites: tuple[SiteRow, ...]
     accounts: tuple[AccountHealth, ...]
-    status: status.StatusReport
+    status: StatusReport
 
     def counts(self, source: str) -> dict[str, int]:
         """Cells per state for one source, every state present (zero when absent)."""
@@ -102,9 +104,9 @@ class ReportData:
         return sorted(by_account.items(), key=lambda item: (item[0] == "", item[0]))
 
 
-def grid_days(today: date, days: int = status.WINDOW_DAYS) -> tuple[date, ...]:
+def grid_days(today: date, days: int = WINDOW_DAYS) -> tuple[date, ...]:
     """The `days` days ending yesterday, oldest first: the window of status's figures."""
-    start = status.window_start(today, days)
+    start = window_start(today, days)
     return tuple(start + timedelta(days=n) for n in range(days))
 
 
@@ -146,7 +148,7 @@ def build_rows(
     stored: Mapping[object, Mapping[date, Stored]],
     days: Sequence[date],
     today: date,
-    report: status.StatusReport,
+    report: StatusReport,
 ) -> tuple[SiteRow, ...]:
     failing = {(s.site, s.source) for s in report.sources if s.state == "failing"}
     rows = []
@@ -166,7 +168,7 @@ def build_rows(
 async def gather(
     conn: asyncpg.Connection, today: date, zone: ZoneInfo, now: datetime
 ) -> ReportData:
-    report = await status.gather(conn, today, zone, now)
+    report = await queries.gather(conn, today, zone, now)
     days = grid_days(today)
     sites = await conn.fetch(_SITES, zone.key)
     stored: dict[object, dict[date, Stored]] = {}

@@ -15,10 +15,12 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from aggregator import status, token_health
+from aggregator import token_health
 from aggregator.dates import SOURCES
 from aggregator.pipeline import UsageError
 from aggregator.report_data import CELL_STATES, ReportData, SiteRow
+from aggregator.status import render as status_render
+from aggregator.status.verdict import RunSummary, StatusReport
 
 SOURCE_NAMES = {"matomo": "Matomo visits", "gsc": "Search Console"}
 CELL_COLOURS = {
@@ -174,12 +176,12 @@ def sparkline(
     )
 
 
-def _runs(report: status.StatusReport) -> str:
+def _runs(report: StatusReport) -> str:
     runs = list(reversed(report.runs))  # oldest first
     if not runs:
         return f"<p>No run in the last {report.window_days} days.</p>"
 
-    def error_rate(run: status.RunSummary) -> float | None:
+    def error_rate(run: RunSummary) -> float | None:
         requests = sum(r for r, _ in run.api.values())
         return sum(f for _, f in run.api.values()) / requests if requests else None
 
@@ -211,7 +213,7 @@ def _grid_header(data: ReportData) -> str:
 
 def render(data: ReportData) -> str:
     report = data.status
-    summary = "\n".join(status.summary_lines(report, data.zone) + status.attention_lines(report))
+    summary = "\n".join(status_render.overview_lines(report, data.zone))
     first, last = data.days[0], data.days[-1]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">

@@ -1,5 +1,5 @@
 """A realistic portfolio for `status` and the HTML report, seeded in a few set-based statements,
-and the expected figures computed by SQL written independently of aggregator/status.py and
+and the expected figures computed by SQL written independently of aggregator/status/ and
 aggregator/report_data.py (its own due days, its own cell rules).
 
 The mix, by site number n (today T in UTC, the test's AGGREGATOR_TIMEZONE):

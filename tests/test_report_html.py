@@ -22,7 +22,7 @@ from aggregator.report_data import (
     cell_state,
     grid_days,
 )
-from aggregator.status import RunSummary, build_report
+from aggregator.status.verdict import RunSummary, build_report
 from aggregator.token_health import AccountHealth, TokenHealth
 
 TODAY = date(2024, 5, 10)

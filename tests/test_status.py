@@ -8,10 +8,11 @@ import sys
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from aggregator import status, storage
+from aggregator import storage
 from aggregator.dates import due_day, today_in
 from aggregator.model import SiteError
-from aggregator.status import RunSummary, SourceFacts, build_report
+from aggregator.status import queries, render
+from aggregator.status.verdict import RunSummary, SourceFacts, SourceStatus, build_report
 from tests.factories import add_account, add_site
 from tests.test_cli import aggregator, one_line_error
 
@@ -24,7 +25,7 @@ def facts(source: str, last: date | None, present: int = 0, deployed=LONG_AGO, *
     return SourceFacts("example.com", source, deployed, last, present, **kw)
 
 
-def one(fact: SourceFacts, error: str | None = None) -> status.SourceStatus:
+def one(fact: SourceFacts, error: str | None = None) -> SourceStatus:
     errors = {(fact.site, fact.source): error} if error else {}
     return build_report(TODAY, [fact], [], errors).sources[0]
 
@@ -61,7 +62,7 @@ def test_completion_counts_the_30_days_ending_yesterday_up_to_each_due_day() -> 
     assert report.completion("matomo") == (30, 30)
     assert report.completion("gsc") == (20, 26)  # 10 April to the due day, 5 May
     assert report.completion() == (50, 56)
-    payload = status.as_json(report)
+    payload = render.as_json(report)
     assert payload["sources"]["matomo"]["completion"]["rate"] == 1.0
     assert payload["sources"]["gsc"]["completion"]["expected"] == 26
 
@@ -76,7 +77,7 @@ def test_causes_group_the_same_error_across_sites() -> None:
     (cause,) = report.causes()
     assert cause.cause == "account a@x cannot access sc-domain:<site>"
     assert cause.sites == tuple(sites)
-    text = status.render(report, UTC_ZONE)
+    text = render.text(report, UTC_ZONE)
     assert "gsc  failing  5      account a@x cannot access sc-domain:<site>" in text
     assert "e.g. s0.com, s1.com, s2.com, …" in text
 
@@ -84,7 +85,7 @@ def test_causes_group_the_same_error_across_sites() -> None:
 def test_an_error_naming_no_monitored_site_is_reported_as_a_run_failure() -> None:
     report = build_report(TODAY, [], [], {("(run)", "pipeline"): "run lock lost"})
     assert not report.ok
-    assert "run     failing: pipeline (run): run lock lost" in status.render(report, UTC_ZONE)
+    assert "run     failing: pipeline (run): run lock lost" in render.text(report, UTC_ZONE)
 
 
 def test_run_figures_median_completion_and_api_error_rate() -> None:
@@ -108,12 +109,12 @@ def test_run_figures_median_completion_and_api_error_rate() -> None:
 
 
 def test_api_counts_ignore_malformed_stats() -> None:
-    assert status.api_counts(None) == {}
-    assert status.api_counts("not json") == {}
+    assert queries.api_counts(None) == {}
+    assert queries.api_counts("not json") == {}
     good = {"requests": 4, "failed_requests": 1, "retries": 2}
     stats = {"matomo": good, "gsc": {"requests": "4", "failed_requests": 1}, "x": 3}
-    assert status.api_counts(json.dumps(stats)) == {"matomo": (4, 1)}
-    assert status.api_counts({"gsc": {"requests": True, "failed_requests": 0}}) == {}
+    assert queries.api_counts(json.dumps(stats)) == {"matomo": (4, 1)}
+    assert queries.api_counts({"gsc": {"requests": True, "failed_requests": 0}}) == {}
 
 
 async def test_load_facts_reads_configured_sources_of_monitored_sites(conn) -> None:
@@ -132,7 +133,7 @@ async def test_load_facts_reads_configured_sources_of_monitored_sites(conn) -> N
             storage.DailyRow(both, date(2024, 3, 1), matomo=(1, 1)),  # before the window
         ],
     )
-    found = {(f.site, f.source): f for f in await status.load_facts(conn, TODAY, UTC_ZONE)}
+    found = {(f.site, f.source): f for f in await queries.load_facts(conn, TODAY, UTC_ZONE)}
     assert set(found) == {
         ("both.com", "matomo"),
         ("both.com", "gsc"),
@@ -152,13 +153,13 @@ async def test_load_facts_reads_configured_sources_of_monitored_sites(conn) -> N
 async def test_load_runs_reads_stats_only_where_the_column_exists(conn) -> None:
     since = datetime.now(UTC) - timedelta(days=1)
     await seed_run(conn, [])
-    (run,) = await status.load_runs(conn, since)
+    (run,) = await queries.load_runs(conn, since)
     assert run.api == {}
     await conn.execute("alter table aggregator_runs add column if not exists stats jsonb")
     await conn.execute(
         """update aggregator_runs set stats = '{"gsc": {"requests": 8, "failed_requests": 2}}'"""
     )
-    (run,) = await status.load_runs(conn, since)
+    (run,) = await queries.load_runs(conn, since)
     assert run.api == {"gsc": (8, 2)}
 
 

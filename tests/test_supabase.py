@@ -17,12 +17,13 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from aggregator import migrations, status
+from aggregator import migrations
 from aggregator.dates import Window
 from aggregator.demo import simulated_settings
 from aggregator.local_postgres import dsn_with_search_path
 from aggregator.pipeline import RunRequest, run_job
 from aggregator.simulators import portfolio as world
+from aggregator.status import queries, render
 from tests.factories import stored_rows
 from tests.test_cli import aggregator, one_line_error
 from tests.test_end_to_end import expected_gsc, expected_matomo
@@ -244,8 +245,8 @@ async def test_adopts_the_hub_sites_table_and_runs_as_a_non_superuser(
         }
         assert got_gsc == want_gsc
         # status reads the same sites and rows through the same ids.
-        report = await status.collect(settings, datetime(2025, 6, 10, 12, tzinfo=UTC))
-        by_source = status.as_json(report, every_site=True)["sources"]
+        report = await queries.collect(settings, datetime(2025, 6, 10, 12, tzinfo=UTC))
+        by_source = render.as_json(report, every_site=True)["sources"]
         assert by_source["matomo"]["sites"] == by_source["gsc"]["sites"] == len(ids)
 
     # The dashboard's view of sites is exactly what it was; the job's tables are closed to it.

@@ -1,0 +1,32 @@
+"""The `aggregator status` command: read the report, print it as asked, choose the exit status.
+
+Exit status: 0 nothing behind or failing, 1 something is, 2 configuration or database
+unusable (raised as ConfigError/StorageError for cli.main).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from datetime import datetime
+
+from aggregator.config import Settings
+from aggregator.status import queries, render
+from aggregator.status.verdict import StatusReport
+
+EXIT_FRESH, EXIT_ATTENTION = 0, 1
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    now = datetime.now(tz=settings.timezone)
+    return show(args, asyncio.run(queries.collect(settings, now)), settings)
+
+
+def show(args: argparse.Namespace, report: StatusReport, settings: Settings) -> int:
+    """Print the report as asked (`--json`, `--all`); return the exit status."""
+    if args.json:
+        print(json.dumps(render.as_json(report, every_site=args.all), indent=2))
+    else:
+        print(render.text(report, settings.timezone, every_site=args.all), end="")
+    return EXIT_FRESH if report.ok else EXIT_ATTENTION

@@ -14,9 +14,12 @@ from dataclasses import asdict, dataclass
 class SourceStats:
     """One source's figures for one run (the contract's `aggregator_runs.stats[source]`).
 
-    - `requests`: HTTP requests sent to the source's API, retries included;
+    - `requests`: HTTP requests sent to the source's API, retries included; for Search
+      Console the token endpoint's requests too (a refresh is part of asking Google, and a
+      dead token endpoint must show in the error rate), and a refused redirect counts as sent;
     - `retries`: requests that asked again for what an earlier, failed request asked;
-    - `failed_requests`: requests answered with an error or no usable answer at all;
+    - `failed_requests`: requests answered with an error or no usable answer at all (a
+      timeout, a network error, a refused redirect, an oversized answer, a refused refresh);
     - `rate_limited`: of those, the answers that said "slow down" (429, rate-limit 403);
     - `sites_ok` / `sites_failed` / `sites_skipped`: how the source's sites ended;
     - `seconds`: how long the source ran.

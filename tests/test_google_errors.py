@@ -74,7 +74,7 @@ async def test_rate_limits_slow_down_and_retry_until_every_site_is_stored(
     refused = google.query_requests - sites
     assert refused > 0, "the simulator's limit was reached"
     assert figures.rate_limited == figures.failed_requests == refused
-    assert figures.requests == google.query_requests + google.sites_requests
+    assert figures.requests == google.token_requests + google.query_requests + google.sites_requests
     assert refused < sites / 4, "it slowed down: no retry storm"
 
 

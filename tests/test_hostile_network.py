@@ -182,6 +182,30 @@ async def test_no_redirect_is_followed_and_nothing_reaches_the_foreign_host(
     assert columns(await stored.rows(), untouched) == before
 
 
+@pytest.mark.parametrize("endpoint", ["google_token_url", "gsc_api_url"])
+async def test_a_refused_redirect_is_a_failed_request_in_the_runs_figures(
+    stored: Stored, endpoint: str
+) -> None:
+    """Every request the redirector refused is in the gsc figures as sent and failed; the
+    token requests that reached Google (when only the API is redirected) as sent and ok."""
+    async with (
+        world.google_simulator(stored.portfolio, today=TODAY) as google,
+        Redirector("http://127.0.0.2:9") as redirector,
+    ):
+        redirector.status = 307
+        settings = simulated_settings(
+            stored.dsn, "http://unused.invalid", google.url, http_max_attempts=1
+        )
+        target = f"{redirector.url}/token" if endpoint == "google_token_url" else redirector.url
+        settings = dataclasses.replace(settings, **{endpoint: target})
+        outcome = await run_job(settings, RunRequest(Window(FROM, TO), sources=("gsc",)))
+    figures = outcome.stats["gsc"]
+    assert redirector.requests > 0
+    assert figures.requests == redirector.requests + google.token_requests
+    assert figures.failed_requests == redirector.requests
+    assert figures.retries == figures.rate_limited == 0
+
+
 async def test_an_impostor_answering_200_empty_object_writes_nothing(stored: Stored) -> None:
     conn = await asyncpg.connect(stored.dsn)
     try:

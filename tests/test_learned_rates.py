@@ -11,14 +11,24 @@ keeps its behaviour.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from datetime import date
 
 import asyncpg
 import pytest
+from structlog.testing import capture_logs
 
 from aggregator.dates import Window
 from aggregator.demo import simulated_settings
-from aggregator.pipeline import RunOutcome, RunRequest, run_job
+from aggregator.model import GscDay, SourceRecord
+from aggregator.pipeline import (
+    RunOutcome,
+    RunRequest,
+    Source,
+    SourceInput,
+    default_source,
+    run_job,
+)
 from aggregator.search_console import client as gsc
 from aggregator.search_console import rates
 from aggregator.search_console.rates import Throttle
@@ -119,6 +129,76 @@ async def test_a_quota_shared_with_another_client_fails_no_site(db, conn, monkey
     assert outcome.status == "ok", [e.error for e in outcome.errors[:3]]
     assert outcome.stats["gsc"].sites_ok == gsc_sites(portfolio)
     assert (await learned(conn))[("client", world.CLIENT_ID)] <= 50
+
+
+def cut_after(sites: int, stop: asyncio.Event) -> Source:
+    """The real Search Console source, interrupted (as by a signal) once `sites` sites have
+    numbers: the accounts are cut mid-night."""
+    real = default_source("gsc")
+
+    async def gsc_source(given: SourceInput) -> AsyncIterator[SourceRecord]:
+        served: set[object] = set()
+        async for record in real(given):
+            yield record
+            if isinstance(record, GscDay):
+                served.add(record.site_id)
+            if len(served) >= sites:
+                stop.set()
+
+    return gsc_source
+
+
+async def test_a_run_cut_short_stores_and_logs_what_every_account_learned(
+    db, conn, monkeypatch
+) -> None:
+    """Interrupted mid-night, every account that began (and the OAuth client) keeps the rate
+    it learned so far for the next run, and each is logged once with that rate."""
+    monkeypatch.setattr(rates, "START_RATE", 2.0)  # 1/s against 20/s, scaled
+    portfolio = await seed(db, world.make_portfolio(300, 3))
+    stop = asyncio.Event()
+    async with world.google_simulator(
+        portfolio, today=TODAY, qps_per_account=40, qps_per_project=1333, quota_wording=True
+    ) as google:
+        settings = simulated_settings(db, "http://unused.invalid", google.url)
+        with capture_logs() as logs:
+            outcome = await run_job(
+                settings,
+                RunRequest(WINDOW, sources=("gsc",)),
+                sources={"gsc": cut_after(30, stop)},
+                stop=stop,
+            )
+
+    assert outcome.interrupted is not None and outcome.stats["gsc"].sites_ok < gsc_sites(portfolio)
+    stored = await learned(conn)
+    cut = [entry for entry in logs if entry["event"] == "gsc.account_cut"]
+    assert sorted(entry["account"] for entry in cut) == sorted(a.email for a in portfolio.accounts)
+    assert not any(entry["event"] == "gsc.account_done" for entry in logs)
+    ids = {account.email: str(account.id) for account in portfolio.accounts}
+    for entry in cut:
+        rate = stored[("account", ids[entry["account"]])]
+        # It grew from the safe start while Google answered, and the log says what was stored.
+        assert rate > rates.START_RATE
+        assert entry["learned_qps"] == round(rate, 2)
+    client = [entry for entry in logs if entry["event"] == "gsc.client_rate"]
+    assert len(client) == 1
+    assert client[0]["learned_qps"] == round(stored[("client", world.CLIENT_ID)], 2)
+
+
+async def test_each_accounts_learned_rate_is_logged_once_per_run(db, conn) -> None:
+    portfolio = await seed(db, world.make_portfolio(40, 4))
+    async with world.google_simulator(portfolio, today=TODAY, qps_per_account=40) as google:
+        with capture_logs() as logs:
+            outcome = await night(db, google)
+
+    assert outcome.status == "ok"
+    stored = await learned(conn)
+    done = [entry for entry in logs if entry["event"] == "gsc.account_done"]
+    assert sorted(entry["account"] for entry in done) == sorted(
+        account.email for account in portfolio.accounts
+    )
+    for account in portfolio.accounts:
+        (entry,) = [e for e in done if e["account"] == account.email]
+        assert entry["learned_qps"] == round(stored[("account", str(account.id))], 2)
 
 
 def serve(throttle: Throttle, now: float, seconds: float, limit: float | None = None) -> float:

@@ -41,8 +41,13 @@ async def test_each_run_stores_its_api_figures_per_source(db, conn, monkeypatch)
     stored = json.loads(await conn.fetchval("select stats from aggregator_runs"))
     assert stored == {name: figures.as_json() for name, figures in outcome.stats.items()}
     google_figures = stored["gsc"]
-    assert google_figures["requests"] == google.sites_requests + google.query_requests
-    assert google_figures["failed_requests"] == 2  # the two injected 503s
+    # Token requests are the gsc source's too: a dead token endpoint is its error rate.
+    assert google.token_requests == 3
+    assert google_figures["requests"] == (
+        google.token_requests + google.sites_requests + google.query_requests
+    )
+    # The two injected 503s and the revoked account's refused token refresh.
+    assert google_figures["failed_requests"] == 3
     assert google_figures["retries"] == 2
     assert google_figures["rate_limited"] == 0
     assert (google_figures["sites_ok"], google_figures["sites_failed"]) == (17, 9)
@@ -68,7 +73,7 @@ async def test_a_rate_limited_answer_counts_as_failed_and_rate_limited(db, monke
         )
         outcome = await run_job(settings, RunRequest(WINDOW, sources=("gsc",)))
     figures = outcome.stats["gsc"]
-    assert figures.requests == google.sites_requests + google.query_requests
+    assert figures.requests == google.token_requests + google.sites_requests + google.query_requests
     assert figures.rate_limited == figures.failed_requests > 0
     assert figures.sites_ok + figures.sites_failed == 58
 

@@ -8,8 +8,10 @@ runs for real; only backoff sleeps are replaced.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
+import time
 from collections import defaultdict, deque
 from collections.abc import Iterator
 from datetime import UTC
@@ -19,6 +21,7 @@ from urllib.parse import parse_qsl
 
 import pytest
 
+from aggregator.api_stats import SourceStats
 from aggregator.config import Secret, Settings
 from aggregator.model import GscAccount
 from aggregator.redaction import Redactor
@@ -59,6 +62,8 @@ class TokenEndpoint:
         self.forms: list[dict[str, str]] = []
         self._scripts: dict[str, deque[tuple[int, bytes]]] = defaultdict(deque)
         self._issued = 0
+        self.stalls = 0  # this many requests get their answer only after `stall_seconds`
+        self.stall_seconds = 0.0
         endpoint = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -66,11 +71,16 @@ class TokenEndpoint:
                 length = int(self.headers.get("Content-Length", 0))
                 form = dict(parse_qsl(self.rfile.read(length).decode()))
                 status, body = endpoint._answer(form)
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                if endpoint.stalls > 0:
+                    endpoint.stalls -= 1
+                    time.sleep(endpoint.stall_seconds)  # the endpoint is slow, not the test
+                # After a stall the client may have given up and closed the connection.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json; charset=utf-8")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
@@ -374,6 +384,61 @@ async def test_secrets_echoed_by_the_endpoint_are_masked(
     assert ACCOUNT.refresh_token not in str(raised.value)
     assert CLIENT_SECRET not in str(raised.value)
     assert "invalid_request: bad *** with ***" in str(raised.value)
+
+
+async def test_every_token_request_is_counted_with_its_outcome(
+    token_endpoint: TokenEndpoint, sleep: RecordedSleep
+) -> None:
+    """One refresh attempt is one request, even for an answer google-auth would retry itself
+    (`server_error`): a 503, a 429 and a 400 server_error are failed requests, then a token."""
+    token_endpoint.script(
+        ACCOUNT.refresh_token,
+        (503, b"{}"),
+        (429, b'{"error": "rate_limit_exceeded"}'),
+        (400, b'{"error": "server_error", "error_description": "try again"}'),
+    )
+    stats = SourceStats()
+    token = AccountToken(
+        ACCOUNT,
+        settings_for(token_endpoint.url, http_max_attempts=5, gsc_timeout=0.3),
+        Redactor(CLIENT_SECRET),
+        sleep=sleep,
+        stats=stats,
+    )
+
+    assert await token.get() == "ya29.access-1"
+
+    assert len(token_endpoint.forms) == 4
+    assert (stats.requests, stats.retries, stats.failed_requests) == (4, 3, 3)
+    assert stats.rate_limited == 1
+
+
+async def test_a_refused_or_timed_out_token_request_is_a_failed_request(
+    token_endpoint: TokenEndpoint, sleep: RecordedSleep
+) -> None:
+    stats = SourceStats()
+    slow = AccountToken(
+        ACCOUNT,
+        settings_for(token_endpoint.url, http_max_attempts=2, gsc_timeout=0.2),
+        Redactor(CLIENT_SECRET),
+        sleep=sleep,
+        stats=stats,
+    )
+    token_endpoint.stalls, token_endpoint.stall_seconds = 2, 1.0
+    with pytest.raises(TokenEndpointUnavailable, match="GSC_TIMEOUT_SECONDS"):
+        await slow.get()
+    assert (stats.requests, stats.retries, stats.failed_requests) == (2, 1, 2)
+
+    dead = GscAccount(8, "gone@example.com", "1//dead")
+    token_endpoint.script(dead.refresh_token, (400, INVALID_GRANT))
+    refused = AccountToken(
+        dead, settings_for(token_endpoint.url), Redactor(CLIENT_SECRET), sleep=sleep, stats=stats
+    )
+    with pytest.raises(ReconnectRequired):
+        await refused.get()
+    with pytest.raises(ReconnectRequired):
+        await refused.get()  # remembered: not asked again, not counted again
+    assert (stats.requests, stats.failed_requests, stats.rate_limited) == (3, 3, 0)
 
 
 def test_redactor_masks_every_known_secret_longest_first() -> None:

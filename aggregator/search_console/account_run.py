@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Literal
 
 from aggregator.model import GscAccount
+from aggregator.search_console.inflight import InFlight, LatencyEstimate, in_flight_limit
 from aggregator.search_console.oauth import AccountToken, Sleep
 from aggregator.search_console.pacing import PACING_HEADROOM, Pacer
 from aggregator.search_console.rates import Throttle
@@ -38,22 +39,53 @@ class ClientBroken(Exception):
 
 
 class Paced:
-    """One quota scope (an account, the OAuth client): its learned rate and the pacer that
-    spaces its queries evenly at that rate."""
+    """One quota scope (an account, the OAuth client): its learned rate, the pacer that
+    spaces its queries evenly at that rate, and how many may be in flight at once, which
+    follows that rate and the measured latency (see .inflight)."""
 
-    def __init__(self, start: float | None, ceiling: float | None) -> None:
+    def __init__(self, start: float | None, ceiling: float | None, *, most_in_flight: int) -> None:
         # A ceiling the operator set is kept with the pacer's headroom (see PACING_HEADROOM);
         # a learned rate already sits under the limit Google showed.
         self.throttle = Throttle(start, ceiling / PACING_HEADROOM if ceiling else None)
         self.pacer = Pacer(self.throttle.rate, headroom=1.0)
+        self.latency = LatencyEstimate()
+        self._most_in_flight = most_in_flight
+        self.in_flight = InFlight(self._in_flight_limit())
 
     def answered(self, now: float, sent_at: float) -> None:
         self.throttle.answered(now, sent_at)
-        self.pacer.pace(self.throttle.rate)
+        self._follow()
 
     def refused(self, now: float, sent_at: float) -> None:
         self.throttle.refused(now, sent_at)
+        self._follow()
+
+    def took(self, seconds: float) -> None:
+        """An answer came `seconds` after its request left."""
+        self.latency.add(seconds)
+        self.in_flight.resize(self._in_flight_limit())
+
+    def _follow(self) -> None:
         self.pacer.pace(self.throttle.rate)
+        self.in_flight.resize(self._in_flight_limit())
+
+    def _in_flight_limit(self) -> int:
+        return in_flight_limit(
+            self.throttle.rate, self.latency.seconds(), ceiling=self._most_in_flight
+        )
+
+
+async def take_turn(account: Paced, client: Paced, places: contextlib.AsyncExitStack) -> None:
+    """Wait until a request of `account` may go out: a place in flight for the account, its
+    pacer's slot, then a place and a slot of the OAuth client. The places stay taken (in
+    `places`) until the answer is in. The account's slot is held while the client's place and
+    slot are awaited, so its spacing is kept; and only requests their account lets go take the
+    client's places, so an account waiting for its own pace holds none of them."""
+    await places.enter_async_context(account.in_flight.place())
+    async with account.pacer.slot():
+        await places.enter_async_context(client.in_flight.place())
+        async with client.pacer.slot():
+            pass
 
 
 class AccountRun:

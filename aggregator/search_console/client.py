@@ -13,6 +13,7 @@ answer means is .answers, what an error means .errors (both in this package).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections import defaultdict
@@ -41,6 +42,7 @@ from aggregator.search_console.account_run import (
     Paced,
     PropertyUnreachable,
     SiteFailure,
+    take_turn,
 )
 from aggregator.search_console.answers import (
     GscDataError,
@@ -63,6 +65,7 @@ from aggregator.search_console.errors import (
     parse_retry_after,
     rate_limit_delay,
 )
+from aggregator.search_console.inflight import ACCOUNT_CEILING, CLIENT_CEILING
 from aggregator.search_console.oauth import (
     AccountToken,
     OAuthClientRejected,
@@ -83,9 +86,6 @@ MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 _backoff_sleep: Sleep = asyncio.sleep
 
 GscRecord = GscDay | SiteError | AccountRefresh
-# The pacers set the rate; this only keeps a 10,000-site account from holding thousands of
-# sockets if Google stalls. Above the most any learned rate needs in flight (rate x latency).
-_MAX_IN_FLIGHT_PER_ACCOUNT = 256
 
 
 class _NoAccess(SiteFailure):
@@ -121,7 +121,11 @@ class _SearchConsole:
         # Learned rates in, learned rates out: the pipeline stores them for the next run.
         self._rates = {} if rates is None else rates
         self._client_key = ("client", settings.google_client_id or "")
-        self._client = Paced(self._rates.get(self._client_key), settings.gsc_max_qps_per_client)
+        self._client = Paced(
+            self._rates.get(self._client_key),
+            settings.gsc_max_qps_per_client,
+            most_in_flight=CLIENT_CEILING,
+        )
         self._refused_at: dict[int, float] = {}
         self._timeout = aiohttp.ClientTimeout(
             total=settings.gsc_timeout, sock_connect=settings.http_connect_timeout
@@ -139,21 +143,24 @@ class _SearchConsole:
         for site in sites:
             if site.gsc_account_id is not None:
                 by_account[site.gsc_account_id].append(site)
-        async with asyncio.TaskGroup() as group:
-            for account_id, account_sites in by_account.items():
-                account = accounts.get(account_id)
-                if account is None:
-                    message = (
-                        f"Google account id {account_id} is not in gsc_accounts or not active: "
-                        "fix sites.gsc_account_id or activate the account"
-                    )
-                    for site in account_sites:
-                        emit(SiteError(site.domain, SOURCE, message, skipped=True))
-                else:
-                    group.create_task(self._run_account(account, account_sites, emit))
-        if self._gate.failure is None:
-            self._learned_client_rate()
-        else:
+        try:
+            async with asyncio.TaskGroup() as group:
+                for account_id, account_sites in by_account.items():
+                    account = accounts.get(account_id)
+                    if account is None:
+                        message = (
+                            f"Google account id {account_id} is not in gsc_accounts or not "
+                            "active: fix sites.gsc_account_id or activate the account"
+                        )
+                        for site in account_sites:
+                            emit(SiteError(site.domain, SOURCE, message, skipped=True))
+                    else:
+                        group.create_task(self._run_account(account, account_sites, emit))
+        finally:
+            # Cut short too (the deadline, a signal): what was learned so far is kept.
+            if self._gate.failure is None:
+                self._learned_client_rate()
+        if self._gate.failure is not None:
             # One error for the whole client: every site fails for the same reason.
             count = sum(len(group) for group in by_account.values())
             log.warning("gsc.client_broken", sites=count, error=self._gate.failure)
@@ -162,10 +169,11 @@ class _SearchConsole:
 
     def _paced_account(self, account: GscAccount) -> Paced:
         start = self._rates.get(("account", str(account.id)))
-        return Paced(start, self._settings.gsc_max_qps_per_account)
+        return Paced(start, self._settings.gsc_max_qps_per_account, most_in_flight=ACCOUNT_CEILING)
 
     def _learned_client_rate(self) -> None:
-        """Note what the OAuth client's scope learned, once the accounts are done."""
+        """Note (and log, once per run) what the OAuth client's scope learned, once the
+        accounts are done or cut short."""
         learned = self._client.throttle.learned()
         self._rates[self._client_key] = learned
         log.info(
@@ -215,7 +223,9 @@ class _SearchConsole:
     async def _run_account(
         self, account: GscAccount, sites: Sequence[Site], emit: Callable[[GscRecord], None]
     ) -> None:
-        token = AccountToken(account, self._settings, self._redact, sleep=_backoff_sleep)
+        token = AccountToken(
+            account, self._settings, self._redact, sleep=_backoff_sleep, stats=self._stats
+        )
         try:
             await self._refresh_first(token)
         except ClientBroken:
@@ -226,34 +236,44 @@ class _SearchConsole:
                 emit(SiteError(site.domain, SOURCE, str(failure)))
         else:
             run = AccountRun(account, token, self._paced_account(account))
-            parallel = asyncio.Semaphore(_MAX_IN_FLIGHT_PER_ACCOUNT)
+            await self._fetch_sites(run, sites, emit)
+        if token.outcome is not None:
+            emit(token.outcome)
 
-            failed = 0
-            began = time.monotonic()
+    async def _fetch_sites(
+        self, run: AccountRun, sites: Sequence[Site], emit: Callable[[GscRecord], None]
+    ) -> None:
+        """Every site of one account, one task each: how many of their requests are in flight
+        is up to the account's and the client's in-flight limits (see _call). The account's
+        learned rate is stored and logged once, however its night ends (done, or cut by the
+        deadline or a signal)."""
+        failed = 0
+        began = time.monotonic()
 
-            async def fetch(site: Site) -> None:
-                nonlocal failed
-                async with parallel:
-                    for record in await self._site_records(run, site):
-                        failed += isinstance(record, SiteError)
-                        emit(record)
+        async def fetch(site: Site) -> None:
+            nonlocal failed
+            for record in await self._site_records(run, site):
+                failed += isinstance(record, SiteError)
+                emit(record)
 
+        finished = False
+        try:
             async with asyncio.TaskGroup() as group:
                 for site in sites:
                     group.create_task(fetch(site))
-            learned = run.paced.throttle.learned()
-            self._rates[("account", str(account.id))] = learned
+            finished = True
+        finally:
+            throttle = run.paced.throttle
+            learned = self._rates[("account", str(run.account.id))] = throttle.learned()
             log.info(
-                "gsc.account_done",
-                account=account.email,
+                "gsc.account_done" if finished else "gsc.account_cut",
+                account=run.account.email,
                 sites=len(sites),
                 failed=failed,
                 seconds=round(time.monotonic() - began, 1),
                 learned_qps=round(learned, 2),
-                refused=run.paced.throttle.refusals,
+                refused=throttle.refusals,
             )
-        if token.outcome is not None:
-            emit(token.outcome)
 
     async def _site_records(self, run: AccountRun, site: Site) -> list[GscRecord]:
         skipped = False
@@ -362,11 +382,8 @@ class _SearchConsole:
             await run.rested()
             run.check()
             token = await run.token.get()
-            async with self._gate.passage("api"):
-                # The account's own slot first, so waiting for it uses up no client capacity;
-                # it is held while the client's slot is awaited, so its spacing is kept.
-                async with run.paced.pacer.slot(), self._client.pacer.slot():
-                    pass
+            async with self._gate.passage("api"), contextlib.AsyncExitStack() as places:
+                await take_turn(run.paced, self._client, places)
                 sent_at = asyncio.get_running_loop().time()
                 run.paced.throttle.sent(sent_at)
                 self._client.throttle.sent(sent_at)
@@ -376,6 +393,9 @@ class _SearchConsole:
                 self._stats.sent(retry=failures > 0 or renewed)
                 try:
                     status, retry_after, body = await self._send(method, url, token, payload)
+                except SiteFailure:
+                    self._stats.failed()  # a refused redirect, an oversized answer
+                    raise
                 except (aiohttp.ClientError, TimeoutError) as error:
                     self._stats.failed()
                     kind, problem = ErrorKind.TRANSIENT, f"network error: {type(error).__name__}"
@@ -383,6 +403,7 @@ class _SearchConsole:
                     self._gate.proven("api")  # nothing against the client: don't serialize
                 else:
                     log.debug("gsc.query", account=email, property=subject, status=status)
+                    self._took(run, sent_at)
                     if status == 200:
                         self._rate_answer(run, sent_at)
                         self._gate.proven("api")
@@ -448,6 +469,12 @@ class _SearchConsole:
                 error=problem,
             )
             await _backoff_sleep(delay)
+
+    def _took(self, run: AccountRun, sent_at: float) -> None:
+        """An answer is in: its latency sizes the account's and the client's in-flight limits."""
+        seconds = asyncio.get_running_loop().time() - sent_at
+        run.paced.took(seconds)
+        self._client.took(seconds)
 
     async def _rest_or_stop(self, run: AccountRun, problem: str, *, after_rest: bool) -> None:
         """Google's load quota says "wait 15 minutes": the account rests once, if the rest ends
@@ -546,7 +573,7 @@ async def fetch_gsc_performance(
     refresh was attempted. Sites without gsc_account_id are not GSC sites and are ignored.
     Every request is counted into `stats`. `rates` holds the query rates learned by earlier
     runs, keyed ("client", GOOGLE_CLIENT_ID) and ("account", account id); each account's and
-    the client's are updated as they finish (see .rates).
+    the client's are updated as they finish or are cut short (see .rates).
     """
     console = _SearchConsole(
         settings,
@@ -603,8 +630,11 @@ async def account_access(
     )
 
     async def one(account: GscAccount) -> AccountAccess:
-        token = AccountToken(account, settings, console._redact, sleep=_backoff_sleep)
-        run = AccountRun(account, token, Paced(None, settings.gsc_max_qps_per_account))
+        token = AccountToken(
+            account, settings, console._redact, sleep=_backoff_sleep, stats=console._stats
+        )
+        paced = Paced(None, settings.gsc_max_qps_per_account, most_in_flight=ACCOUNT_CEILING)
+        run = AccountRun(account, token, paced)
         try:
             await console._refresh_first(token)
             answer = await console._call(

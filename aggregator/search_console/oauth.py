@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import json
 import threading
 import urllib.error
 import urllib.request
@@ -24,6 +25,7 @@ from google.auth import exceptions as google_exceptions
 from google.auth import transport
 from google.oauth2.credentials import Credentials
 
+from aggregator.api_stats import SourceStats
 from aggregator.config import Settings
 from aggregator.model import AccountRefresh, GscAccount
 from aggregator.redaction import Redactor
@@ -36,10 +38,12 @@ Sleep = Callable[[float], Awaitable[None]]
 
 # A token this close to its expiry is refreshed before use rather than sent and rejected.
 _EXPIRY_MARGIN = timedelta(minutes=5)
-# google-auth retries these statuses itself with a blocking, uncancellable time.sleep; the
-# transport reports them as TransportError instead so that AccountToken's bounded, injectable
-# backoff is the only retry policy.
+# google-auth retries these statuses, and answers whose error names one of these codes, itself
+# with a blocking, uncancellable time.sleep; the transport reports them as TransportError
+# instead so that AccountToken's bounded, injectable backoff is the only retry policy, and one
+# refresh is exactly one request (counted in the run's stats).
 _TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_TRANSIENT_ERRORS = frozenset({"internal_failure", "server_error", "temporarily_unavailable"})
 _RECONNECT_ERRORS = frozenset({"invalid_grant"})
 # The OAuth client itself is gone or wrong: no account of it can work, so one error says so.
 _BROKEN_CLIENT_ERRORS = frozenset({"invalid_client", "deleted_client"})
@@ -103,6 +107,15 @@ class TokenEndpointUnavailable(TokenError):
 
 class TokenEndpointRedirected(TokenError):
     """The token endpoint answered with a redirect, which is refused (see aggregator.redirects)."""
+
+
+class TransientAnswer(google_exceptions.TransportError):
+    """The token endpoint answered with a status or error worth retrying (see
+    _TRANSIENT_STATUSES); `status` says whether it was a 429."""
+
+    def __init__(self, status: int, problem: str) -> None:
+        super().__init__(f"token endpoint answered HTTP {status}{problem}")
+        self.status = status
 
 
 class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
@@ -178,10 +191,28 @@ class UrllibRequest(transport.Request):
                 )
             )
         if response.status in _TRANSIENT_STATUSES:
-            raise google_exceptions.TransportError(
-                f"token endpoint answered HTTP {response.status}"
-            )
+            raise TransientAnswer(response.status, "")
+        code = _transient_error_code(response)
+        if code is not None:
+            raise TransientAnswer(response.status, f" {code}")
         return response
+
+
+def _transient_error_code(response: _Response) -> str | None:
+    """The error code of a refused answer that google-auth would retry (`server_error` and
+    kin, in `error` or `error_description`), else None."""
+    if response.status == 200:
+        return None
+    try:
+        body = json.loads(response.data)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(body, Mapping):
+        return None
+    for key in ("error", "error_description"):
+        if isinstance(body.get(key), str) and body[key] in _TRANSIENT_ERRORS:
+            return body[key]
+    return None
 
 
 def missing_token_message(account: GscAccount) -> str:
@@ -259,9 +290,13 @@ class AccountToken:
         redact: Redactor,
         *,
         sleep: Sleep = asyncio.sleep,
+        stats: SourceStats | None = None,
     ) -> None:
+        """Token requests are counted into `stats` (the gsc source's figures): one per attempt,
+        as one refresh sends exactly one request (see UrllibRequest)."""
         self.account = account
         self._settings = settings
+        self._stats = stats or SourceStats()
         self._redact = redact
         self._sleep = sleep
         self._lock = asyncio.Lock()
@@ -329,27 +364,34 @@ class AccountToken:
                 client_id=settings.google_client_id,
                 client_secret=settings.google_client_secret.reveal(),
             )
+            self._stats.sent(retry=attempt > 1)
             try:
                 # urllib's timeout bounds each socket read, not the exchange: a trickling
                 # endpoint would hold the account until the run's deadline without this.
                 async with asyncio.timeout(settings.gsc_timeout):
                     await in_daemon_thread(credentials.refresh, request)
             except TokenEndpointRedirected as error:
+                self._stats.failed()
                 raise self._safe(
                     TokenEndpointRedirected(
                         f"cannot refresh the token of Google account {self.account.email}: {error}"
                     )
                 ) from None
             except TimeoutError:
+                self._stats.failed()
                 problem = (
                     "token endpoint unreachable: no complete answer within "
                     f"GSC_TIMEOUT_SECONDS={settings.gsc_timeout:g}"
                 )
             except google_exceptions.RefreshError as error:
+                self._stats.failed()
                 if not error.retryable:
                     raise self._safe(explain_refresh_error(self.account, error)) from None
                 problem = _oauth_error(error)[1]
             except google_exceptions.TransportError as error:
+                self._stats.failed(
+                    rate_limited=isinstance(error, TransientAnswer) and error.status == 429
+                )
                 problem = str(error)
             else:
                 return credentials

@@ -1,0 +1,211 @@
+"""Requests in flight follow Little's law: the allowed rate times the measured latency.
+
+The sizing is pure; the paced requests run on an event loop whose clock is virtual (a wait
+advances it at once), so a 500 ms or 2 s API is measured exactly and instantly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import selectors
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import pytest
+
+from aggregator.search_console import inflight
+from aggregator.search_console.account_run import Paced, take_turn
+from aggregator.search_console.inflight import (
+    ACCOUNT_CEILING,
+    InFlight,
+    LatencyEstimate,
+    in_flight_limit,
+)
+
+T = TypeVar("T")
+
+
+class _Clock:
+    now = 0.0
+
+
+class _InstantSelector(selectors.DefaultSelector):
+    """Never blocks: a wait for the next timer moves the virtual clock there instead."""
+
+    def __init__(self, clock: _Clock) -> None:
+        super().__init__()
+        self._clock = clock
+
+    def select(self, timeout: float | None = None) -> list:
+        ready = super().select(0)
+        if not ready and timeout:
+            self._clock.now += timeout
+        return ready
+
+
+class VirtualClockLoop(asyncio.SelectorEventLoop):
+    def __init__(self) -> None:
+        self._virtual = _Clock()
+        super().__init__(_InstantSelector(self._virtual))
+
+    def time(self) -> float:
+        return self._virtual.now
+
+
+def on_virtual_clock(main: Callable[[], Awaitable[T]]) -> T:
+    loop = VirtualClockLoop()
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+async def paced_requests(count: int, latency: float, account: Paced, client: Paced) -> float:
+    """`count` requests through take_turn, each answered after `latency`; the seconds taken."""
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+
+    async def one() -> None:
+        async with contextlib.AsyncExitStack() as places:
+            await take_turn(account, client, places)
+            sent = loop.time()
+            account.throttle.sent(sent)
+            client.throttle.sent(sent)
+            await asyncio.sleep(latency)
+            now = loop.time()
+            for scope in (account, client):
+                scope.took(now - sent)
+                scope.answered(now, sent)
+
+    await asyncio.gather(*(one() for _ in range(count)))
+    return loop.time() - began
+
+
+def test_the_limit_is_rate_times_latency_with_headroom_between_floor_and_ceiling() -> None:
+    assert in_flight_limit(20, 0.1, ceiling=256) == math.ceil(20 * 0.1 * 1.5) + 2 == 5
+    assert in_flight_limit(20, 0.5, ceiling=256) == 17
+    assert in_flight_limit(20, 2.0, ceiling=256) == 62
+    assert in_flight_limit(1, 0.1, ceiling=256) == inflight.FLOOR, "a slow start still overlaps"
+    assert in_flight_limit(1000, 10.0, ceiling=256) == 256, "sockets are finite"
+
+
+def test_the_latency_estimate_follows_a_latency_that_moves() -> None:
+    estimate = LatencyEstimate()
+    assert estimate.seconds() == inflight.ASSUMED_LATENCY
+    for _ in range(40):
+        estimate.add(0.1)
+    assert estimate.seconds() == pytest.approx(0.1, abs=0.005)
+    for _ in range(40):
+        estimate.add(0.5)
+    assert 0.5 <= estimate.seconds() <= 0.52
+    estimate.add(3.0)  # one slow answer raises it for a while
+    assert estimate.seconds() > 1.5
+    for _ in range(40):
+        estimate.add(0.5)
+    assert estimate.seconds() < 0.55
+
+
+@pytest.mark.parametrize("latency", [0.1, 0.5, 2.0])
+def test_the_quota_not_a_connection_cap_bounds_a_paced_account_at_any_latency(
+    latency: float,
+) -> None:
+    """An account allowed 20 queries/s sends 200 at 20/s whether answers take 100 ms or 2 s;
+    the places it needed stay near rate x latency."""
+
+    async def main() -> tuple[float, int]:
+        account = Paced(20.0, None, most_in_flight=ACCOUNT_CEILING)
+        client = Paced(600.0, None, most_in_flight=inflight.CLIENT_CEILING)
+        seconds = await paced_requests(200, latency, account, client)
+        return seconds, account.in_flight.peak
+
+    seconds, peak = on_virtual_clock(main)
+    assert seconds <= 1.01 * (200 / 20) + latency
+    # Before the first answers the limit assumes a 2 s latency and the estimate's deviation
+    # starts wide (half the first answer); then it follows the measured latency.
+    assert peak <= in_flight_limit(20, 2 * max(latency, inflight.ASSUMED_LATENCY), ceiling=10**4)
+
+
+def test_a_fixed_cap_would_have_bound_the_same_account_at_500_ms() -> None:
+    """The control: with 8 places the same 200 requests at 500 ms take 200 x 0.5 / 8 s."""
+
+    async def main() -> float:
+        account = Paced(20.0, None, most_in_flight=8)
+        client = Paced(600.0, None, most_in_flight=inflight.CLIENT_CEILING)
+        return await paced_requests(200, 0.5, account, client)
+
+    assert on_virtual_clock(main) >= 200 * 0.5 / 8
+
+
+def test_the_clients_places_go_only_to_requests_their_account_let_go() -> None:
+    """Two accounts share a client; one is allowed 1 query/s, the other 20/s. The slow one's
+    queued requests hold no client place, so the fast one keeps its pace."""
+
+    async def main() -> float:
+        client = Paced(100.0, None, most_in_flight=inflight.CLIENT_CEILING)
+        slow = Paced(1.0, None, most_in_flight=ACCOUNT_CEILING)
+        fast = Paced(20.0, None, most_in_flight=ACCOUNT_CEILING)
+        slow_night = asyncio.ensure_future(paced_requests(50, 0.5, slow, client))
+        seconds = await paced_requests(100, 0.5, fast, client)
+        assert client.in_flight.peak <= client.in_flight.limit + 20
+        slow_night.cancel()
+        await asyncio.gather(slow_night, return_exceptions=True)
+        return seconds
+
+    assert on_virtual_clock(main) <= 1.01 * (100 / 20) + 0.5
+
+
+def test_growing_lets_waiters_in_and_shrinking_takes_nothing_back() -> None:
+    async def main() -> None:
+        gate = InFlight(2)
+        release = asyncio.Event()
+        inside: list[int] = []
+
+        async def hold(n: int) -> None:
+            async with gate.place():
+                inside.append(n)
+                await release.wait()
+
+        tasks = [asyncio.ensure_future(hold(n)) for n in range(5)]
+        await asyncio.sleep(0)
+        assert inside == [0, 1]
+        gate.resize(4)
+        await asyncio.sleep(0)
+        assert inside == [0, 1, 2, 3], "first come, first served"
+        gate.resize(1)
+        assert gate.active == 4, "requests in flight keep their places"
+        tasks[4].cancel()  # a waiter that gives up leaves no trace
+        release.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert gate.active == 0 and inside == [0, 1, 2, 3]
+
+    on_virtual_clock(main)
+
+
+def test_a_waiter_cancelled_just_after_being_let_in_passes_its_place_on() -> None:
+    async def main() -> None:
+        gate = InFlight(1)
+        entered: list[str] = []
+
+        async def take(name: str, hold: asyncio.Event) -> None:
+            async with gate.place():
+                entered.append(name)
+                await hold.wait()
+
+        first = asyncio.ensure_future(take("first", asyncio.Event()))
+        await asyncio.sleep(0)
+        second = asyncio.ensure_future(take("second", asyncio.Event()))
+        third = asyncio.ensure_future(take("third", asyncio.Event()))
+        await asyncio.sleep(0)
+        gate.resize(2)  # lets "second" in...
+        second.cancel()  # ...which is cancelled before it runs
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert entered == ["first", "third"] and gate.active == 2
+        first.cancel()
+        third.cancel()
+        await asyncio.gather(first, second, third, return_exceptions=True)
+        assert gate.active == 0
+
+    on_virtual_clock(main)

@@ -69,6 +69,7 @@ STALE_PROVISIONAL = 40  # provisional rows left behind (a property lost for a wh
 QUICK_UPSERT_SITES = 500
 FLUSHING_SITES = 10_000  # x UPSERT_DAYS: a 2,000,000-row backfill through the flushing path
 SLOW_LATENCY, SLOW_SITES, SLOW_ACCOUNTS = 0.500, 5_000, 20  # real queries take 0.3-0.5 s
+PIPELINE_ROWS = frozenset({"tuned", "500ms", "untuned"})  # `--rows`
 
 
 def accounts_for(sites: int) -> int:
@@ -759,6 +760,7 @@ def flushing_table(result: FlushingResult, single: Sequence[UpsertResult]) -> st
 @dataclass(frozen=True, slots=True)
 class BenchOptions:
     sizes: tuple[int, ...] = DEFAULT_SIZES
+    tuned: bool = True  # one tuned row per size
     slow_row: bool = True  # the 500 ms-latency row
     untuned: bool = True  # the "no tuning" rows, two nights per size
     upsert_sites: int | None = UPSERT_SITES  # None: skip the upsert benchmark
@@ -782,7 +784,7 @@ async def run_bench(server_dsn: str, options: BenchOptions, out: TextIO) -> int:
             await migrations.apply_migrations(conn)
         finally:
             await conn.close()
-        if options.sizes:
+        if options.sizes and (options.tuned or options.slow_row or options.untuned):
             print(
                 f"\nPipeline (`aggregator run`, {LOOKBACK_DAYS}-day window) against the "
                 f"simulators on 127.0.0.1: {LATENCY * 1000:.0f} ms per call, "
@@ -794,7 +796,7 @@ async def run_bench(server_dsn: str, options: BenchOptions, out: TextIO) -> int:
             )
             results = []
             with tempfile.TemporaryDirectory(prefix="aggregator-bench-") as workdir:
-                for sites in options.sizes:
+                for sites in options.sizes if options.tuned else ():
                     results.append(await pipeline_scenario(dsn, sites, Path(workdir)))
                     print(f"  {sites:,} sites done", file=out, flush=True)
                 if options.slow_row:
@@ -925,6 +927,16 @@ def _sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def _rows(text: str) -> frozenset[str]:
+    rows = frozenset(part.strip() for part in text.split(",") if part.strip())
+    unknown = rows - PIPELINE_ROWS
+    if not rows or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected some of {','.join(sorted(PIPELINE_ROWS))}, got {text!r}"
+        )
+    return rows
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m aggregator.bench",
@@ -936,6 +948,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_SIZES,
         metavar="N,N,...",
         help="portfolio sizes for the pipeline benchmark (default 200,2000,10000)",
+    )
+    parser.add_argument(
+        "--rows",
+        type=_rows,
+        default=PIPELINE_ROWS,
+        metavar="KIND,...",
+        help=(
+            "which pipeline rows to run: tuned (one per size), 500ms (the slow-latency row), "
+            "untuned (two 'no tuning' nights per size); default all three"
+        ),
     )
     parser.add_argument("--skip-upsert", action="store_true", help="skip the upsert benchmark")
     parser.add_argument(
@@ -977,7 +999,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _child_main(*args.child)
     options = BenchOptions(
         sizes=(200,) if args.quick else args.sizes,
-        slow_row=not args.quick,
+        tuned="tuned" in args.rows,
+        slow_row="500ms" in args.rows and not args.quick,
+        untuned="untuned" in args.rows,
         upsert_sites=None
         if args.skip_upsert
         else QUICK_UPSERT_SITES

@@ -76,7 +76,7 @@ def render_accounts(lines: list[AccountLine], zone: ZoneInfo) -> str:
     if not lines:
         return "no Google accounts yet: connect one with `aggregator accounts add EMAIL`\n"
     rows = table_lines(
-        ("id", "email", "active", "token", "sites", "connected", "last refresh ok", "last error"),
+        ("id", "email", "active", "token", "sites", "connected", "last refresh", "last error"),
         (
             (
                 str(a.id),

@@ -389,25 +389,36 @@ async def has_column(conn: asyncpg.Connection, table: str, column: str) -> bool:
 async def record_account_refreshes(
     conn: asyncpg.Connection, refreshes: Sequence[AccountRefresh]
 ) -> None:
-    """A success sets last_refresh_at and clears last_error; a failure records only the error.
-    Where migration 005 is applied, failing_since keeps the first failure of the current
-    streak (cleared by a success), so `check` can say how long a token has been dead."""
+    """Each attempt, successful or not, sets last_refresh_at to its time and last_error to its
+    one-line error (null after a success), as the contract says. Where migrations 005 and 006
+    are applied, failing_since keeps the first failure of the current streak (cleared by a
+    success) and last_success_at the latest success, so `check` can say how long a token has
+    been dead and why. An attempt older than the one recorded (a `check` and a run racing)
+    changes nothing, so the row always describes the latest attempt."""
     if not refreshes:
         return
-    streak = (
-        ", failing_since = case when $3::text is null then null"
-        " else coalesce(failing_since, $2) end"
-        if await has_column(conn, "gsc_accounts", "failing_since")
-        else ""
-    )
+    health = [
+        clause
+        for column, clause in (
+            (
+                "failing_since",
+                "failing_since = case when $3::text is null then null"
+                " else coalesce(failing_since, $2) end",
+            ),
+            (
+                "last_success_at",
+                "last_success_at = case when $3::text is null then $2 else last_success_at end",
+            ),
+        )
+        if await has_column(conn, "gsc_accounts", column)
+    ]
     await conn.executemany(
         f"""
         update gsc_accounts
-        set last_refresh_at = case when $3::text is null then $2 else last_refresh_at end,
-            last_error = $3{streak}
-        where id = $1
+        set {", ".join(["last_refresh_at = $2", "last_error = $3", *health])}
+        where id = $1 and (last_refresh_at is null or last_refresh_at <= $2)
         """,
-        [(r.account_id, r.at, r.error and redact(r.error)) for r in refreshes],
+        [(r.account_id, r.at, r.error and " ".join(redact(r.error).split())) for r in refreshes],
     )
 
 

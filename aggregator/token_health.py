@@ -4,9 +4,10 @@ Refresh tokens die in known ways (Google, "Refresh token expiration"): seven day
 consent while the OAuth consent screen is in "Testing"; after six months unused; when the user
 revokes access; when a client mints a 101st token for the same account; when the OAuth client
 is deleted. None announces itself before the next refresh, so the job records when each account
-was connected (`connected_at`), when its token last refreshed (`last_refresh_at`, successes only)
-and since when it keeps failing (`failing_since`), and these pure functions turn that into what
-an operator reads in `check` and the HTML report.
+was connected (`connected_at`), its latest refresh attempt and that attempt's error
+(`last_refresh_at`, `last_error`), its latest success (`last_success_at`) and since when it
+keeps failing (`failing_since`), and these pure functions turn that into what an operator reads
+in `check` and the HTML report.
 """
 
 from __future__ import annotations
@@ -137,12 +138,17 @@ class AccountHealth:
 
 async def load_accounts(conn: asyncpg.Connection) -> list[AccountHealth]:
     """Every account by email. A schema before migration 005 has no connection time nor
-    failure streak: they read as unknown."""
+    failure streak: they read as unknown. Before 006, last_refresh_at held the last success."""
     recorded = await storage.has_column(conn, "gsc_accounts", "failing_since")
     columns = "a.connected_at, a.failing_since" if recorded else "null, null"
+    success = (
+        "a.last_success_at"
+        if await storage.has_column(conn, "gsc_accounts", "last_success_at")
+        else "a.last_refresh_at"
+    )
     rows = await conn.fetch(
         f"""
-        select a.id, a.email, a.is_active, a.last_refresh_at, a.last_error, {columns},
+        select a.id, a.email, a.is_active, {success} as last_success_at, a.last_error, {columns},
                count(s.id) filter (where s.is_active and s.deployed_at is not null) as sites
         from gsc_accounts a left join sites s on s.gsc_account_id = a.id
         group by a.id order by a.email

@@ -109,7 +109,7 @@ async def test_account_refresh_outcomes(conn) -> None:
     )
     rows = {r["id"]: r for r in await conn.fetch("select * from gsc_accounts")}
     assert rows[ok]["last_refresh_at"] == at and rows[ok]["last_error"] is None
-    assert rows[bad]["last_refresh_at"] is None
+    assert rows[bad]["last_refresh_at"] == at  # every attempt, failed ones too
     assert rows[bad]["last_error"] == "invalid_grant: reconnect"
 
 

@@ -3,11 +3,18 @@ keeps failing and why; `check` refreshes every active account, those without sit
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 from datetime import UTC, date, datetime, timedelta
 
-from aggregator import storage, token_health
+import asyncpg
+
+from aggregator import migrations, storage, token_health
 from aggregator.check import AccountInfo, build_report, render, run_check
+from aggregator.dates import Window
+from aggregator.demo import simulated_settings
 from aggregator.model import AccountRefresh, GscAccount
+from aggregator.pipeline import RunRequest, run_job
 from aggregator.search_console.client import AccountAccess
 from aggregator.search_console.oauth import ReconnectRequired
 from aggregator.simulators import portfolio as world
@@ -149,3 +156,70 @@ async def test_recording_refreshes_works_on_a_schema_before_005(conn) -> None:
     await conn.execute("alter table gsc_accounts drop column failing_since")
     await storage.record_account_refreshes(conn, [AccountRefresh(account, NOW, "invalid_grant")])
     assert await conn.fetchval("select last_error from gsc_accounts") == "invalid_grant"
+
+
+async def test_every_refresh_attempt_is_recorded_success_or_failure(db, conn) -> None:
+    """The contract: last_refresh_at/last_error are updated after each refresh attempt. Runs
+    against the Google simulator: a success, a token endpoint nobody answers, a revoked token,
+    then a success again."""
+    portfolio = await seed(db, world.make_portfolio(6, 1))
+    account = portfolio.accounts[0]
+    request = RunRequest(Window(date(2025, 6, 1), date(2025, 6, 3)), sources=("gsc",))
+
+    async def run(settings) -> asyncpg.Record:
+        before = datetime.now(UTC)
+        await run_job(settings, request)
+        row = await conn.fetchrow("select * from gsc_accounts where id = $1", account.id)
+        assert before <= row["last_refresh_at"] <= datetime.now(UTC)  # this run's attempt
+        return row
+
+    async with world.google_simulator(portfolio) as google:
+        live = simulated_settings(db, google.url, google.url, http_max_attempts=1)
+        ok = await run(live)
+        assert ok["last_error"] is None and ok["failing_since"] is None
+        assert ok["last_success_at"] == ok["last_refresh_at"]
+
+        dead_endpoint = dataclasses.replace(live, google_token_url="http://127.0.0.1:1/token")
+        down = await run(dead_endpoint)
+        assert down["last_refresh_at"] > ok["last_refresh_at"]
+        assert down["last_error"] and "\n" not in down["last_error"]
+        assert down["failing_since"] == down["last_refresh_at"]  # the streak starts here
+        assert down["last_success_at"] == ok["last_refresh_at"]  # a failure never moves it
+
+        google.revoke(account.refresh_token)
+        revoked = await run(live)
+        assert "invalid_grant" in revoked["last_error"] and "\n" not in revoked["last_error"]
+        assert revoked["failing_since"] == down["last_refresh_at"]  # the same streak
+        assert revoked["last_success_at"] == ok["last_refresh_at"]
+        (health,) = await token_health.load_accounts(conn)
+        assert health.health.failing and health.health.last_success_at == ok["last_refresh_at"]
+
+        google.reinstate(account.refresh_token)
+        healed = await run(live)
+    assert healed["last_error"] is None and healed["failing_since"] is None
+    assert healed["last_success_at"] == healed["last_refresh_at"]
+    # An attempt older than the recorded one (a `check` racing a run) changes nothing.
+    stale = AccountRefresh(account.id, ok["last_refresh_at"], "invalid_grant: stale")
+    await storage.record_account_refreshes(conn, [stale])
+    assert await conn.fetchrow("select * from gsc_accounts where id = $1", account.id) == healed
+
+
+async def test_migration_006_keeps_the_last_success_of_existing_accounts(
+    empty_db, tmp_path
+) -> None:
+    """Before 006 last_refresh_at held the last success: existing accounts keep it as
+    last_success_at, and applying the migrations again changes nothing."""
+    for path in migrations.migration_files():
+        if path.stem < "006":
+            shutil.copy(path, tmp_path / path.name)
+    conn = await asyncpg.connect(empty_db)
+    try:
+        await migrations.apply_migrations(conn, tmp_path)
+        account = await add_account(conn, "a@example.com", "rt")
+        await conn.execute("update gsc_accounts set last_refresh_at = $1, last_error = 'x'", NOW)
+        assert await migrations.apply_migrations(conn) == ["006_refresh_attempts"]
+        assert await migrations.apply_migrations(conn) == []
+        (health,) = await token_health.load_accounts(conn)
+        assert health.id == account and health.health.last_success_at == NOW
+    finally:
+        await conn.close()

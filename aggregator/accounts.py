@@ -24,10 +24,10 @@ import asyncpg
 
 from aggregator import storage
 from aggregator.config import ConfigError, Settings
-from aggregator.pipeline import UsageError
 from aggregator.redaction import register_secret
 from aggregator.text_table import table_lines
 from aggregator.token_health import PUBLISH_ADVICE
+from aggregator.usage import UsageError
 
 SCOPE = "https://www.googleapis.com/auth/webmasters.readonly"
 # Asked too so the ID token says which Google account consented (its `email` claim).

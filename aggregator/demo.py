@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 
 from aggregator import migrations, report_data, report_html, storage
+from aggregator.arguments import DEMO_SCHEMA, default_report_path
 from aggregator.config import Secret, Settings
 from aggregator.dates import resolve_window, today_in
 from aggregator.local_postgres import default_data_dir, dsn_with_search_path, embedded_postgres
@@ -29,8 +30,6 @@ from aggregator.simulators import portfolio as world
 from aggregator.status import render as status_render
 from aggregator.text_table import error_lines, table_lines
 
-DEMO_SCHEMA = "aggregator_demo"
-
 
 @dataclass(frozen=True, slots=True)
 class DemoOptions:
@@ -39,37 +38,6 @@ class DemoOptions:
     lookback: int = 4
     revoked_account: bool = False
     report: Path | None = None  # the HTML report; None: default_report_path()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sites", type=_positive, default=200, metavar="N", help="default 200")
-    parser.add_argument("--accounts", type=_positive, default=4, metavar="N", help="default 4")
-    parser.add_argument(
-        "--lookback", type=_positive, default=4, metavar="N", help="days ending yesterday"
-    )
-    parser.add_argument(
-        "--report",
-        type=Path,
-        metavar="FILE",
-        help=f"where to write the HTML status report of the demo data (default {default_report_path()})",
-    )
-    parser.add_argument(
-        "--revoked-account",
-        action="store_true",
-        help="revoke the last Google account's token to show how a failure is isolated",
-    )
-
-
-def default_report_path() -> Path:
-    """Next to the embedded server's data, never in the working directory (a repository)."""
-    return default_data_dir().parent / "demo-report.html"
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def command(args: argparse.Namespace, settings: Settings) -> int:

@@ -14,8 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import asyncpg
-
 from aggregator.config import ConfigError
 
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/test"
@@ -23,6 +21,8 @@ LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/test"
 
 async def server_reachable(dsn: str) -> bool:
     """Whether a Postgres answers at `dsn` within a few seconds."""
+    import asyncpg  # here, so `aggregator demo --help` can name the data directory cheaply
+
     try:
         conn = await asyncpg.connect(dsn, timeout=3)
     except (OSError, asyncpg.PostgresError, TimeoutError):

@@ -37,6 +37,7 @@ from aggregator.model import (
 )
 from aggregator.planning import SourcePlan, plan_source, skipped_gsc_sites
 from aggregator.progress import NoProgress, ProgressSink
+from aggregator.usage import UsageError
 
 log = structlog.get_logger(__name__)
 
@@ -48,10 +49,6 @@ RunStatus = Literal["ok", "partial", "failed"]
 STOP_GRACE_SECONDS = 3.0
 # After the deadline, the last flush (at most one flush of rows) gets this long.
 FINAL_FLUSH_SECONDS = 30.0
-
-
-class UsageError(Exception):
-    """The request cannot run as asked (exit 2); the message says what to change."""
 
 
 @dataclass(frozen=True, slots=True)

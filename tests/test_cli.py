@@ -1,5 +1,6 @@
 """The command line as cron and operators use it: real processes, real exit codes."""
 
+import json
 import os
 import subprocess
 import sys
@@ -7,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from aggregator import arguments
+from aggregator.cli import COMMANDS
+from aggregator.status import verdict
 from tests.factories import add_site
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,3 +112,89 @@ def test_help_lists_every_run_flag() -> None:
         "--gsc-final-only",
     ):
         assert flag in result.stdout
+
+
+# Modules of other commands: the nightly run must not pay for importing them.
+OTHER_COMMANDS = (
+    "aggregator.simulators",
+    "aggregator.status",
+    "aggregator.check",
+    "aggregator.accounts",
+    "aggregator.report_html",
+    "aggregator.report_data",
+    "aggregator.demo",
+)
+HELP_PAGES = (
+    (),
+    ("run",),
+    ("migrate",),
+    ("status",),
+    ("check",),
+    ("accounts",),
+    ("accounts", "list"),
+    ("accounts", "add"),
+    ("accounts", "deactivate"),
+    ("demo",),
+)
+
+
+def imported_by(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, set[str]]:
+    """Run the CLI in a fresh interpreter; its exit code and every module it imported."""
+    script = (
+        "import json, sys\n"
+        "from aggregator.cli import main\n"
+        "try:\n"
+        f"    code = main({args!r})\n"
+        "except SystemExit as exit:\n"
+        "    code = exit.code\n"
+        "print(json.dumps([code, sorted(sys.modules)]), file=sys.stderr)\n"
+    )
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MATOMO_", "GOOGLE_"))}
+    base.pop("DATABASE_URL", None)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**base, **env, "PYTHONPATH": str(ROOT)},
+        cwd=cwd,
+        timeout=60,
+    )
+    code, modules = json.loads(result.stderr.strip().splitlines()[-1])
+    return code, set(modules)
+
+
+def test_run_imports_no_other_commands_module(db, tmp_path) -> None:
+    code, modules = imported_by(["run", "--dry-run"], {"DATABASE_URL": db}, tmp_path)
+    assert code == 0
+    assert "aggregator.pipeline" in modules  # it did run
+    assert not {m for m in modules if m.startswith(OTHER_COMMANDS)}
+
+
+@pytest.mark.parametrize("command", HELP_PAGES, ids=lambda c: " ".join(c) or "aggregator")
+def test_every_help_page_is_complete_and_imports_no_command(command, tmp_path) -> None:
+    code, modules = imported_by([*command, "--help"], {}, tmp_path)
+    assert code == 0
+    assert not {m for m in modules if m.startswith(OTHER_COMMANDS)}
+    # Not even the job's own machinery or the network and database libraries.
+    assert not modules & {"aggregator.pipeline", "aggregator.storage", "asyncpg", "aiohttp"}
+    page = aggregator(*command, "--help", cwd=tmp_path).stdout
+    if command:  # a command's page: what it does, how to call it, what its exit codes mean
+        assert "examples:\n  aggregator " in page
+        assert "exit status:\n  0 " in page
+    else:
+        assert all(name in page for name in COMMANDS)
+
+
+def test_run_help_describes_the_self_healing_window() -> None:
+    page = " ".join(aggregator("run", "--help", env={"COLUMNS": "200"}).stdout.split())
+    assert (
+        "With no dates given, each site and source gets its own window: the last --lookback "
+        "days (default 4) ending yesterday, widened back over that site's own missing days and "
+        "(Search Console) provisional days, no further than AGGREGATOR_HEAL_DAYS (default 30) "
+        "before yesterday and never before its deployment." in page
+    )
+    assert "provisional days still" not in page and "reaching back further" not in page
+
+
+def test_help_figures_are_the_commands_own() -> None:
+    assert arguments.STATUS_WINDOW_DAYS == verdict.WINDOW_DAYS

@@ -301,3 +301,37 @@ async def test_sigterm_during_a_hung_token_refresh_closes_the_run_at_once(
         await conn.fetchval("select count(*) from daily_analytics where matomo_visits is not null")
         == sum(1 for s in seeded.sites if s.matomo_site_id is not None) * DAYS
     )
+
+
+async def test_a_dry_run_whose_reader_went_away_stops_fetching_at_once(db, seeded, tmp_path):
+    """`run --dry-run | head` closed before the rows came: its output has nowhere to go, so the
+    run stops fetching now (not when Search Console answers, here never) and ends quietly."""
+    read_end, write_end = os.pipe()
+    async with (
+        world.matomo_simulator(seeded, today=TODAY) as matomo,
+        _google(seeded, QueriesHang) as google,
+    ):
+        env = job_environment(db, matomo.url, google.url)
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "aggregator", "run", "--dry-run", "--from", f"{FROM}"),
+            *("--to", f"{TO}"),
+            env=env,
+            cwd=tmp_path,
+            stdout=write_end,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        os.close(write_end)
+
+        async def fetching() -> bool:
+            return google.query_requests >= 1
+
+        await wait_for(fetching, "Search Console queries hang", process)
+        os.close(read_end)  # the reader goes away; nothing was written to it yet
+        began = time.monotonic()
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+        seconds = time.monotonic() - began
+
+    assert process.returncode == 128 + signal.SIGPIPE, err.decode()
+    assert seconds < 5, f"took {seconds:.1f}s to stop after its reader went away"
+    assert "Traceback" not in err.decode()
+    assert "aggregator: error" not in err.decode()

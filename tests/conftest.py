@@ -20,7 +20,7 @@ import pytest
 from aioresponses import aioresponses
 from aioresponses import core as aioresponses_core
 
-from aggregator import migrations, redaction
+from aggregator import matomo, migrations, redaction
 from aggregator.local_postgres import any_postgres, dsn_with_search_path
 from aggregator.logs import reset_logging
 from aggregator.search_console import rates
@@ -101,6 +101,13 @@ def _reset_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(redaction, "SECRETS", redaction.Redactor())
     yield
     reset_logging()
+
+
+@pytest.fixture
+def fast_matomo_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Matomo's retry backoff in milliseconds, for tests whose servers fail on purpose."""
+    monkeypatch.setattr(matomo, "BACKOFF_INITIAL_SECONDS", 0.001)
+    monkeypatch.setattr(matomo, "BACKOFF_MAX_SECONDS", 0.002)
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
+from aggregator.simulators import GoogleSimulator
 from aggregator.simulators import portfolio as world
 
 
@@ -66,3 +67,18 @@ async def seed(dsn: str, portfolio: world.Portfolio) -> world.Portfolio:
     finally:
         await conn.close()
     return portfolio
+
+
+def google_like(
+    portfolio: world.Portfolio, cls: type[GoogleSimulator], *args: object, **options: object
+) -> GoogleSimulator:
+    """A `cls` (a GoogleSimulator with a scripted fault) serving `portfolio`'s accounts and
+    properties exactly as world.google_simulator does; `args` and `options` go to `cls`."""
+    template = world.google_simulator(portfolio)
+    return cls(
+        *args,
+        client_id=template.client_id,
+        client_secret=template.client_secret,
+        accounts=template.accounts,
+        **options,
+    )

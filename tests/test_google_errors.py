@@ -9,7 +9,7 @@ a load quota recovers).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import date
 
 import pytest
@@ -47,6 +47,17 @@ def sleep(monkeypatch: pytest.MonkeyPatch) -> SimulatedSleep:
     return recorded
 
 
+@pytest.fixture
+async def load_quota_refused(db: str) -> AsyncIterator[GoogleSimulator]:
+    """Eight sites over two accounts (four each), and a Search Console whose load quota
+    refuses the first account until a test clears `quota_exhausted_accounts`."""
+    portfolio = await seed(db, world.make_portfolio(8, 2))
+    async with world.google_simulator(
+        portfolio, today=TODAY, quota_exhausted_accounts={FIRST}
+    ) as google:
+        yield google
+
+
 async def run_gsc(db: str, google: GoogleSimulator, **tuning: float | None) -> RunOutcome:
     tuning = {"gsc_max_qps_per_account": 20.0, "gsc_max_qps_per_client": 100.0, **tuning}
     settings = simulated_settings(db, "http://unused.invalid", google.url, **tuning)
@@ -79,20 +90,17 @@ async def test_rate_limits_slow_down_and_retry_until_every_site_is_stored(
 
 
 async def test_load_quota_rests_the_account_then_fetches_its_sites(
-    db, sleep: SimulatedSleep
+    db, sleep: SimulatedSleep, load_quota_refused: GoogleSimulator
 ) -> None:
-    portfolio = await seed(db, world.make_portfolio(8, 2))
-    async with world.google_simulator(
-        portfolio, today=TODAY, quota_exhausted_accounts={FIRST}
-    ) as google:
-        refused_before_rest: list[int] = []
+    google = load_quota_refused
+    refused_before_rest: list[int] = []
 
-        def quota_back(_seconds: float) -> None:
-            refused_before_rest.append(google.query_requests_by_account[FIRST])
-            google.quota_exhausted_accounts.clear()
+    def quota_back(_seconds: float) -> None:
+        refused_before_rest.append(google.query_requests_by_account[FIRST])
+        google.quota_exhausted_accounts.clear()
 
-        sleep.then = quota_back
-        outcome = await run_gsc(db, google, gsc_load_quota_pause=900.0)
+    sleep.then = quota_back
+    outcome = await run_gsc(db, google, gsc_load_quota_pause=900.0)
 
     assert outcome.status == "ok", outcome.errors
     assert sleep.waits == [900.0], "one rest of GSC_LOAD_QUOTA_PAUSE_SECONDS for the account"
@@ -103,15 +111,12 @@ async def test_load_quota_rests_the_account_then_fetches_its_sites(
 
 
 async def test_a_load_quota_that_outlasts_the_rest_stops_the_account(
-    db, sleep: SimulatedSleep
+    db, sleep: SimulatedSleep, load_quota_refused: GoogleSimulator
 ) -> None:
-    portfolio = await seed(db, world.make_portfolio(8, 2))
-    async with world.google_simulator(
-        portfolio, today=TODAY, quota_exhausted_accounts={FIRST}
-    ) as google:
-        at_rest: list[int] = []
-        sleep.then = lambda _seconds: at_rest.append(google.query_requests_by_account[FIRST])
-        outcome = await run_gsc(db, google)
+    google = load_quota_refused
+    at_rest: list[int] = []
+    sleep.then = lambda _seconds: at_rest.append(google.query_requests_by_account[FIRST])
+    outcome = await run_gsc(db, google)
 
     assert sleep.waits == [900.0]
     assert google.query_requests_by_account[FIRST] == at_rest[0] + 1, "tried once more, once"
@@ -124,16 +129,17 @@ async def test_a_load_quota_that_outlasts_the_rest_stops_the_account(
     assert outcome.stats["gsc"].sites_ok == 4
 
 
-async def test_no_rest_when_it_would_pass_the_deadline(db, sleep: SimulatedSleep) -> None:
-    portfolio = await seed(db, world.make_portfolio(4, 1))
-    async with world.google_simulator(
-        portfolio, today=TODAY, quota_exhausted_accounts={FIRST}
-    ) as google:
-        outcome = await run_gsc(db, google, run_deadline=600.0)
+async def test_no_rest_when_it_would_pass_the_deadline(
+    db, sleep: SimulatedSleep, load_quota_refused: GoogleSimulator
+) -> None:
+    google = load_quota_refused
+    outcome = await run_gsc(db, google, run_deadline=600.0)
 
     assert sleep.waits == []
-    assert google.query_requests == 1
-    assert all("would pass the run's deadline" in e for e in errors_by_site(outcome).values())
+    assert google.query_requests_by_account[FIRST] == 1
+    errors = errors_by_site(outcome)
+    assert len(errors) == 4  # the first account's sites; the second account's are stored
+    assert all("would pass the run's deadline" in e for e in errors.values())
 
 
 async def test_daily_limit_stops_that_account_for_the_run(db, sleep: SimulatedSleep) -> None:

@@ -42,7 +42,7 @@ from aggregator.search_console.answers import (
 from aggregator.search_console.errors import ErrorKind, classify_google_error
 from aggregator.simulators import GoogleSimulator, SimServer
 from aggregator.simulators import portfolio as world
-from tests.factories import seed, stored_rows
+from tests.factories import google_like, seed, stored_rows
 
 MAX_INT = 2**31 - 1
 MAX_BIGINT = 2**63 - 1
@@ -380,14 +380,7 @@ def _portfolio(domains: list[str], properties: list[str]) -> world.Portfolio:
 
 
 def _google(portfolio: world.Portfolio, answers: dict[str, Any] | None = None):
-    template = world.google_simulator(portfolio, today=TODAY)
-    return ScriptedGoogle(
-        answers or {},
-        client_id=template.client_id,
-        client_secret=template.client_secret,
-        accounts=template.accounts,
-        today=TODAY,
-    )
+    return google_like(portfolio, ScriptedGoogle, answers or {}, today=TODAY)
 
 
 async def test_odd_domains_all_resolve_to_their_properties(db, conn) -> None:

@@ -106,6 +106,15 @@ class Stored:
             await conn.close()
         return {(r["site_id"], r["date"]): dict(r) for r in rows}
 
+    async def store_properties(self) -> None:
+        """Store each site's property, so the queries themselves (not only sites.list) meet
+        the server under test."""
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            await conn.execute("update sites set gsc_property = 'sc-domain:' || domain")
+        finally:
+            await conn.close()
+
 
 @pytest.fixture
 async def stored(db: str) -> Stored:
@@ -207,12 +216,7 @@ async def test_a_refused_redirect_is_a_failed_request_in_the_runs_figures(
 
 
 async def test_an_impostor_answering_200_empty_object_writes_nothing(stored: Stored) -> None:
-    conn = await asyncpg.connect(stored.dsn)
-    try:
-        # Stored properties, so the queries themselves (not only sites.list) meet the impostor.
-        await conn.execute("update sites set gsc_property = 'sc-domain:' || domain")
-    finally:
-        await conn.close()
+    await stored.store_properties()
     before = await stored.rows()
     async with (
         world.google_simulator(stored.portfolio, today=TODAY) as google,
@@ -236,11 +240,7 @@ async def test_an_impostor_answering_200_empty_object_writes_nothing(stored: Sto
 
 
 async def test_a_search_analytics_body_not_served_as_json_is_not_data(stored: Stored) -> None:
-    conn = await asyncpg.connect(stored.dsn)
-    try:
-        await conn.execute("update sites set gsc_property = 'sc-domain:' || domain")
-    finally:
-        await conn.close()
+    await stored.store_properties()
     before = columns(await stored.rows(), GSC_COLUMNS)
     well_formed = '{"rows": [], "responseAggregationType": "byProperty"}'
     async with (

@@ -16,7 +16,6 @@ import pytest
 from aioresponses import CallbackResult, aioresponses
 from structlog.testing import capture_logs
 
-from aggregator import matomo
 from aggregator.config import ConfigError, Secret, Settings
 from aggregator.matomo import (
     MatomoError,
@@ -100,10 +99,7 @@ def errors_by_site(records: list[MatomoDay | SiteError]) -> dict[str, str]:
     return {r.site: r.error for r in records if isinstance(r, SiteError)}
 
 
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(matomo, "BACKOFF_INITIAL_SECONDS", 0.001)
-    monkeypatch.setattr(matomo, "BACKOFF_MAX_SECONDS", 0.002)
+pytestmark = pytest.mark.usefixtures("fast_matomo_backoff")
 
 
 @pytest.fixture

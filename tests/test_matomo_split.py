@@ -7,7 +7,6 @@ from datetime import date
 
 import pytest
 
-from aggregator import matomo
 from aggregator.dates import Window
 from aggregator.demo import simulated_settings
 from aggregator.pipeline import RunRequest, run_job
@@ -19,10 +18,7 @@ WINDOW = Window(date(2025, 6, 7), date(2025, 6, 9))
 BROKEN = 57
 
 
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(matomo, "BACKOFF_INITIAL_SECONDS", 0.001)
-    monkeypatch.setattr(matomo, "BACKOFF_MAX_SECONDS", 0.002)
+pytestmark = pytest.mark.usefixtures("fast_matomo_backoff")
 
 
 async def test_a_site_that_crashes_its_bulk_request_fails_alone(db, conn) -> None:

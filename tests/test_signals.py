@@ -22,7 +22,7 @@ from aiohttp import web
 
 from aggregator.simulators import GoogleSimulator
 from aggregator.simulators import portfolio as world
-from tests.factories import seed
+from tests.factories import google_like, seed
 
 FROM, TO = date(2025, 6, 1), date(2025, 6, 9)
 TODAY = date(2025, 6, 10)
@@ -149,14 +149,7 @@ class QueriesHang(GoogleSimulator):
 
 
 def _google(portfolio, cls=GoogleSimulator, **options) -> GoogleSimulator:
-    template = world.google_simulator(portfolio, today=TODAY)
-    return cls(
-        client_id=template.client_id,
-        client_secret=template.client_secret,
-        accounts=template.accounts,
-        today=TODAY,
-        **options,
-    )
+    return google_like(portfolio, cls, today=TODAY, **options)
 
 
 async def test_sigterm_stores_what_was_fetched_and_closes_the_run(db, conn, seeded, tmp_path):

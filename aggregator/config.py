@@ -10,6 +10,7 @@ run before any network or database work, with one line naming the variable and w
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import math
 import os
@@ -22,8 +23,13 @@ from urllib.parse import SplitResult, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 
-_REFRESH_TOKEN_VAR = re.compile(r"^GSC_REFRESH_TOKEN_(\d+)$")
+# gsc_accounts.id is a bigint: an override names one as a plain whole number (no sign, no
+# leading zero, so two spellings cannot name one account with two tokens).
+_REFRESH_TOKEN_PREFIX = "GSC_REFRESH_TOKEN_"
+_ACCOUNT_ID = re.compile(r"0|[1-9][0-9]*")
+_MAX_ACCOUNT_ID = 2**63 - 1
 _HOST_LABEL = re.compile(r"(?!-)[\w-]{1,63}(?<!-)")
 
 Kind = Literal["dsn", "url", "secret", "text", "zone", "number", "count"]
@@ -375,15 +381,27 @@ class Settings:
 
 
 def read_environment(env_file: Path | None = Path(".env")) -> dict[str, str]:
-    """The process environment layered over `.env` (the real environment wins, as with dotenv)."""
+    """The process environment layered over `.env` (the real environment wins, as with dotenv).
+
+    A line of `.env` that is not a setting fails with its file and line number, never its
+    text: dotenv would skip it with a warning, and the setting it meant to carry (a token,
+    say) would silently be missing. Comments, blank lines and `export NAME=value` are fine.
+    """
     merged: dict[str, str] = {}
     if env_file is not None and env_file.is_file():
         try:
-            values = dotenv_values(env_file, encoding="utf-8")
+            text = env_file.read_text(encoding="utf-8")
         except (OSError, ValueError) as exc:  # unreadable, or not UTF-8 (UnicodeDecodeError)
             raise ConfigError(
                 f"cannot read {env_file} ({type(exc).__name__}): save it as UTF-8 text or remove it"
             ) from None
+        for binding in parse_stream(io.StringIO(text)):
+            if binding.error:
+                raise ConfigError(
+                    f"{env_file} line {binding.original.line} is not NAME=value (its text is "
+                    "not shown: it may hold a secret): fix the quoting, or comment it out with #"
+                )
+        values = dotenv_values(stream=io.StringIO(text))
         merged.update({k: v for k, v in values.items() if v is not None})
     merged.update(os.environ)
     return merged
@@ -392,12 +410,31 @@ def read_environment(env_file: Path | None = Path(".env")) -> dict[str, str]:
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Validate `env` into Settings; raise ConfigError with a one-line, secret-free message."""
     values = {setting.field: setting.read(env) for setting in SETTINGS}
+    return Settings(gsc_refresh_tokens=refresh_token_overrides(env), **values)  # type: ignore[arg-type]
+
+
+def refresh_token_overrides(env: Mapping[str, str]) -> dict[int, Secret]:
+    """GSC_REFRESH_TOKEN_<ACCOUNT_ID> by account id. A name that cannot be an account id
+    (`GSC_REFRESH_TOKEN_abc`, a lower-case spelling) is refused: ignoring it would leave the
+    account on its stored token, or none, with nothing saying why. A blank value is unset."""
     tokens: dict[int, Secret] = {}
     for name, value in env.items():
-        match = _REFRESH_TOKEN_VAR.match(name)
-        if match and value.strip():
-            tokens[int(match.group(1))] = Secret(value.strip())
-    return Settings(gsc_refresh_tokens=tokens, **values)  # type: ignore[arg-type]
+        if not name.upper().startswith(_REFRESH_TOKEN_PREFIX):
+            continue
+        suffix = name[len(_REFRESH_TOKEN_PREFIX) :]
+        if (
+            not name.startswith(_REFRESH_TOKEN_PREFIX)
+            or not _ACCOUNT_ID.fullmatch(suffix)
+            or int(suffix) > _MAX_ACCOUNT_ID
+        ):
+            raise ConfigError(
+                f"{name[:60]} does not name an account: write GSC_REFRESH_TOKEN_<ACCOUNT_ID> "
+                "with the account's gsc_accounts.id, e.g. GSC_REFRESH_TOKEN_3 "
+                "(`aggregator accounts list` shows the ids)"
+            )
+        if value.strip():
+            tokens[int(suffix)] = Secret(value.strip())
+    return tokens
 
 
 def configuration_table() -> list[str]:
@@ -414,7 +451,8 @@ def configuration_table() -> list[str]:
         if setting.variable == "GOOGLE_CLIENT_SECRET":
             lines.append(
                 "| `GSC_REFRESH_TOKEN_<ACCOUNT_ID>` | overrides `gsc_accounts.refresh_token` "
-                "for that account | | any text |"
+                "for the account whose `gsc_accounts.id` is ACCOUNT_ID (another name is "
+                "refused; an id no account has is a `check` warning) | | any text |"
             )
     return lines
 

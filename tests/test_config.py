@@ -20,6 +20,31 @@ from aggregator.config import (
 from aggregator.search_console import rates
 
 
+def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """The CLI as a real process in `cwd` (its .env), none of the job's variables inherited."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MATOMO_", "GOOGLE_", "GSC_", "AGGREGATOR_", "HTTP_", "DATABASE_"))
+    }
+    env["DATABASE_URL"] = "postgresql://postgres@127.0.0.1:1/none"
+    return subprocess.run(
+        [sys.executable, "-m", "aggregator", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=30,
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("aggregator: error: ")
+    return result.stderr.strip()
+
+
 def test_defaults_survive_a_new_cloud_projects_quota() -> None:
     settings = load_settings({})
     # No ceiling by default: the rate is learned, starting at a new Cloud project's 60/min.
@@ -32,8 +57,68 @@ def test_defaults_survive_a_new_cloud_projects_quota() -> None:
 
 
 def test_refresh_token_overrides_are_read_per_account() -> None:
-    settings = load_settings({"GSC_REFRESH_TOKEN_7": "1//rt-seven", "GSC_REFRESH_TOKEN_X": "no"})
-    assert settings.gsc_refresh_tokens == {7: Secret("1//rt-seven")}
+    settings = load_settings(
+        {"GSC_REFRESH_TOKEN_7": "1//rt-seven", "GSC_REFRESH_TOKEN_8": "  ", "OTHER": "x"}
+    )
+    assert settings.gsc_refresh_tokens == {7: Secret("1//rt-seven")}  # blank: unset
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "GSC_REFRESH_TOKEN_abc",
+        "GSC_REFRESH_TOKEN_",
+        "GSC_REFRESH_TOKEN_-3",
+        "GSC_REFRESH_TOKEN_007",
+        "GSC_REFRESH_TOKEN_3x",
+        "GSC_REFRESH_TOKEN_\uff19",  # a full-width 9: int() would take it, Postgres would not
+        f"GSC_REFRESH_TOKEN_{2**63}",  # beyond bigint: no gsc_accounts.id can be it
+        "gsc_refresh_token_3",
+        "Gsc_Refresh_Token_3",
+    ],
+)
+def test_a_refresh_token_variable_that_names_no_account_id_is_refused(name) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({name: "1//secret-rt-value"})
+    message = str(caught.value)
+    assert message.startswith(f"{name} does not name an account")
+    assert "GSC_REFRESH_TOKEN_<ACCOUNT_ID>" in message
+    assert "secret-rt-value" not in message and "\n" not in message
+
+
+def test_a_misnamed_refresh_token_is_one_line_exit_2_in_a_real_process(tmp_path) -> None:
+    (tmp_path / ".env").write_text("GSC_REFRESH_TOKEN_abc=1//secret-rt-value\n")
+    line = one_line_error(run_cli(tmp_path, "check"))
+    assert "GSC_REFRESH_TOKEN_abc does not name an account" in line
+    assert "secret-rt-value" not in line
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("MATOMO_URL=https://m.example\nMATOMO_TOKEN abc-secret-token\n", 2),
+        ("# comment\n\nexport A=1\nMATOMO_TOKEN='abc-secret-token\nB=2\n", 4),
+        ('A=1\nB=2\nMATOMO_TOKEN="abc-secret-token" trailing\n', 3),
+        ("=abc-secret-token\n", 1),
+    ],
+)
+def test_an_env_file_line_that_is_not_a_setting_is_one_line_naming_it(tmp_path, text, line) -> None:
+    (tmp_path / ".env").write_text(text)
+    error = one_line_error(run_cli(tmp_path, "run"))
+    assert f".env line {line} is not NAME=value" in error
+    assert "abc-secret-token" not in error
+
+
+def test_an_env_file_with_comments_export_and_quotes_is_read(tmp_path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text(
+        "# the job's settings\n\nexport MATOMO_URL=https://m.example\n"
+        "MATOMO_TOKEN='a b#c'  # inline comment\nGOOGLE_CLIENT_ID=\"id\"\nEMPTY=\n"
+    )
+    merged = read_environment(env_file)
+    assert merged["MATOMO_URL"] == "https://m.example"
+    assert merged["MATOMO_TOKEN"] == "a b#c"
+    assert merged["GOOGLE_CLIENT_ID"] == "id"
 
 
 def test_secrets_never_show_in_repr() -> None:
@@ -247,3 +332,8 @@ def test_an_env_file_that_is_not_utf8_is_one_line(tmp_path, monkeypatch, capsys)
     assert cli.main(["run"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and ".env" in err and "UTF-8" in err, err
+
+
+def test_the_example_env_file_is_read_without_complaint() -> None:
+    settings = load_settings(read_environment(ROOT / ".env.example"))
+    assert settings.database_url is not None and settings.matomo_url == "https://matomo.example.com"

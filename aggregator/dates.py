@@ -22,6 +22,10 @@ SOURCES = ("matomo", "gsc")
 # usually far newer; a failing fetch is reported at once through the last run's errors, so the
 # slack delays no alarm about a broken source.
 GSC_DUE_LAG_DAYS = 4
+# Search Console keeps 16 months of data (a week more is asked: Google's months are not to the
+# day, and asking for a day it no longer has costs nothing).
+GSC_KEEPS_MONTHS = 16
+GSC_KEEPS_MARGIN_DAYS = 7
 
 
 class DateError(ValueError):
@@ -54,6 +58,24 @@ def spanning(windows: Iterable[Window]) -> Window:
     if not given:
         raise ValueError("no window to span")
     return Window(min(w.start for w in given), max(w.end for w in given))
+
+
+def search_console_window(window: Window) -> Window:
+    """The part of `window` Search Console can still answer, and so the part it is asked for:
+    from 16 months (and a week) before the window's last day. That day is never after Search
+    Console's today (Pacific time), so no day Google keeps is cut, whatever the local clock."""
+    oldest = months_before(window.end, GSC_KEEPS_MONTHS) - timedelta(days=GSC_KEEPS_MARGIN_DAYS)
+    if window.start >= oldest:
+        return window
+    return Window(oldest, window.end, explicit=window.explicit)
+
+
+def months_before(day: date, months: int) -> date:
+    """The same day of the month `months` earlier (that month's last day where it is shorter)."""
+    year, month = divmod(day.year * 12 + day.month - 1 - months, 12)
+    month += 1
+    first_of_next = date(year + month // 12, month % 12 + 1, 1)
+    return date(year, month, min(day.day, (first_of_next - timedelta(days=1)).day))
 
 
 def parse_day(text: str, flag: str) -> date:

@@ -23,7 +23,14 @@ from aggregator import storage
 from aggregator.api_stats import SourceStats
 from aggregator.config import ConfigError, Settings
 from aggregator.daily_table import DailyTable
-from aggregator.dates import PACIFIC, Window, heal_limit, spanning, today_in
+from aggregator.dates import (
+    PACIFIC,
+    Window,
+    heal_limit,
+    search_console_window,
+    spanning,
+    today_in,
+)
 from aggregator.flushing import Flusher
 from aggregator.lease import TRANSIENT_ERRORS, LeaseLost, RunLease, keep_alive, take_lease
 from aggregator.model import (
@@ -465,7 +472,8 @@ async def _plan(
     )
     plan: dict[SourceName, SourcePlan] = {}
     for name in request.sources:
-        share = plan_source(name, _sites_for(name, sites, accounts), histories, window)
+        asked = search_console_window(window) if name == "gsc" else window
+        share = plan_source(name, _sites_for(name, sites, accounts), histories, asked)
         if share is None:
             continue
         _require_configured(name, settings, len(share.sites))

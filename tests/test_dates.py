@@ -1,9 +1,18 @@
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
 
-from aggregator.dates import DateError, Window, parse_day, resolve_window, spanning, today_in
+from aggregator.dates import (
+    DateError,
+    Window,
+    months_before,
+    parse_day,
+    resolve_window,
+    search_console_window,
+    spanning,
+    today_in,
+)
 
 TODAY = date(2026, 3, 1)
 
@@ -79,3 +88,31 @@ def test_yesterday_is_computed_in_the_configured_zone() -> None:
     instant = datetime(2026, 1, 1, 3, 0, tzinfo=UTC)  # still Dec 31 in Los Angeles
     assert today_in(ZoneInfo("America/Los_Angeles"), instant) == date(2025, 12, 31)
     assert today_in(ZoneInfo("Asia/Tokyo"), instant) == date(2026, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("day", "months", "expected"),
+    [
+        (date(2026, 12, 2), 16, date(2025, 8, 2)),
+        (date(2026, 6, 30), 16, date(2025, 2, 28)),  # no 30 February: the month's last day
+        (date(2024, 12, 31), 12, date(2023, 12, 31)),
+        (date(2026, 1, 15), 1, date(2025, 12, 15)),
+        (date(2025, 4, 30), 14, date(2024, 2, 29)),  # a leap year's February
+    ],
+)
+def test_months_before_keeps_the_day_of_the_month_where_it_exists(day, months, expected) -> None:
+    assert months_before(day, months) == expected
+
+
+def test_search_console_is_asked_no_further_back_than_it_keeps() -> None:
+    yesterday = date(2026, 12, 2)
+    cut = date(2025, 8, 2) - timedelta(days=7)  # 16 months and a week before the last day
+    long = Window(yesterday - timedelta(days=2999), yesterday, explicit=False)
+    assert search_console_window(long) == Window(cut, yesterday, explicit=False)
+    backfill = Window(date(2018, 1, 1), yesterday)
+    assert search_console_window(backfill) == Window(cut, yesterday, explicit=True)
+    short = Window(yesterday - timedelta(days=30), yesterday, explicit=False)
+    assert search_console_window(short) is short
+    # Relative to the window's own last day, never to the clock: an old range is asked as is.
+    old = Window(date(2018, 1, 1), date(2018, 3, 31))
+    assert search_console_window(old) is old

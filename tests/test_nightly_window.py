@@ -4,6 +4,7 @@ the stored history (real Postgres) and the run that uses them (real Postgres, fa
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 
@@ -12,11 +13,12 @@ import pytest
 
 from aggregator import storage
 from aggregator.config import ConfigError, Secret, Settings, load_settings
-from aggregator.dates import Window, heal_limit, site_window
+from aggregator.dates import Window, heal_limit, search_console_window, site_window
 from aggregator.matomo import fetch_matomo_visits
 from aggregator.model import GscDay, MatomoDay, Site, SiteHistory, SourceRecord
 from aggregator.pipeline import RunRequest, SourceInput, run_job
 from aggregator.planning import plan_source, skipped_gsc_sites
+from aggregator.run_command import print_summary
 from aggregator.simulators.matomo import MatomoSimulator
 from tests.factories import add_account, add_site, stored_rows
 
@@ -352,3 +354,22 @@ async def test_one_bulk_request_carries_each_sites_own_dates_and_yields_only_tho
     ids = {10: 1, 20: 2}
     for r in records:
         assert (r.visits, r.actions) == (simulator.visits(ids[r.site_id], r.day) or (0, 0))
+
+
+async def test_search_console_is_asked_and_shown_only_what_it_keeps(db, conn) -> None:
+    """`run --lookback 3000`: Matomo is asked the whole window, Search Console only its 16
+    months (and a week), and the summary shows each source's window as asked."""
+    account = await add_account(conn, "a@example.com", "rt")
+    site = await add_site(conn, "old.com", matomo_site_id=1, gsc_account_id=account)
+    long = Window(YESTERDAY - timedelta(days=2999), YESTERDAY, explicit=False)
+    recorder = Recorder()
+
+    outcome = await run_job(settings_for(db), RunRequest(long), sources=recorder.sources, stop=None)
+
+    kept = search_console_window(long)
+    assert kept.start == date(2023, 11, 23)  # 2025-03-30 less 16 months and a week
+    assert recorder.windows == {"matomo": {site: long}, "gsc": {site: kept}}
+    assert outcome.windows == {"matomo": (long.start, YESTERDAY), "gsc": (kept.start, YESTERDAY)}
+    shown = io.StringIO()
+    print_summary(outcome, shown)
+    assert f"gsc {kept.start}..{YESTERDAY}" in shown.getvalue()

@@ -361,17 +361,19 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
             "Start local Matomo and Google simulators, seed a portfolio into the "
             f"{DEMO_SCHEMA} schema of DATABASE_URL (or of an embedded PostgreSQL when it is "
             "unset), run the real pipeline, print a summary and write an HTML status report. "
-            "Needs no account."
+            "Needs no account. --status shows `aggregator status` on the demo's data again "
+            "without running anything."
         ),
         epilog=_epilog(
             [
                 "aggregator demo",
                 "aggregator demo --revoked-account --sites 120   # a failure, isolated",
+                "aggregator demo --status                        # status of the demo's data",
             ],
             [
-                "0 every site stored",
-                "1 partial (as with --revoked-account)",
-                "2 no database could be used",
+                "0 every site stored (--status: all fresh)",
+                "1 partial, as with --revoked-account (--status: something needs attention)",
+                "2 no database could be used (--status: no demo data)",
             ],
         ),
     )
@@ -391,6 +393,12 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
         "--revoked-account",
         action="store_true",
         help="revoke the last Google account's token to show how a failure is isolated",
+    )
+    demo.add_argument(
+        "--status",
+        action="store_true",
+        help="run nothing: show `aggregator status` on the data the last demo left "
+        "(the embedded PostgreSQL runs only while a demo command does)",
     )
     demo.add_argument("-v", "--verbose", action="store_true", help="show the job's logs")
 

@@ -2,7 +2,9 @@
 
 Starts the Matomo and Google simulators on 127.0.0.1, seeds a portfolio into a dedicated
 `aggregator_demo` schema (of DATABASE_URL when set, else of an embedded Postgres kept under the
-user's data directory), runs the real pipeline and prints what happened.
+user's data directory), runs the real pipeline and prints what happened. `--status` runs
+nothing and shows `aggregator status` on what the last demo stored: the embedded server runs
+only while a demo command does, so plain `aggregator status` cannot reach it.
 """
 
 from __future__ import annotations
@@ -27,8 +29,11 @@ from aggregator.local_postgres import default_data_dir, dsn_with_search_path, em
 from aggregator.pipeline import RunOutcome, RunRequest, run_job
 from aggregator.progress import terminal_progress
 from aggregator.simulators import portfolio as world
+from aggregator.status import command as status_command
+from aggregator.status import queries as status_queries
 from aggregator.status import render as status_render
 from aggregator.text_table import error_lines, table_lines
+from aggregator.usage import UsageError
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,13 +51,47 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
     report.parent.mkdir(parents=True, exist_ok=True)
     options = DemoOptions(args.sites, args.accounts, args.lookback, args.revoked_account, report)
     out = sys.stdout
+
+    def work(server: str) -> int:
+        if args.status:
+            return asyncio.run(show_status(server, settings.timezone, out))
+        return asyncio.run(run_demo(server, options, out))
+
     if settings.database_url is not None:
         server = settings.database_url.reveal()
         print(f"database: {storage.describe_dsn(server)}, schema {DEMO_SCHEMA}", file=out)
-        return asyncio.run(run_demo(server, options, out))
+        return work(server)
     print(f"database: embedded PostgreSQL in {default_data_dir()}, schema {DEMO_SCHEMA}", file=out)
     with embedded_postgres() as server:
-        return asyncio.run(run_demo(server, options, out))
+        return work(server)
+
+
+async def show_status(server_dsn: str, zone: ZoneInfo, out: TextIO) -> int:
+    """`aggregator status` on the demo's schema, running nothing; its exit status."""
+    conn = await asyncpg.connect(dsn_with_search_path(server_dsn, DEMO_SCHEMA))
+    try:
+        if await conn.fetchval("select to_regclass('daily_analytics')") is None:
+            raise UsageError(f"no demo data in schema {DEMO_SCHEMA}: run `aggregator demo` first")
+        now = datetime.now(tz=zone)
+        report = await status_queries.gather(conn, today_in(zone, now), zone, now)
+    finally:
+        await conn.close()
+    print(status_render.text(report, zone), end="", file=out)
+    return status_command.exit_status(report)
+
+
+def invocation() -> str:
+    """This program as it was started (`.venv/bin/aggregator`, `python -m aggregator`), so the
+    demo can say exactly what to type next; relative to the working directory when inside it."""
+    script = Path(sys.argv[0])
+    if script.name == "__main__.py":
+        return f"{_from_here(Path(sys.executable))} -m aggregator"
+    return _from_here(script)
+
+
+def _from_here(path: Path) -> str:
+    absolute = path.absolute()
+    return str(absolute.relative_to(Path.cwd()) if absolute.is_relative_to(Path.cwd()) else path)
 
 
 async def prepare_schema(server_dsn: str, schema: str = DEMO_SCHEMA) -> str:
@@ -136,6 +175,7 @@ async def print_status(conn: asyncpg.Connection, zone: ZoneInfo, report: Path, o
     size = report_html.write(data, report)
     lines = status_render.overview_lines(data.status, zone)
     print("\n" + "\n".join(lines), file=out)
+    print(f"(the same later, without running anything: {invocation()} demo --status)", file=out)
     print(f"\nHTML report of the demo data ({report_html.size_text(size)}): {report}", file=out)
 
 

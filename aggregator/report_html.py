@@ -17,10 +17,10 @@ from pathlib import Path
 
 from aggregator import token_health
 from aggregator.dates import SOURCES
-from aggregator.pipeline import UsageError
 from aggregator.report_data import CELL_STATES, ReportData, SiteRow
 from aggregator.status import render as status_render
 from aggregator.status.verdict import RunSummary, StatusReport
+from aggregator.usage import UsageError
 
 SOURCE_NAMES = {"matomo": "Matomo visits", "gsc": "Search Console"}
 CELL_COLOURS = {

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
@@ -47,6 +48,20 @@ async def fresh_schema(server_dsn: str) -> AsyncIterator[str]:
         yield dsn_with_search_path(server_dsn, schema)
     finally:
         await admin.execute(f"drop schema if exists {schema} cascade")
+        await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def fresh_database(server_dsn: str) -> AsyncIterator[str]:
+    """A DSN of a new database on the test server, for code that chooses its own schema names
+    (the demo): nothing another test or run does can meet it there."""
+    database = f"t_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        await admin.execute(f"create database {database}")
+        yield urlsplit(server_dsn)._replace(path=f"/{database}").geturl()
+    finally:
+        await admin.execute(f"drop database if exists {database} with (force)")
         await admin.close()
 
 

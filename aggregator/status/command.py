@@ -29,4 +29,8 @@ def show(args: argparse.Namespace, report: StatusReport, settings: Settings) -> 
         print(json.dumps(render.as_json(report, every_site=args.all), indent=2))
     else:
         print(render.text(report, settings.timezone, every_site=args.all), end="")
+    return exit_status(report)
+
+
+def exit_status(report: StatusReport) -> int:
     return EXIT_FRESH if report.ok else EXIT_ATTENTION

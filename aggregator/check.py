@@ -31,7 +31,7 @@ import aiohttp
 import asyncpg
 
 from aggregator import matomo, migrations, storage, token_health
-from aggregator.config import Settings
+from aggregator.config import Settings, default_of
 from aggregator.model import Site
 from aggregator.search_console import client as gsc
 from aggregator.search_console.answers import candidate_properties, pick_property
@@ -39,6 +39,7 @@ from aggregator.search_console.oauth import (
     ClientMisconfigured,
     MissingRefreshToken,
     ReconnectRequired,
+    TokenEndpointRedirected,
     TokenEndpointUnavailable,
 )
 from aggregator.text_table import table_lines
@@ -442,6 +443,31 @@ def _gsc_rows(facts: Facts, rows: list[Row], verified: list[str]) -> int:
             )
         )
         return len(by_account)
+    redirected = next(
+        (
+            a.token_error
+            for a in facts.google_access.values()
+            if isinstance(a.token_error, TokenEndpointRedirected)
+        ),
+        None,
+    )
+    if redirected is not None:
+        # GOOGLE_TOKEN_URL itself: every account's refresh meets the same refused redirect, so
+        # one row for the setting; reconnecting accounts cannot help.
+        count = sum(len(sites) for sites in by_account.values())
+        rows.append(
+            Row(
+                "problem",
+                "GOOGLE_TOKEN_URL",
+                "token endpoint",
+                f"{_endpoint_reason(redirected)} ({_plural(count, 'site')} without Search "
+                "Console data)",
+                f"unset GOOGLE_TOKEN_URL (Google's is {default_of('GOOGLE_TOKEN_URL')}) or set "
+                "it to the right server; redirects are refused by design (every request "
+                "carries a secret); reconnecting accounts does not help",
+            )
+        )
+        return len(by_account)
     checked = 0
     site_rows: list[Row] = []  # after every account's own row
     for account_id in sorted(by_account, key=lambda i: facts.accounts[i].email):
@@ -579,6 +605,14 @@ def _token_fix(error: Exception, account_id: int, email: str) -> str:
     if isinstance(error, ReconnectRequired):
         return f"{reconnect} (publish the OAuth app if it is in Testing)"
     return reconnect
+
+
+def _endpoint_reason(error: Exception) -> str:
+    """The token endpoint's part of a refresh error, without the account the refresh was for
+    (the row is about the setting, whichever account met it first)."""
+    text = _one_line(str(error))
+    account, separator, reason = text.partition(": ")
+    return reason if separator and account.startswith("cannot refresh the token of") else text
 
 
 def _plural(count: int, noun: str) -> str:

@@ -58,7 +58,7 @@ class TokenHealth:
 
 
 def age(since: datetime | None, now: datetime) -> str:
-    """'3 days ago', '5 h ago', 'just now', or 'unknown'."""
+    """'3 days ago', '5 h ago', '12 min ago', 'just now', or 'unknown'."""
     if since is None:
         return "unknown"
     elapsed = now - since
@@ -66,25 +66,39 @@ def age(since: datetime | None, now: datetime) -> str:
         return f"{elapsed.days} days ago"
     if elapsed >= timedelta(hours=1):
         return f"{int(elapsed.total_seconds() // 3600)} h ago"
+    if elapsed >= timedelta(minutes=1):
+        return f"{int(elapsed.total_seconds() // 60)} min ago"
     return "just now"
 
 
 def summary(health: TokenHealth, now: datetime) -> str:
-    """One phrase for a table cell: connected when, last success when, failing since when."""
+    """One phrase for a table cell: connected when, then either the last success or, while
+    refreshes fail, since when and the success before that streak. A success is never shown
+    beside a streak it does not precede (a record from before migration 006 can hold one)."""
     connected = (
         "connected: unknown"
         if health.connected_at is None
         else f"connected {age(health.connected_at, now)}"
     )
-    success = (
-        "never refreshed"
-        if health.last_success_at is None
-        else f"last refresh ok {age(health.last_success_at, now)}"
+    if not health.failing:
+        success = (
+            "never refreshed"
+            if health.last_success_at is None
+            else f"last refresh ok {age(health.last_success_at, now)}"
+        )
+        return f"{connected}, {success}"
+    since = health.failing_since
+    streak = (
+        "refreshes failing"
+        if since is None
+        else f"refreshes failing since {since.date().isoformat()} ({age(since, now)})"
     )
-    text = f"{connected}, {success}"
-    if health.failing_since is not None:
-        text += f", failing since {health.failing_since.date().isoformat()}"
-    return text
+    before = health.last_success_at
+    if before is None:
+        return f"{connected}, {streak}, no successful refresh recorded"
+    if since is not None and before >= since:
+        return f"{connected}, {streak}"
+    return f"{connected}, {streak}, last ok {age(before, now)}"
 
 
 def failure_cause(health: TokenHealth) -> str | None:

@@ -23,9 +23,14 @@ from aggregator.config import Secret, Settings
 from aggregator.demo import simulated_settings
 from aggregator.model import GscAccount, Site
 from aggregator.search_console.client import AccountAccess
-from aggregator.search_console.oauth import MissingRefreshToken, ReconnectRequired
+from aggregator.search_console.oauth import (
+    MissingRefreshToken,
+    ReconnectRequired,
+    TokenEndpointRedirected,
+)
 from aggregator.simulators import portfolio as world
 from tests.factories import add_account, add_site, seed
+from tests.test_hostile_network import Redirector
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRETS = (world.MATOMO_TOKEN, world.CLIENT_SECRET, "demo-refresh-token-")
@@ -478,3 +483,44 @@ async def test_cli_exit_2_for_unreachable_database_and_1_for_missing_schema(empt
 
     code, _, err = await cli("check", env={})
     assert code == 2 and "DATABASE_URL is not set" in err
+
+
+def test_a_redirecting_token_endpoint_is_one_row_for_the_setting_not_one_per_account() -> None:
+    refused = TokenEndpointRedirected(
+        "cannot refresh the token of Google account alice@example.com: The token endpoint "
+        "answered HTTP 302 redirecting to https://sso.example; redirects "
+        "are not followed, so nothing was sent there: if that is the right server, set "
+        "GOOGLE_TOKEN_URL to the address it redirects to"
+    )
+    access = {info.id: AccountAccess(_account(info), token_error=refused) for info in (ALICE, BOB)}
+    report = build_report(facts(google_access=access))
+    assert rows_of(report) == [("GOOGLE_TOKEN_URL", "token endpoint")]
+    (row,) = report.rows
+    assert row.level == "problem" and report.exit_code == 1
+    assert "redirecting to https://sso.example" in row.problem and "2 sites" in row.problem
+    assert "https://oauth2.googleapis.com/token" in row.fix
+    assert "accounts add" not in render(report) and "alice@" not in row.problem
+
+
+async def test_check_through_a_redirecting_token_endpoint_names_the_setting_once(db) -> None:
+    portfolio = world.make_portfolio(6, 3)
+    await seed(db, portfolio)
+    async with (
+        world.matomo_simulator(portfolio) as matomo_sim,
+        world.google_simulator(portfolio) as google_sim,
+        Redirector(google_sim.url) as redirector,
+    ):
+        settings = settings_for(
+            db, matomo_sim, google_sim, google_token_url=f"{redirector.url}/token"
+        )
+        report = await run_check(settings)
+        assert redirector.requests == 3 and google_sim.token_requests == 0
+        target = google_sim.url
+
+    assert [r for r in report.rows if r.level != "note"] == [
+        r for r in report.rows if r.subject == "GOOGLE_TOKEN_URL"
+    ]
+    (row,) = [r for r in report.rows if r.subject == "GOOGLE_TOKEN_URL"]
+    assert row.problem.startswith(f"The token endpoint answered HTTP 302 redirecting to {target};")
+    assert "landing=secret-path" not in row.problem
+    assert "reconnect" not in row.fix.replace("reconnecting accounts does not help", "")

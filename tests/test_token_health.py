@@ -223,3 +223,26 @@ async def test_migration_006_keeps_the_last_success_of_existing_accounts(
         assert health.id == account and health.health.last_success_at == NOW
     finally:
         await conn.close()
+
+
+def test_the_token_summary_never_shows_a_success_beside_a_later_failure() -> None:
+    connected = NOW - timedelta(days=20)
+    # A run refreshed fine ten minutes ago; this check's refresh fails now.
+    failing = TokenHealth(connected, NOW - timedelta(minutes=10)).after(
+        AccountRefresh(2, NOW - timedelta(minutes=2), DEAD)
+    )
+    text = token_health.summary(failing, NOW)
+    assert text == (
+        "connected 20 days ago, refreshes failing since 2024-05-10 (2 min ago), last ok 10 min ago"
+    )
+    assert "just now" not in text and "last refresh ok" not in text
+    # A record from before migration 006 (its last refresh read as the last success) that
+    # claims a success after the streak began: the success is not shown.
+    legacy = TokenHealth(connected, NOW, NOW - timedelta(days=2), DEAD)
+    assert token_health.summary(legacy, NOW) == (
+        "connected 20 days ago, refreshes failing since 2024-05-08 (2 days ago)"
+    )
+    never = TokenHealth(connected, None, NOW - timedelta(hours=3), DEAD)
+    assert token_health.summary(never, NOW).endswith("(3 h ago), no successful refresh recorded")
+    healthy = TokenHealth(connected, NOW - timedelta(minutes=30))
+    assert token_health.summary(healthy, NOW) == "connected 20 days ago, last refresh ok 30 min ago"

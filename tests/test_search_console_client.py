@@ -818,6 +818,35 @@ async def test_no_access_is_a_per_site_error_naming_the_property(
     assert len(days_of(records, 2)) == 3
 
 
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ({"body": "Not Found", "content_type": "text/plain"}, "(HTTP 404)"),
+        ({"payload": {}}, "(HTTP 404)"),
+        ({"payload": {"error": {"code": 404, "message": "HTTP 404"}}}, "(HTTP 404)"),
+        (
+            {"payload": {"error": {"message": "notFound", "errors": [{"reason": "notFound"}]}}},
+            "(HTTP 404 notFound)",
+        ),
+    ],
+)
+async def test_an_error_without_its_own_message_says_the_status_once(
+    mocked: aioresponses,
+    token_endpoint: TokenEndpoint,
+    sleep: RecordedSleep,
+    answer: dict,
+    expected: str,
+) -> None:
+    mocked.post(query_url("https://a.com/"), status=404, **answer)
+    mocked.get(SITES_URL, payload={"siteEntry": []})
+    sites = [Site(1, "a.com", gsc_account_id=1, gsc_property="https://a.com/")]
+
+    message = errors_of(await run(token_endpoint, sites))["a.com"]
+
+    assert expected in message, message
+    assert message.count("HTTP 404") == 1 and message.count("notFound") <= 1, message
+
+
 async def test_a_property_the_account_is_unverified_for_says_so(
     mocked: aioresponses, token_endpoint: TokenEndpoint, sleep: RecordedSleep
 ) -> None:

@@ -544,8 +544,12 @@ class _SearchConsole:
             return response.status, retry_after, body
 
     def _describe(self, error: GoogleError) -> str:
-        reason = f" {error.reason}" if error.reason else ""
-        return self._redact(f"HTTP {error.status}{reason}: {error.message}")
+        """'HTTP 404 notFound: Google's message', each part once: no message (a bare 404 from
+        a proxy) or one that only repeats the status or reason adds nothing."""
+        head = f"HTTP {error.status}" + (f" {error.reason}" if error.reason else "")
+        if error.message.lower() in head.lower():
+            return self._redact(head)
+        return self._redact(f"{head}: {error.message}")
 
 
 async def fetch_gsc_performance(

@@ -69,7 +69,7 @@ def classify_google_error(status: int, body: object) -> GoogleError:
     first = first if isinstance(first, Mapping) else {}
     reason = first.get("reason") if isinstance(first.get("reason"), str) else None
     domain = str(first.get("domain", "")).lower()
-    message = error.get("message") or first.get("message") or f"HTTP {status}"
+    message = error.get("message") or first.get("message") or ""  # none: the status says it
     message = " ".join(str(message).split())
     if len(message) > _MAX_MESSAGE_CHARS:  # stored in aggregator_runs.errors: keep it a line
         message = message[: _MAX_MESSAGE_CHARS - 3] + "..."

@@ -1,9 +1,10 @@
 """`aggregator check`: will tonight's run work? Configuration, database, tokens and site ids.
 
 A handful of requests in total: one Matomo call listing the site ids MATOMO_TOKEN can view, and
-per Google account with monitored sites one token refresh and one sites.list, all concurrent.
-Nothing is fetched or written except gsc_accounts.last_refresh_at/last_error, which record the
-refresh exactly as a run does.
+per active Google account (those without sites too, so no token dies of disuse) one token
+refresh and one sites.list, all concurrent. Nothing is fetched or written except each refresh
+attempt's record in gsc_accounts (last_refresh_at, last_error and the token-health columns),
+written exactly as a run writes it.
 
 The verdict is a pure function of gathered facts (`build_report`), so every rule is tested
 without a network; `gather_facts` is the edge that asks the database, Matomo and Google.

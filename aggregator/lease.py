@@ -13,6 +13,7 @@ the next run closes that row as `failed`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -86,12 +87,21 @@ async def take_lease(
     *,
     lease_seconds: float,
     wait_seconds: float,
+    stop: asyncio.Event | None = None,
 ) -> RunLease:
     """Open this run's row as the lease holder, waiting up to `wait_seconds` for a live run
     to finish (polling: a waiter holds nothing). Rows of dead runs are closed on the way.
-    Raises storage.RunLocked when the wait is over."""
-    give_up = time.monotonic() + wait_seconds
+
+    Raises storage.RunLocked when the wait is over, or at once when `stop` is set (a signal)
+    before the lease is taken: a run that never held the lease fetched and wrote nothing, so
+    it leaves no run row behind and says so instead of pretending it ran."""
+    began = time.monotonic()
+    give_up = began + wait_seconds
+    stop = stop or asyncio.Event()
+    waiting_logged = False
     while True:
+        if stop.is_set():
+            raise storage.RunLocked(_interrupted_message(time.monotonic() - began))
         closed, run_id, holder = 0, None, None
         try:
             async with pool.acquire() as conn, conn.transaction():
@@ -113,10 +123,20 @@ async def take_lease(
         remaining = give_up - time.monotonic()
         if remaining <= 0:
             raise storage.RunLocked(_locked_message(holder, wait_seconds))
+        if not waiting_logged:
+            waiting_logged = True
+            log.info(
+                "run.waiting_for_lease",
+                holder=holder.run_id if holder else None,
+                owner=holder.owner if holder else None,
+                wait_seconds=wait_seconds,
+            )
         # Look again when the holder's lease would run out (a dead holder is replaced at
-        # once), or after a poll interval if it is being renewed.
+        # once), or after a poll interval if it is being renewed; a signal ends the wait.
         expires = holder.expires_in if holder is not None else 0.0
-        await asyncio.sleep(min(POLL_SECONDS, remaining, max(expires, MIN_POLL_SECONDS)))
+        pause = min(POLL_SECONDS, remaining, max(expires, MIN_POLL_SECONDS))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), pause)
 
 
 def _locked_message(holder: storage.LeaseHolder | None, waited: float) -> str:
@@ -127,8 +147,21 @@ def _locked_message(holder: storage.LeaseHolder | None, waited: float) -> str:
         who += f", started {holder.started_at:%Y-%m-%d %H:%M:%S %Z})"
     return (
         f"another aggregator run{who} is still writing to this database (waited "
-        f"{waited:g}s): let it finish, or raise AGGREGATOR_LOCK_WAIT_SECONDS"
+        f"{seconds_text(waited)}): let it finish, or raise AGGREGATOR_LOCK_WAIT_SECONDS"
     )
+
+
+def _interrupted_message(waited: float) -> str:
+    return (
+        f"interrupted by a signal after waiting {seconds_text(waited)} for another aggregator "
+        "run to finish: nothing was fetched or written"
+    )
+
+
+def seconds_text(seconds: float) -> str:
+    """A wait as people read it: to the millisecond, no exponent (a setting of 1e-300 s is
+    "0s", not "1e-300s")."""
+    return f"{round(seconds, 3):g}s"
 
 
 async def keep_alive(pool: asyncpg.Pool, lease: RunLease, on_lost: Callable[[], None]) -> None:

@@ -378,6 +378,7 @@ class _Run:
                 sites_total,
                 lease_seconds=self._settings.lease_seconds,
                 wait_seconds=self._settings.lock_wait,
+                stop=self._stop,
             )
         except (*TRANSIENT_ERRORS, asyncpg.PostgresError) as exc:
             raise storage.StorageError(f"could not start the run: {type(exc).__name__}") from None

@@ -21,7 +21,8 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
-from aggregator import migrations
+from aggregator import migrations, storage
+from aggregator.lease import seconds_text
 from aggregator.pipeline import RunRequest, run_job
 from aggregator.simulators import portfolio as world
 from tests.factories import seed
@@ -34,6 +35,7 @@ from tests.test_signals import (
     run_job_process,
     start_job,
     wait_for,
+    wait_for_log_event,
 )
 
 FROM, TO = date(2025, 6, 1), date(2025, 6, 9)
@@ -289,3 +291,46 @@ def _as_user(server_dsn: str, role: str) -> str:
 @pytest.fixture
 async def seeded_small(db: str) -> world.Portfolio:
     return await seed(db, world.make_portfolio(30, 2))
+
+
+async def test_sigterm_while_waiting_for_the_lease_exits_2_and_leaves_no_run_row(
+    db, conn, seeded_small, tmp_path
+):
+    """A run that never got the lease did not run: a signal ends its wait at once, with one
+    line and exit 2 (nothing could run), and no run row pretends otherwise."""
+    holder = await storage.start_run(conn, FROM, TO, 4, lease_seconds=3600, owner="cron-box:41")
+    before = await conn.fetchrow("select * from aggregator_runs where id = $1", holder)
+    async with (
+        world.matomo_simulator(seeded_small, today=TO) as matomo,
+        _google(seeded_small) as google,
+    ):
+        # The default wait (60 s): only the signal can end it within the bound below.
+        env = job_environment(db, matomo.url, google.url)
+        process = await start_job(env, tmp_path, "--from", f"{FROM}", "--to", f"{TO}")
+        await wait_for_log_event(process, "run.waiting_for_lease")
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        result = await finish(process, seconds=10)
+        stopped_after = time.monotonic() - signalled
+        requests = (matomo.requests, google.query_requests)
+    assert stopped_after < 5, f"exited {stopped_after:.1f}s after SIGTERM"
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = _one_error_line(result.stderr)
+    assert "interrupted by a signal" in line and "nothing was fetched or written" in line
+    assert requests == (0, 0)
+    runs = await conn.fetch("select * from aggregator_runs")
+    assert [dict(r) for r in runs] == [dict(before)]  # the holder's row only, untouched
+    assert await conn.fetchval("select count(*) from daily_analytics") == 0
+
+
+async def test_the_lock_wait_is_shown_as_people_read_it(db, conn, seeded_small) -> None:
+    await storage.start_run(conn, FROM, TO, 4, lease_seconds=3600)
+    with pytest.raises(storage.RunLocked) as caught:
+        await run_job(settings_for(db, lock_wait=9.99989e-321), RunRequest(WINDOW), sources=SOURCES)
+    assert "(waited 0s)" in str(caught.value)
+    assert [seconds_text(s) for s in (0.2, 60, 86_400, 1234.5678)] == [
+        "0.2s",
+        "60s",
+        "86400s",
+        "1234.57s",
+    ]

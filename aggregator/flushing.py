@@ -131,6 +131,7 @@ class Flusher:
                 self._lease.seconds,
                 add_rows=len(batch.rows),
                 errors=self._table.errors,
+                stats={name: figures.as_json() for name, figures in self._table.stats.items()},
             )
             if not held:
                 raise LeaseLost()

@@ -505,15 +505,18 @@ async def renew_lease(
     *,
     add_rows: int = 0,
     errors: Sequence[SiteError] | None = None,
+    stats: Mapping[str, Mapping[str, float]] | None = None,
 ) -> bool:
-    """Extend this run's lease (and record progress); False when the run no longer holds it
-    (another run found it expired and closed it). Inside a flush transaction this also locks
-    the run row, so no other run can take the lease before the flush commits."""
+    """Extend this run's lease (and record progress: rows, errors and API figures so far, so
+    the row of a run killed later still tells what it did); False when the run no longer
+    holds it (another run found it expired and closed it). Inside a flush transaction this
+    also locks the run row, so no other run can take the lease before the flush commits."""
     renewed = await conn.fetchval(
         """
         update aggregator_runs
         set heartbeat_at = now(), lease_until = now() + make_interval(secs => $2),
-            rows_upserted = rows_upserted + $3, errors = coalesce($4::jsonb, errors)
+            rows_upserted = rows_upserted + $3, errors = coalesce($4::jsonb, errors),
+            stats = coalesce($5::jsonb, stats)
         where id = $1 and status = 'running'
         returning id
         """,
@@ -521,6 +524,7 @@ async def renew_lease(
         lease_seconds,
         add_rows,
         None if errors is None else _errors_json(errors),
+        None if stats is None else json.dumps(stats),
     )
     return renewed is not None
 

@@ -56,45 +56,8 @@ CHECK_MAX_ATTEMPTS = 2
 CHECK_TIMEOUT_SECONDS = 60.0
 CHECK_QUOTA_MAX_WAIT_SECONDS = 15.0
 
-# The columns CONTRACT.md says the job needs.
-REQUIRED_COLUMNS: Mapping[str, tuple[str, ...]] = {
-    "gsc_accounts": ("id", "email", "refresh_token", "is_active", "last_refresh_at", "last_error"),
-    "sites": (
-        "id",
-        "domain",
-        "is_active",
-        "deployed_at",
-        "matomo_site_id",
-        "gsc_account_id",
-        "gsc_property",
-    ),
-    "daily_analytics": (
-        "site_id",
-        "date",
-        "matomo_visits",
-        "matomo_actions",
-        "gsc_clicks",
-        "gsc_impressions",
-        "gsc_ctr",
-        "gsc_position",
-        "gsc_final",
-        "matomo_updated_at",
-        "gsc_updated_at",
-    ),
-    "aggregator_runs": (
-        "id",
-        "started_at",
-        "finished_at",
-        "date_from",
-        "date_to",
-        "status",
-        "sites_total",
-        "rows_upserted",
-        "errors",
-        "stats",
-    ),
-    "gsc_learned_rates": ("scope", "key", "queries_per_second", "learned_at"),
-}
+# The columns the job needs, as the migrations define them (with their types).
+REQUIRED_COLUMNS: Mapping[str, tuple[str, ...]] = migrations.required_columns()
 
 
 # --- facts (what was found) and the report (what it means) ------------------------------------

@@ -1,5 +1,6 @@
 -- Issue 13: API figures per run, and the Search Console rates each run learned.
--- Idempotent: safe to run again.
+-- Idempotent: safe to run again. Like every table a migration creates, gsc_learned_rates gets
+-- row level security and no access for Supabase's API roles from `migrate` itself.
 
 -- Per source: requests, retries, failed_requests, rate_limited, sites_ok, sites_failed,
 -- sites_skipped, seconds (see aggregator/api_stats.py). The API error rate of a source is
@@ -16,17 +17,3 @@ create table if not exists gsc_learned_rates (
     learned_at timestamptz not null default now(),
     primary key (scope, key)
 );
-
-alter table gsc_learned_rates enable row level security;
-
-do $$
-declare
-    role_name text;
-begin
-    foreach role_name in array array['anon', 'authenticated'] loop
-        if exists (select 1 from pg_roles where rolname = role_name) then
-            execute format('revoke all on gsc_learned_rates from %I', role_name);
-        end if;
-    end loop;
-end
-$$;

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from aggregator import matomo, migrations
+from aggregator import check, matomo, migrations
 from aggregator.check import (
     AccountInfo,
     Facts,
@@ -524,3 +524,29 @@ async def test_check_through_a_redirecting_token_endpoint_names_the_setting_once
     assert row.problem.startswith(f"The token endpoint answered HTTP 302 redirecting to {target};")
     assert "landing=secret-path" not in row.problem
     assert "reconnect" not in row.fix.replace("reconnecting accounts does not help", "")
+
+
+async def test_the_columns_check_requires_are_the_migrations_typed_ones(conn) -> None:
+    """check's list is derived from migrations' (one list, with types), and a migrated schema
+    has every column of it with a type the list accepts."""
+    assert migrations.required_columns() == check.REQUIRED_COLUMNS
+    assert check.REQUIRED_COLUMNS["aggregator_runs"][-1] == "stats"
+    typed = {
+        (table, column): accepted
+        for columns in (migrations.EXPECTED_COLUMNS, migrations.LATER_COLUMNS)
+        for table, spec in columns.items()
+        for column, accepted in spec.items()
+    }
+    rows = await conn.fetch(
+        """
+        select c.relname as t, a.attname as c, format_type(a.atttypid, null) as type
+        from pg_attribute a join pg_class c on c.oid = a.attrelid
+        where c.relname = any($1::text[]) and a.attnum > 0 and not a.attisdropped
+          and c.relnamespace = current_schema()::regnamespace
+        """,
+        list(check.REQUIRED_COLUMNS),
+    )
+    found = {(r["t"], r["c"]): r["type"] for r in rows}
+    for (table, column), accepted in typed.items():
+        assert found.get((table, column)) in accepted, (table, column, found.get((table, column)))
+    assert len(typed) == sum(map(len, check.REQUIRED_COLUMNS.values()))

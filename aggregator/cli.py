@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from typing import TextIO
 from urllib.parse import unquote, urlsplit
 
@@ -112,12 +111,11 @@ def _reader_went_away() -> int:
 
 def _handler(command: str) -> Handler:
     """The function that runs `command`, its module imported now and not before."""
-    if command == "status":
-        return _status_command
     if command == "migrate":
         return _migrate_command
     module = {
         "run": "aggregator.run_command",
+        "status": "aggregator.status.command",
         "accounts": "aggregator.accounts",
         "demo": "aggregator.demo",
         "check": "aggregator.check",
@@ -131,19 +129,6 @@ def _one_line_errors() -> tuple[type[Exception], ...]:
     from aggregator.storage import StorageError
 
     return (ConfigError, DateError, UsageError, StorageError)
-
-
-def _status_command(args: argparse.Namespace, settings: Settings) -> int:
-    from aggregator.status import command as status_command
-
-    if args.html is None:
-        return status_command.run(args, settings)
-    from aggregator import report_data, report_html
-
-    data = asyncio.run(report_data.collect(settings, datetime.now(tz=settings.timezone)))
-    size = report_html.write(data, args.html)
-    print(f"report: {args.html.resolve()} ({report_html.size_text(size)})", file=sys.stderr)
-    return status_command.show(args, data.status, settings)
 
 
 def _migrate_command(args: argparse.Namespace, settings: Settings) -> int:

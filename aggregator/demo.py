@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 
 import asyncpg
 
-from aggregator import migrations, report_data, report_html, storage
+from aggregator import migrations, storage
 from aggregator.arguments import DEMO_SCHEMA, default_report_path
 from aggregator.config import Secret, Settings
 from aggregator.dates import resolve_window, today_in
@@ -30,6 +30,7 @@ from aggregator.pipeline import RunOutcome, RunRequest, run_job
 from aggregator.progress import terminal_progress
 from aggregator.simulators import portfolio as world
 from aggregator.status import command as status_command
+from aggregator.status import html, html_data
 from aggregator.status import queries as status_queries
 from aggregator.status import render as status_render
 from aggregator.text_table import error_lines, table_lines
@@ -171,12 +172,12 @@ async def run_demo(server_dsn: str, options: DemoOptions, out: TextIO) -> int:
 async def print_status(conn: asyncpg.Connection, zone: ZoneInfo, report: Path, out: TextIO) -> None:
     """What `aggregator status` says about the demo data, and its HTML report."""
     now = datetime.now(tz=zone)
-    data = await report_data.gather(conn, today_in(zone, now), zone, now)
-    size = report_html.write(data, report)
+    data = await html_data.gather(conn, today_in(zone, now), zone, now)
+    size = html.write(data, report)
     lines = status_render.overview_lines(data.status, zone)
     print("\n" + "\n".join(lines), file=out)
     print(f"(the same later, without running anything: {invocation()} demo --status)", file=out)
-    print(f"\nHTML report of the demo data ({report_html.size_text(size)}): {report}", file=out)
+    print(f"\nHTML report of the demo data ({html.size_text(size)}): {report}", file=out)
 
 
 async def print_report(

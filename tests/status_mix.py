@@ -1,6 +1,6 @@
 """A realistic portfolio for `status` and the HTML report, seeded in a few set-based statements,
 and the expected figures computed by SQL written independently of aggregator/status/ and
-aggregator/report_data.py (its own due days, its own cell rules).
+aggregator/status/html_data.py (its own due days, its own cell rules).
 
 The mix, by site number n (today T in UTC, the test's AGGREGATOR_TIMEZONE):
 - n % 97 == 0 inactive; n % 50 == 1 never deployed; n % 50 == 2 deployed today (new);

@@ -120,8 +120,6 @@ OTHER_COMMANDS = (
     "aggregator.status",
     "aggregator.check",
     "aggregator.accounts",
-    "aggregator.report_html",
-    "aggregator.report_data",
     "aggregator.demo",
 )
 HELP_PAGES = (

@@ -7,8 +7,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from aggregator import report_html
-from aggregator.report_data import (
+from aggregator.status import html
+from aggregator.status.html_data import (
     BEFORE,
     FAILED,
     FINAL,
@@ -72,20 +72,20 @@ def test_groups_by_account_and_opens_only_those_with_gaps() -> None:
     healthy = SiteRow("b.com", "a@example.com", {"matomo": FINAL * 30})
     gappy = SiteRow("c.com", "z@example.com", {"gsc": FINAL * 29 + MISSING})
     alone = SiteRow("d.com", None, {"matomo": ZERO * 30})
-    grid = report_html.grid_data(data((gappy, alone, healthy)))
+    grid = html.grid_data(data((gappy, alone, healthy)))
     assert [(g["name"], g["gaps"]) for g in grid["groups"]] == [
         ("a@example.com", 0),
         ("z@example.com", 1),
-        (report_html.NO_GROUP, 0),
+        (html.NO_GROUP, 0),
     ]
     assert grid["groups"][1]["rows"] == [["c.com", "", FINAL * 29 + MISSING]]
 
 
 def test_page_is_self_contained_and_escapes_what_it_shows() -> None:
     hostile = SiteRow('</script><img src="http://evil.example/x">', None, {"matomo": MISSING})
-    page = report_html.render(data((hostile,)))
+    page = html.render(data((hostile,)))
     assert "<img" not in page  # the domain stays data: "<" is escaped inside the JSON
-    plain = report_html.render(data((SiteRow("b.com", None, {"matomo": FINAL}),)))
+    plain = html.render(data((SiteRow("b.com", None, {"matomo": FINAL}),)))
     assert "http://" not in plain and "https://" not in plain  # nothing to fetch
     assert "<link" not in plain and " src=" not in plain
     # The token's likely cause is spelled out next to its error.
@@ -99,7 +99,7 @@ def test_run_chart_draws_each_series_and_leaves_gaps_for_runs_without_stats() ->
                    100 * k, 0, None, {"gsc": (10, k % 2)} if k != 2 else {})
         for k in range(5)
     ]  # fmt: skip
-    page = report_html.render(data((), list(reversed(runs))))
+    page = html.render(data((), list(reversed(runs))))
     assert page.count("<svg") == 3
     assert "duration: max 64 s, last 64 s" in page
     assert "API error rate: max 10.0%, last 0.0%" in page
@@ -109,7 +109,7 @@ def test_run_chart_draws_each_series_and_leaves_gaps_for_runs_without_stats() ->
 
 
 def test_sizes_read_as_an_operator_expects() -> None:
-    assert report_html.size_text(26_938) == "26 kB"
-    assert report_html.size_text(872_191) == "872 kB"
-    assert report_html.size_text(1_250_000) == "1.2 MB"
-    assert report_html.size_text(12) == "1 kB"
+    assert html.size_text(26_938) == "26 kB"
+    assert html.size_text(872_191) == "872 kB"
+    assert html.size_text(1_250_000) == "1.2 MB"
+    assert html.size_text(12) == "1 kB"

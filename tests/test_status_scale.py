@@ -18,10 +18,11 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import pytest
 
-from aggregator import migrations, report_data, report_html
+from aggregator import migrations
 from aggregator.dates import SOURCES, today_in
 from aggregator.local_postgres import dsn_with_search_path
-from aggregator.report_data import CELL_STATES
+from aggregator.status import html, html_data
+from aggregator.status.html_data import CELL_STATES
 from tests.status_mix import expected_cells, expected_states, seed_mix
 from tests.test_cli import aggregator
 
@@ -183,12 +184,12 @@ def dom_cells(dom: str) -> dict[str, dict[str, int]]:
 async def test_report_cells_in_a_real_browser_match_independent_sql(small: str, tmp_path) -> None:
     conn = await asyncpg.connect(small)
     try:
-        data = await report_data.gather(conn, today_in(UTC_ZONE), UTC_ZONE, datetime.now(UTC))
+        data = await html_data.gather(conn, today_in(UTC_ZONE), UTC_ZONE, datetime.now(UTC))
         expected = await expected_cells(conn, today_in(UTC_ZONE))
     finally:
         await conn.close()
     page = tmp_path / "report.html"
-    report_html.write(data, page)
+    html.write(data, page)
     dom = await asyncio.to_thread(dump_dom, page)
     assert dom_cells(dom) == expected
     # Every state of the mix shows up, so the comparison is not vacuous.

@@ -1,4 +1,5 @@
-"""The `aggregator status` command: read the report, print it as asked, choose the exit status.
+"""The `aggregator status` command: read the report, print it as asked (`--html FILE` also
+writes the page), choose the exit status.
 
 Exit status: 0 nothing behind or failing, 1 something is, 2 configuration or database
 unusable (raised as ConfigError/StorageError for cli.main).
@@ -9,18 +10,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 from datetime import datetime
 
 from aggregator.config import Settings
-from aggregator.status import queries, render
+from aggregator.status import html, html_data, queries, render
 from aggregator.status.verdict import StatusReport
 
 EXIT_FRESH, EXIT_ATTENTION = 0, 1
 
 
-def run(args: argparse.Namespace, settings: Settings) -> int:
+def command(args: argparse.Namespace, settings: Settings) -> int:
     now = datetime.now(tz=settings.timezone)
-    return show(args, asyncio.run(queries.collect(settings, now)), settings)
+    if args.html is None:
+        return show(args, asyncio.run(queries.collect(settings, now)), settings)
+    data = asyncio.run(html_data.collect(settings, now))
+    size = html.write(data, args.html)
+    print(f"report: {args.html.resolve()} ({html.size_text(size)})", file=sys.stderr)
+    return show(args, data.status, settings)
 
 
 def show(args: argparse.Namespace, report: StatusReport, settings: Settings) -> int:

@@ -2,7 +2,7 @@
 
 Nothing is fetched when the page opens (no CDN, no font, no image: inline CSS and SVG), so it
 can be mailed or opened from a file share. Large portfolios stay small: each site is one JSON
-array of its domain and one character per day and source (`report_data.CELL_STATES`), which a
+array of its domain and one character per day and source (`html_data.CELL_STATES`), which a
 short inline script turns into cells. Healthy account groups stay collapsed and are drawn only
 when opened; `#all` at the end of the URL opens every group. Rendering is a pure function of
 `ReportData`.
@@ -17,8 +17,8 @@ from pathlib import Path
 
 from aggregator import token_health
 from aggregator.dates import SOURCES
-from aggregator.report_data import CELL_STATES, ReportData, SiteRow
 from aggregator.status import render as status_render
+from aggregator.status.html_data import CELL_STATES, ReportData, SiteRow
 from aggregator.status.verdict import RunSummary, StatusReport
 from aggregator.usage import UsageError
 

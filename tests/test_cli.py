@@ -1,5 +1,6 @@
 """The command line as cron and operators use it: real processes, real exit codes."""
 
+import asyncio
 import json
 import os
 import subprocess
@@ -10,8 +11,10 @@ import pytest
 
 from aggregator import arguments
 from aggregator.cli import COMMANDS
+from aggregator.simulators import portfolio as world
 from aggregator.status import verdict
-from tests.factories import add_site
+from tests.factories import add_site, seed
+from tests.test_signals import job_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -136,8 +139,9 @@ HELP_PAGES = (
 )
 
 
-def imported_by(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, set[str]]:
-    """Run the CLI in a fresh interpreter; its exit code and every module it imported."""
+async def imported_by(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, set[str]]:
+    """Run the CLI in a fresh interpreter (without blocking this event loop, where simulators
+    may serve it); its exit code and every module it imported."""
     script = (
         "import json, sys\n"
         "from aggregator.cli import main\n"
@@ -149,28 +153,39 @@ def imported_by(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int, s
     )
     base = {k: v for k, v in os.environ.items() if not k.startswith(("MATOMO_", "GOOGLE_"))}
     base.pop("DATABASE_URL", None)
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-c", script),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
         env={**base, **env, "PYTHONPATH": str(ROOT)},
         cwd=cwd,
-        timeout=60,
     )
-    code, modules = json.loads(result.stderr.strip().splitlines()[-1])
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+    code, modules = json.loads(err.decode().strip().splitlines()[-1])
     return code, set(modules)
 
 
-def test_run_imports_no_other_commands_module(db, tmp_path) -> None:
-    code, modules = imported_by(["run", "--dry-run"], {"DATABASE_URL": db}, tmp_path)
+async def test_run_imports_no_other_commands_module(db, tmp_path) -> None:
+    """A dry run through both real sources (simulated servers) imports them and the pipeline,
+    and no module of another command."""
+    portfolio = await seed(db, world.make_portfolio(4, 2))
+    async with (
+        world.matomo_simulator(portfolio) as matomo,
+        world.google_simulator(portfolio) as google,
+    ):
+        env = job_environment(db, matomo.url, google.url)
+        code, modules = await imported_by(["run", "--dry-run", "--lookback", "2"], env, tmp_path)
+        assert matomo.requests >= 1 and google.query_requests >= 1  # it did fetch
     assert code == 0
-    assert "aggregator.pipeline" in modules  # it did run
+    assert {"aggregator.pipeline", "aggregator.matomo", "aggregator.search_console.client"} <= (
+        modules
+    )
     assert not {m for m in modules if m.startswith(OTHER_COMMANDS)}
 
 
 @pytest.mark.parametrize("command", HELP_PAGES, ids=lambda c: " ".join(c) or "aggregator")
-def test_every_help_page_is_complete_and_imports_no_command(command, tmp_path) -> None:
-    code, modules = imported_by([*command, "--help"], {}, tmp_path)
+async def test_every_help_page_is_complete_and_imports_no_command(command, tmp_path) -> None:
+    code, modules = await imported_by([*command, "--help"], {}, tmp_path)
     assert code == 0
     assert not {m for m in modules if m.startswith(OTHER_COMMANDS)}
     # Not even the job's own machinery or the network and database libraries.

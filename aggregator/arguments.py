@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
             "GOOGLE_CLIENT_SECRET, GSC_REFRESH_TOKEN_<ACCOUNT_ID> and the tuning variables of "
             "the README (`python -m aggregator.config` prints their table). Every setting is "
             "checked before anything runs: a bad one exits 2 with one line.\n\n"
-            "`aggregator COMMAND --help` describes each command, its examples and exit status."
+            "`aggregator COMMAND --help` describes each command, its examples and exit status: "
+            "0 all is well, 1 partial or something needs attention, 2 nothing could run (one "
+            "line on stderr says what to fix), 141 the reader closed the output."
         ),
     )
     parser.add_argument("--version", action="version", version=f"aggregator {__version__}")

@@ -409,8 +409,20 @@ def read_environment(env_file: Path | None = Path(".env")) -> dict[str, str]:
 
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Validate `env` into Settings; raise ConfigError with a one-line, secret-free message."""
+    _refuse_misspelt_case(env)
     values = {setting.field: setting.read(env) for setting in SETTINGS}
     return Settings(gsc_refresh_tokens=refresh_token_overrides(env), **values)  # type: ignore[arg-type]
+
+
+def _refuse_misspelt_case(env: Mapping[str, str]) -> None:
+    """`matomo_token=...` is not MATOMO_TOKEN (names are case-sensitive): read as unset, the
+    setting would be missing with nothing saying why."""
+    known = {setting.variable for setting in SETTINGS}
+    for name in env:
+        if name not in known and name.upper() in known:
+            raise ConfigError(
+                f"{name} is not read: variable names are case-sensitive, write {name.upper()}"
+            )
 
 
 def refresh_token_overrides(env: Mapping[str, str]) -> dict[int, Secret]:

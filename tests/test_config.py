@@ -337,3 +337,12 @@ def test_an_env_file_that_is_not_utf8_is_one_line(tmp_path, monkeypatch, capsys)
 def test_the_example_env_file_is_read_without_complaint() -> None:
     settings = load_settings(read_environment(ROOT / ".env.example"))
     assert settings.database_url is not None and settings.matomo_url == "https://matomo.example.com"
+
+
+@pytest.mark.parametrize("name", ["matomo_token", "Database_Url", "aggregator_heal_days"])
+def test_a_setting_in_the_wrong_case_is_refused_not_ignored(name) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({name: "secret-value-xyz"})
+    assert str(caught.value) == (
+        f"{name} is not read: variable names are case-sensitive, write {name.upper()}"
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import selectors
 from collections.abc import Awaitable, Callable
@@ -23,6 +24,7 @@ from aggregator.search_console.inflight import (
     LatencyEstimate,
     in_flight_limit,
 )
+from aggregator.search_console.pacing import CATCH_UP, Pacer
 
 T = TypeVar("T")
 
@@ -209,3 +211,70 @@ def test_a_waiter_cancelled_just_after_being_let_in_passes_its_place_on() -> Non
         assert gate.active == 0
 
     on_virtual_clock(main)
+
+
+# --- pacing on the virtual clock ----------------------------------------------------------------
+
+
+def released(pacer: Pacer, count: int, late: Callable[[int], float]) -> list[float]:
+    """When `count` queued slots of `pacer` were released, each held `late(n)` seconds (as a
+    busy loop or a wait inside the slot would delay it)."""
+
+    async def main() -> list[float]:
+        loop = asyncio.get_running_loop()
+        times: list[float] = []
+
+        async def one(n: int) -> None:
+            async with pacer.slot():
+                await asyncio.sleep(late(n))
+                times.append(loop.time())
+
+        await asyncio.gather(*(one(n) for n in range(count)))
+        return times
+
+    return on_virtual_clock(main)
+
+
+def test_slots_a_little_late_keep_the_rate() -> None:
+    """Every slot released 8 ms late: 100 slots at 20/s still take 100 intervals, where
+    measuring each from its late release would lose 8 ms a slot."""
+    pacer = Pacer(20, headroom=1.0)
+    times = released(pacer, 100, lambda _n: 0.008)
+    assert times[-1] - times[0] == pytest.approx(99 * 0.05, abs=1e-6)
+
+
+def test_a_stall_moves_the_grid_instead_of_bursting_after_it() -> None:
+    """One slot released 300 ms late (a garbage collection): the next ones are spaced from it,
+    less CATCH_UP at most, so with the pacing headroom no 1-second window holds more than the
+    quota the pacer was given."""
+    pacer = Pacer(20)
+    times = released(pacer, 60, lambda n: 0.3 if n == 10 else 0.0)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= pacer.interval - CATCH_UP - 1e-9
+    assert times[-1] - times[0] >= 59 * pacer.interval + 0.3 - CATCH_UP - 1e-9, "no catch-up"
+    assert max(sum(1 for t in times if start <= t < start + 1.0) for start in times) <= 20
+
+
+def test_turns_taken_at_a_slow_start_move_up_when_the_rate_rises() -> None:
+    """Ten turns taken at 1/s would wait 9 s for the last; the rate rising to 100/s right
+    after brings them all within a tenth of a second, in their order."""
+
+    async def main() -> list[tuple[int, float]]:
+        loop = asyncio.get_running_loop()
+        pacer = Pacer(1.0, headroom=1.0)
+        came: list[tuple[int, float]] = []
+
+        async def one(n: int) -> None:
+            await pacer.turn()
+            came.append((n, loop.time()))
+
+        tasks = [asyncio.ensure_future(one(n)) for n in range(10)]
+        await asyncio.sleep(0)
+        pacer.pace(100.0)
+        await asyncio.gather(*tasks)
+        return came
+
+    came = on_virtual_clock(main)
+    assert [n for n, _ in came] == list(range(10))
+    assert came[-1][1] <= 0.1 + 1e-9
+    assert all(b - a >= 0.01 - 1e-9 for (_, a), (_, b) in itertools.pairwise(came))

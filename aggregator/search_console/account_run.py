@@ -77,15 +77,14 @@ class Paced:
 
 async def take_turn(account: Paced, client: Paced, places: contextlib.AsyncExitStack) -> None:
     """Wait until a request of `account` may go out: a place in flight for the account, its
-    pacer's slot, then a place and a slot of the OAuth client. The places stay taken (in
+    pacer's slot, then a place and a turn of the OAuth client. The places stay taken (in
     `places`) until the answer is in. The account's slot is held while the client's place and
-    slot are awaited, so its spacing is kept; and only requests their account lets go take the
+    turn are awaited, so its spacing is kept; and only requests their account lets go take the
     client's places, so an account waiting for its own pace holds none of them."""
     await places.enter_async_context(account.in_flight.place())
     async with account.pacer.slot():
         await places.enter_async_context(client.in_flight.place())
-        async with client.pacer.slot():
-            pass
+        await client.pacer.turn()
 
 
 class AccountRun:

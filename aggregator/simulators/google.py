@@ -19,7 +19,8 @@ One aiohttp app serves both, so one base URL works as `GOOGLE_TOKEN_URL=<url>/to
   after the horizon, as Google does; properties in `quiet_properties` have no provisional rows.
 * Errors use Google's envelope `{"error": {"code", "message", "errors": [...], "status"}}`:
   401 UNAUTHENTICATED, 403 forbidden (no/unverified access), 403 quotaExceeded (load quota),
-  429 beyond `qps_per_account` / `qps_per_project` queries in any second (`foreign_qps`: another
+  429 beyond `qps_per_account` / `qps_per_project` queries in any second, counted as Google
+  counts them: on arrival, before the `latency` the answer takes (`foreign_qps`: another
   client's share of the project quota), 403 dailyLimitExceeded, 403 accessNotConfigured (`api_disabled`: the API is off in the
   Cloud project), 429 rateLimitExceeded with `Retry-After: 1` (per-account QPS; or one of
   the 403 forms in `RATE_LIMIT_ANSWERS`), 400 INVALID_ARGUMENT, 503. The token endpoint
@@ -35,7 +36,7 @@ import json
 import re
 import secrets
 from collections import Counter, deque
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -434,22 +435,32 @@ class GoogleSimulator(SimServer):
             )
         return None
 
-    async def _admit(self, request: web.Request) -> SimAccount:
-        """The gate of every API call: an injected fault, the latency, then the bearer token."""
+    async def _admit(
+        self, request: web.Request, counted: Callable[[SimAccount], None] | None = None
+    ) -> SimAccount:
+        """The gate of every API call: an injected fault, then Google's decisions on arrival
+        (the bearer token, the API switched on, `counted`: the quotas), then the latency;
+        refused or not, the answer comes after the latency."""
         fault = self._fault()
         if fault is not None:
             raise fault
+        try:
+            account = self._authenticate(request)
+            if self.api_disabled:
+                raise GoogleError(
+                    403,
+                    _API_DISABLED,
+                    "accessNotConfigured",
+                    status="PERMISSION_DENIED",
+                    domain="usageLimits",
+                    extendedHelp="https://console.developers.google.com",
+                )
+            if counted is not None:
+                counted(account)
+        except GoogleError:
+            await self._delay()
+            raise
         await self._delay()
-        account = self._authenticate(request)
-        if self.api_disabled:
-            raise GoogleError(
-                403,
-                _API_DISABLED,
-                "accessNotConfigured",
-                status="PERMISSION_DENIED",
-                domain="usageLimits",
-                extendedHelp="https://console.developers.google.com",
-            )
         return account
 
     async def _sites_list(self, request: web.Request) -> web.StreamResponse:
@@ -479,9 +490,7 @@ class GoogleSimulator(SimServer):
         try:
             if self.hang and self.fail_next <= 0:
                 return await self._hang_forever(request)
-            account = await self._admit(request)
-            self.query_requests_by_account[account.email] += 1
-            self._check_rate(account.email)
+            account = await self._admit(request, self._count_query)
             if account.email in self.quota_exhausted_accounts:
                 raise GoogleError(
                     403, _LOAD_QUOTA, "quotaExceeded", status=None, domain="usageLimits"
@@ -497,6 +506,10 @@ class GoogleSimulator(SimServer):
             return _json(self._answer(site_url, query))
         except GoogleError as error:
             return error.response()
+
+    def _count_query(self, account: SimAccount) -> None:
+        self.query_requests_by_account[account.email] += 1
+        self._check_rate(account.email)
 
     def _recent(self, key: str, now: float) -> deque[float]:
         """The arrival times of `key`'s queries in the last second."""

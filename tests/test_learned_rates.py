@@ -11,6 +11,7 @@ keeps its behaviour.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from datetime import date
 
@@ -244,3 +245,32 @@ def test_a_learned_rate_is_where_the_next_run_stays_until_it_probes_above_it() -
     assert throttle.refusals == 0 and throttle.rate == pytest.approx(38.0)
     serve(throttle, now, 5.0, limit=40)
     assert throttle.rate <= 40, "a probe above the limit is cut back under it"
+
+
+def test_a_rate_held_by_the_operators_ceiling_is_not_learned() -> None:
+    """A ceiling is the operator's choice for a run, not Google's limit: a run held under it
+    learns nothing, and one that started from an earlier rate keeps that rate for the next."""
+    fresh = Throttle(start=None, ceiling=0.5)
+    serve(fresh, 0.0, 30.0)
+    assert fresh.rate == 0.5 and fresh.learned() is None
+    earlier = Throttle(start=38.0, ceiling=0.5)
+    serve(earlier, 0.0, 30.0)
+    assert earlier.rate == 0.5 and earlier.learned() == pytest.approx(38.0)
+
+
+async def test_a_night_under_a_ceiling_does_not_slow_the_nights_after_it(db, conn) -> None:
+    """GSC_MAX_QPS_PER_ACCOUNT set for one night leaves the rates learned without it as they
+    were, so the next night (no ceiling) starts from Google's limit, not from the ceiling."""
+    portfolio = await seed(db, world.make_portfolio(40, 2))
+    async with world.google_simulator(portfolio, today=TODAY, qps_per_account=40) as google:
+        assert (await night(db, google)).status == "ok"
+        before = await learned(conn)
+        settings = simulated_settings(db, "http://unused.invalid", google.url)
+        capped = dataclasses.replace(settings, gsc_max_qps_per_account=5.0)
+        outcome = await run_job(capped, RunRequest(WINDOW, sources=("gsc",)))
+        after = await learned(conn)
+
+    assert outcome.status == "ok"
+    accounts = [("account", str(account.id)) for account in portfolio.accounts]
+    assert all(before[key] > 5.0 for key in accounts), before
+    assert {key: after[key] for key in accounts} == {key: before[key] for key in accounts}

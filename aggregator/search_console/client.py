@@ -72,7 +72,7 @@ from aggregator.search_console.oauth import (
     Sleep,
     TokenError,
 )
-from aggregator.search_console.rates import COOLDOWN
+from aggregator.search_console.rates import COOLDOWN, Throttle
 
 log = structlog.get_logger(__name__)
 
@@ -174,13 +174,21 @@ class _SearchConsole:
     def _learned_client_rate(self) -> None:
         """Note (and log, once per run) what the OAuth client's scope learned, once the
         accounts are done or cut short."""
-        learned = self._client.throttle.learned()
-        self._rates[self._client_key] = learned
+        learned = self._keep_learned(self._client_key, self._client.throttle)
         log.info(
             "gsc.client_rate",
-            learned_qps=round(learned, 2),
+            learned_qps=learned,
             refused=self._client.throttle.refusals,
         )
+
+    def _keep_learned(self, key: tuple[str, str], throttle: Throttle) -> float | None:
+        """Note what `throttle` learned for the next run and return it rounded for the log;
+        when it learned nothing (held by the operator's ceiling) the earlier rate stays."""
+        learned = throttle.learned()
+        if learned is None:
+            return None
+        self._rates[key] = learned
+        return round(learned, 2)
 
     def _rate_answer(
         self, run: AccountRun, sent_at: float, refused: GoogleError | None = None
@@ -264,14 +272,14 @@ class _SearchConsole:
             finished = True
         finally:
             throttle = run.paced.throttle
-            learned = self._rates[("account", str(run.account.id))] = throttle.learned()
+            learned = self._keep_learned(("account", str(run.account.id)), throttle)
             log.info(
                 "gsc.account_done" if finished else "gsc.account_cut",
                 account=run.account.email,
                 sites=len(sites),
                 failed=failed,
                 seconds=round(time.monotonic() - began, 1),
-                learned_qps=round(learned, 2),
+                learned_qps=learned,
                 refused=throttle.refusals,
             )
 

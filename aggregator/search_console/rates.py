@@ -103,12 +103,19 @@ class Throttle:
         self.limit = estimate if self.limit is None else min(self.limit, estimate)
         self.rate = _clamp(CUT * estimate, self.ceiling)
 
-    def learned(self) -> float:
-        """The rate the next run starts at: SETTLE of the limit once refused, else the highest
-        rate Google accepted (never below where this run started)."""
+    def learned(self) -> float | None:
+        """The rate the next run starts at: SETTLE of the limit Google showed (by a refusal,
+        or an earlier run's), else the highest rate it accepted; None when this run learned
+        nothing about Google because the operator's ceiling held it.
+
+        Never clamped to this run's ceiling: a ceiling is the operator's choice for one run
+        (GSC_MAX_QPS_* set for a night), not Google's limit, and stored as one it would slow
+        every later run that has no ceiling."""
         if self.limit is not None:
-            return _clamp(SETTLE * self.limit, self.ceiling)
-        return _clamp(max(self.peak, self.start), self.ceiling)
+            return _clamp(SETTLE * self.limit, MAX_RATE)
+        if self.ceiling < MAX_RATE and self.rate >= self.ceiling:
+            return None
+        return _clamp(max(self.peak, self.start), MAX_RATE)
 
 
 def _note(times: deque[float], now: float, window: float) -> int:

@@ -152,7 +152,11 @@ def _google(portfolio, cls=GoogleSimulator, **options) -> GoogleSimulator:
     return google_like(portfolio, cls, today=TODAY, **options)
 
 
-async def test_sigterm_stores_what_was_fetched_and_closes_the_run(db, conn, seeded, tmp_path):
+# SIGHUP: the terminal of a run started by hand closed (a dropped SSH session).
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])
+async def test_sigterm_stores_what_was_fetched_and_closes_the_run(
+    db, conn, seeded, tmp_path, stop_signal
+):
     portfolio = seeded
     # Google's token endpoint and sites.list take 0.5s each, so by the time the first query
     # arrives (and hangs) Matomo's one bulk answer has long been taken in.
@@ -175,7 +179,7 @@ async def test_sigterm_stores_what_was_fetched_and_closes_the_run(db, conn, seed
             return matomo.requests >= 1 and matomo.in_flight == 0 and google.query_requests >= 1
 
         await wait_for(fetching, "Matomo answered and GSC queries hang", process)
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop_signal)
         result = await finish(process, seconds=10)
 
     assert result.returncode == 1, result.stderr

@@ -142,9 +142,25 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
         ),
     )
     when = run.add_argument_group(f"window (default: --lookback {LOOKBACK_DAYS}, self-healing)")
-    when.add_argument("--from", dest="date_from", metavar="YYYY-MM-DD", help="first day")
-    when.add_argument("--to", dest="date_to", metavar="YYYY-MM-DD", help="last day (inclusive)")
-    when.add_argument("--date", metavar="YYYY-MM-DD", help="a single day")
+    when.add_argument(
+        "--from",
+        dest="date_from",
+        metavar="YYYY-MM-DD",
+        help="first day; without --to, up to yesterday",
+    )
+    when.add_argument(
+        "--to",
+        dest="date_to",
+        metavar="YYYY-MM-DD",
+        help="last day (inclusive); today is allowed: its numbers so far, completed by the "
+        "next nightly run",
+    )
+    when.add_argument(
+        "--date",
+        metavar="YYYY-MM-DD",
+        help="a single day; today is allowed: its numbers so far, completed by the next "
+        "nightly run",
+    )
     when.add_argument(
         "--lookback",
         type=int,
@@ -259,6 +275,7 @@ def _add_status(commands: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="also write a self-contained HTML report: sites x days per source, runs, accounts",
     )
+    status.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
 def _add_check(commands: argparse._SubParsersAction) -> None:

@@ -90,6 +90,7 @@ class SchemaFacts:
     missing_columns: tuple[str, ...] = ()  # "table.column"
     migration_files: tuple[str, ...] = ()
     applied: frozenset[str] | None = None  # None: no aggregator_schema_migrations table
+    key_conflicts: tuple[str, ...] = ()  # "what is wrong; fix: how", as migrate words them
 
     @property
     def usable(self) -> bool:
@@ -180,6 +181,9 @@ def _schema_rows(facts: Facts, rows: list[Row], verified: list[str]) -> None:
                 migrate,
             )
         )
+    for conflict in schema.key_conflicts:
+        problem, _, fix = conflict.partition("; fix: ")
+        rows.append(Row("problem", "database", "schema", problem, fix))
     if not schema.usable:
         verified.append(f"database {facts.database}: reachable")
         return
@@ -670,6 +674,9 @@ async def load_schema(conn: asyncpg.Connection) -> SchemaFacts:
         missing_columns=tuple(row["name"] for row in rows),
         migration_files=tuple(path.stem for path in migrations.migration_files()),
         applied=applied,
+        key_conflicts=()
+        if "daily_analytics" in missing_tables
+        else tuple(migrations.upsert_key_conflicts(await migrations.catalog_facts(conn))),
     )
 
 

@@ -388,6 +388,9 @@ def read_environment(env_file: Path | None = Path(".env")) -> dict[str, str]:
     say) would silently be missing. Comments, blank lines and `export NAME=value` are fine.
     """
     merged: dict[str, str] = {}
+    if env_file is not None and env_file.exists() and not env_file.is_file():
+        # Skipping it would run without the settings the operator meant it to hold.
+        raise ConfigError(f"{env_file} is not a file (a directory?): remove it or make it a file")
     if env_file is not None and env_file.is_file():
         try:
             text = env_file.read_text(encoding="utf-8")

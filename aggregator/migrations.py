@@ -95,6 +95,10 @@ LATER_COLUMNS: Mapping[str, Mapping[str, tuple[str, ...]]] = {
 }
 # The one table 001 adopts (adding missing columns) rather than requiring whole.
 ADOPTED_TABLE = "sites"
+# The longest conflict line listing every conflict; beyond it, only the first is named.
+CONFLICTS_LINE_LIMIT = 1200
+# The table the run upserts into: its key must be exactly REQUIRED_KEYS', as its primary key.
+UPSERTED_TABLE = "daily_analytics"
 # The keys the job relies on: the foreign key to sites(id) and the upsert's on conflict.
 REQUIRED_KEYS: Mapping[str, tuple[str, ...]] = {
     "sites": ("id",),
@@ -156,10 +160,13 @@ create table if not exists {MIGRATIONS_TABLE} (
 _EPILOGUE = f"""\
 -- The tables created above hold the job's data and refresh tokens: row level security on, and no
 -- privilege for Supabase's API roles (the dashboard's read of daily_analytics is an opt-in:
--- `aggregator migrate --grant-read ROLE`). Tables that existed before are left as they were.
+-- `aggregator migrate --grant-read ROLE`). The sequences those tables own (identity and serial
+-- columns) are closed too: default privileges may have granted them. Tables that existed before,
+-- and their sequences, are left as they were.
 do $$
 declare
     created regclass;
+    owned_sequence regclass;
     api_role text;
 begin
     for created in
@@ -172,6 +179,13 @@ begin
         foreach api_role in array array[{", ".join(f"'{r}'" for r in SUPABASE_API_ROLES)}] loop
             if exists (select 1 from pg_roles where rolname = api_role) then
                 execute format('revoke all on %s from %I', created, api_role);
+                for owned_sequence in
+                    select d.objid::regclass from pg_depend d join pg_class s on s.oid = d.objid
+                    where d.classid = 'pg_class'::regclass and d.refobjid = created
+                      and d.deptype in ('a', 'i') and s.relkind = 'S'
+                loop
+                    execute format('revoke all on sequence %s from %I', owned_sequence, api_role);
+                end loop;
             end if;
         end loop;
     end loop;
@@ -222,15 +236,30 @@ def migration_script(pending: Sequence[Migration], readers: Sequence[str] = ()) 
 
 
 @dataclass(frozen=True, slots=True)
+class UniqueKey:
+    """A non-partial unique index on plain columns: a primary key, a unique constraint, or a
+    bare unique index (dropped with `drop index`, not `drop constraint`)."""
+
+    name: str
+    columns: frozenset[str]
+    primary: bool = False
+    constraint: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class TableFacts:
     """An existing table of the current schema, as far as the migration cares."""
 
     owner: str
     owned: bool  # the migrating role owns it (or is a member of its owner)
     columns: Mapping[str, str]  # column -> type, without modifiers
-    unique_keys: frozenset[frozenset[str]]  # column sets of non-partial unique indexes
+    keys: tuple[UniqueKey, ...]
     may_reference_id: bool  # the migrating role may create a foreign key to its `id`
     readable: bool  # the migrating role may select from it
+
+    @property
+    def unique_keys(self) -> frozenset[frozenset[str]]:
+        return frozenset(key.columns for key in self.keys)
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,7 +272,7 @@ class CatalogFacts:
 
 def schema_conflicts(facts: CatalogFacts) -> list[str]:
     """Why 001 cannot apply to this database, each as "table ..., column ...: ...; fix: ...",
-    the most fundamental first (only the first is shown): a missing or wrong key and a column
+    the most fundamental first (the order to fix them in): a missing or wrong key and a column
     of the wrong type, whose fix may change the table's design, before the columns to add,
     which are mechanical once the table fits."""
     fundamental: list[str] = []
@@ -327,10 +356,12 @@ def _type_conflicts(
 
 def _key_conflicts(table: str, existing: TableFacts) -> list[str]:
     key = REQUIRED_KEYS.get(table)
-    if key is None or frozenset(key) in existing.unique_keys:
+    if key is None or any(column not in existing.columns for column in key):
+        return []  # no key to check, or reported as a missing column
+    if table == UPSERTED_TABLE:
+        return _upsert_key_conflicts(existing, key)
+    if frozenset(key) in existing.unique_keys:
         return []
-    if any(column not in existing.columns for column in key):
-        return []  # reported as a missing column
     columns = ", ".join(key)
     return [
         f"table {table}, column{'s' if len(key) > 1 else ''} {columns}: no primary key or unique "
@@ -338,6 +369,58 @@ def _key_conflicts(table: str, existing: TableFacts) -> list[str]:
         f"({'one row per site and day' if len(key) > 1 else 'for foreign keys to it'}); "
         f"fix: alter table {table} add unique ({columns})"
     ]
+
+
+def _upsert_key_conflicts(existing: TableFacts, key: tuple[str, ...]) -> list[str]:
+    """The upsert needs one row per site and day, so the primary key must be exactly the key
+    and no unique key may be narrower: a unique (site_id, date) beside a primary key (site_id)
+    passes `on conflict` and still lets a site keep one day only."""
+    wanted = frozenset(key)
+    primary = next((k for k in existing.keys if k.primary), None)
+    narrower = [k for k in existing.keys if not k.primary and not wanted <= k.columns]
+    if primary is not None and primary.columns == wanted and not narrower:
+        return []
+    columns = ", ".join(key)
+    found = []
+    if primary is None:
+        found.append("no primary key")
+    elif primary.columns != wanted:
+        found.append(f"primary key {primary.name} is ({_listed(primary.columns, key)})")
+    found += [
+        f"unique {'constraint' if k.constraint else 'index'} {k.name} is "
+        f"({_listed(k.columns, key)})"
+        for k in narrower
+    ]
+    drops = [f"drop index {_sql_name(k.name)}; " for k in narrower if not k.constraint]
+    alters = [f"drop constraint {_sql_name(k.name)}" for k in narrower if k.constraint]
+    if primary is not None and primary.columns != wanted:
+        alters.append(f"drop constraint {_sql_name(primary.name)}")
+    if primary is None or primary.columns != wanted:
+        alters.append(f"add primary key ({columns})")
+    return [
+        f"table {UPSERTED_TABLE}, columns {columns}: {', '.join(found)}, but the aggregator "
+        f"needs primary key ({columns}) and no narrower unique key (one row per site and day); "
+        f"fix: {''.join(drops)}alter table {UPSERTED_TABLE} {', '.join(alters)}"
+    ]
+
+
+def upsert_key_conflicts(facts: CatalogFacts) -> list[str]:
+    """The conflict of an existing daily_analytics whose keys defeat the upsert, checked on
+    migrated databases too: older versions accepted a unique (site_id, date) beside a narrower
+    primary key, and every run on such a table fails."""
+    existing = facts.tables.get(UPSERTED_TABLE)
+    if existing is None:
+        return []
+    return _key_conflicts(UPSERTED_TABLE, existing)
+
+
+def _listed(columns: frozenset[str], key: tuple[str, ...]) -> str:
+    """A key's columns, those of the required key first in its order (stable messages)."""
+    return ", ".join([c for c in key if c in columns] + sorted(columns - set(key)))
+
+
+def _sql_name(name: str) -> str:
+    return name if re.fullmatch(r"[a-z_][a-z0-9_]*", name) else quote_identifier(name)
 
 
 def _missing_id_conflicts(table: str, existing: TableFacts) -> list[str]:
@@ -390,13 +473,16 @@ select t.name, pg_get_userbyid(c.relowner) as owner,
        (select coalesce(jsonb_object_agg(a.attname, format_type(a.atttypid, null)), '{}')
         from pg_attribute a
         where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped) as columns,
-       (select coalesce(jsonb_agg(k.cols), '[]')
-        from (select jsonb_agg(a.attname) as cols
-              from pg_index i join pg_attribute a
-                on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
+       (select coalesce(jsonb_agg(k), '[]')
+        from (select ic.relname as name, jsonb_agg(a.attname) as columns,
+                     i.indisprimary as primary,
+                     exists (select 1 from pg_constraint o
+                             where o.conindid = i.indexrelid and o.conrelid = c.oid) as constraint
+              from pg_index i join pg_class ic on ic.oid = i.indexrelid
+              join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
               where i.indrelid = c.oid and i.indisunique and i.indpred is null
                 and i.indexprs is null
-              group by i.indexrelid) k) as unique_keys,
+              group by i.indexrelid, ic.relname, i.indisprimary) k) as keys,
        exists (select 1 from pg_attribute a where a.attrelid = c.oid and a.attname = 'id'
                and has_column_privilege(c.oid, a.attnum, 'REFERENCES')) as may_reference_id,
        has_table_privilege(c.oid, 'SELECT') as readable
@@ -422,7 +508,10 @@ async def catalog_facts(conn: asyncpg.Connection) -> CatalogFacts:
             owner=row["owner"],
             owned=row["owned"],
             columns=json.loads(row["columns"]),
-            unique_keys=frozenset(frozenset(k) for k in json.loads(row["unique_keys"])),
+            keys=tuple(
+                UniqueKey(k["name"], frozenset(k["columns"]), k["primary"], k["constraint"])
+                for k in json.loads(row["keys"])
+            ),
             may_reference_id=row["may_reference_id"],
             readable=row["readable"],
         )
@@ -449,12 +538,13 @@ async def _plan(
     """The pending migrations, once the database is known to fit them (MigrationError if not)."""
     applied = await applied_versions(conn) or frozenset()
     pending = [m for m in migrations if m.version not in applied]
+    facts = await catalog_facts(conn)
     if any(m.version == SCHEMA_MIGRATION for m in pending):
-        facts = await catalog_facts(conn)
         conflicts = schema_conflicts(facts) + owner_conflicts(facts)
-        if conflicts:
-            more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
-            raise MigrationError(f"cannot migrate, nothing was changed: {conflicts[0]}{more}")
+    else:
+        conflicts = upsert_key_conflicts(facts)
+    if conflicts:
+        raise MigrationError(f"cannot migrate, nothing was changed: {_summed_up(conflicts)}")
     for role in readers:
         if not await conn.fetchval(
             "select exists (select 1 from pg_roles where rolname = $1)", role
@@ -463,6 +553,17 @@ async def _plan(
                 f"--grant-read {role}: no such role in this database; nothing was changed"
             )
     return pending
+
+
+def _summed_up(conflicts: Sequence[str]) -> str:
+    """Every conflict when they fit one readable line, numbered in the order to fix them;
+    otherwise the first, and the next migrate names the rest (each fix is applied alone)."""
+    if len(conflicts) == 1:
+        return conflicts[0]
+    numbered = " ".join(f"({n}) {c}" for n, c in enumerate(conflicts, 1))
+    if len(numbered) <= CONFLICTS_LINE_LIMIT:
+        return numbered
+    return f"{conflicts[0]} (and {len(conflicts) - 1} more, named by migrate once this is fixed)"
 
 
 async def _refuse_unreadable_sites(conn: asyncpg.Connection, readers: Sequence[str]) -> None:

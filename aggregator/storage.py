@@ -121,7 +121,7 @@ async def load_sites(conn: asyncpg.Connection, domains: Sequence[str] = ()) -> l
         from sites
         where is_active and deployed_at is not null
           and (cardinality($1::text[]) = 0
-               or lower(rtrim(domain, '.')) = any($1::text[]))
+               or lower(rtrim(btrim(domain), '.')) = any($1::text[]))
         order by id
         """,
         [domain_key(d) for d in domains],
@@ -140,7 +140,7 @@ async def load_sites(conn: asyncpg.Connection, domains: Sequence[str] = ()) -> l
 
 def domain_key(domain: str) -> str:
     """How `--site` matches sites.domain: the same folding as the SQL in load_sites
-    (`lower(rtrim(domain, '.'))`), so Python and Postgres agree on what "the same site" is."""
+    (`lower(rtrim(btrim(domain), '.'))`), so Python and Postgres agree on what "the same site" is."""
     return domain.strip().lower().rstrip(".")
 
 

@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 from aggregator import check, matomo, migrations
 from aggregator.check import (
     AccountInfo,
@@ -405,6 +407,32 @@ async def test_missing_column_is_reported(db, conn) -> None:
     assert [r.problem for r in report.rows] == [
         "missing column sites.gsc_property; sites and accounts not checked"
     ]
+
+
+async def test_a_daily_analytics_keyed_on_the_site_alone_is_a_problem_and_migrate_refuses(
+    db, conn
+) -> None:
+    """What older versions let through (a unique (site_id, date) beside a primary key
+    (site_id)): every run fails on it, so check names the fix and migrate refuses to call the
+    database up to date."""
+    await conn.execute(
+        "alter table daily_analytics drop constraint daily_analytics_pkey,"
+        " add primary key (site_id), add unique (site_id, date)"
+    )
+    report = await run_check(Settings(database_url=Secret(db)))
+    assert [(r.level, r.problem, r.fix) for r in report.rows if r.check == "schema"] == [
+        (
+            "problem",
+            "table daily_analytics, columns site_id, date: primary key daily_analytics_pkey is "
+            "(site_id), but the aggregator needs primary key (site_id, date) and no narrower "
+            "unique key (one row per site and day)",
+            "alter table daily_analytics drop constraint daily_analytics_pkey, add primary key "
+            "(site_id, date)",
+        )
+    ]
+    assert report.exit_code == 1
+    with pytest.raises(migrations.MigrationError, match="drop constraint daily_analytics_pkey"):
+        await migrations.apply_migrations(conn)
 
 
 # --- the command line, as a real process ------------------------------------------------------

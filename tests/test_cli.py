@@ -117,6 +117,18 @@ def test_help_lists_every_run_flag() -> None:
         assert flag in result.stdout
 
 
+def test_run_help_says_what_an_open_window_and_today_mean() -> None:
+    page = " ".join(aggregator("run", "--help").stdout.split())
+    assert "first day; without --to, up to yesterday" in page
+    assert "a single day; today is allowed: its numbers so far" in page
+
+
+@pytest.mark.parametrize("command", ["run", "migrate", "status", "check", "demo"])
+def test_every_command_takes_verbose(command) -> None:
+    parsed = arguments.build_parser().parse_args([command, "-v"])
+    assert parsed.verbose is True
+
+
 # Modules of other commands: the nightly run must not pay for importing them.
 OTHER_COMMANDS = (
     "aggregator.simulators",

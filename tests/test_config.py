@@ -109,6 +109,12 @@ def test_an_env_file_line_that_is_not_a_setting_is_one_line_naming_it(tmp_path, 
     assert "abc-secret-token" not in error
 
 
+def test_an_env_file_that_is_a_directory_is_one_line_naming_it(tmp_path) -> None:
+    (tmp_path / ".env").mkdir()
+    error = one_line_error(run_cli(tmp_path, "run"))
+    assert ".env is not a file" in error
+
+
 def test_an_env_file_with_comments_export_and_quotes_is_read(tmp_path) -> None:
     env_file = tmp_path / ".env"
     env_file.write_text(

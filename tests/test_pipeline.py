@@ -116,6 +116,13 @@ async def test_source_and_site_filters(db, conn, portfolio) -> None:
     assert all(row["matomo_visits"] is None for row in rows.values())
 
 
+async def test_site_filter_ignores_case_a_trailing_dot_and_spaces(db, conn, portfolio) -> None:
+    await conn.execute("update sites set domain = ' GSC-Only.COM. ' where domain = 'gsc-only.com'")
+    request = RunRequest(WINDOW, sources=("gsc",), domains=(" gsc-only.com. ",), dry_run=True)
+    outcome = await run_job(settings_for(db), request, sources=SOURCES)
+    assert set(outcome.sites) == {portfolio["gsc-only.com"]}
+
+
 async def test_unknown_site_is_a_usage_error(db, portfolio) -> None:
     with pytest.raises(UsageError, match=r"nope\.com is not a monitored site"):
         await run_job(settings_for(db), RunRequest(WINDOW, domains=("nope.com",)), sources=SOURCES)

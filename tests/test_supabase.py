@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, date, datetime
@@ -17,13 +18,14 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from aggregator import migrations
+from aggregator import migrations, storage
 from aggregator.dates import Window
 from aggregator.demo import simulated_settings
 from aggregator.local_postgres import dsn_with_search_path
 from aggregator.pipeline import RunRequest, run_job
 from aggregator.simulators import portfolio as world
 from aggregator.status import queries, render
+from aggregator.storage import DailyRow
 from tests.factories import stored_rows
 from tests.test_cli import aggregator, one_line_error
 from tests.test_end_to_end import expected_gsc, expected_matomo
@@ -318,17 +320,30 @@ CONFLICTS = {
         " create table daily_analytics (id bigint primary key, site_id bigint, date date, "
         f"{_DAILY_COLUMNS})",
         OWNER,
-        "table daily_analytics, columns site_id, date: no primary key or unique constraint on "
-        "(site_id, date), which the aggregator needs (one row per site and day); fix: alter "
-        "table daily_analytics add unique (site_id, date)",
+        "table daily_analytics, columns site_id, date: primary key daily_analytics_pkey is (id), "
+        "but the aggregator needs primary key (site_id, date) and no narrower unique key (one "
+        "row per site and day); fix: alter table daily_analytics drop constraint "
+        "daily_analytics_pkey, add primary key (site_id, date)",
+    ),
+    "a daily_analytics keyed on the site alone, beside a unique (site_id, date)": (
+        "create table sites (id bigint primary key, domain text);"
+        f" create table daily_analytics (site_id bigint primary key, date date, {_DAILY_COLUMNS},"
+        " unique (site_id, date), constraint one_day unique (date));"
+        " create unique index one_visit_count on daily_analytics (matomo_visits)",
+        OWNER,
+        "table daily_analytics, columns site_id, date: primary key daily_analytics_pkey is "
+        "(site_id), unique constraint one_day is (date), unique index one_visit_count is "
+        "(matomo_visits), but the aggregator needs primary key (site_id, date) and no narrower "
+        "unique key (one row per site and day); fix: drop index one_visit_count; alter table "
+        "daily_analytics drop constraint one_day, drop constraint daily_analytics_pkey, add "
+        "primary key (site_id, date)",
     ),
     "another key and missing columns: the key first": (
         "create table sites (id bigint primary key, domain text);"
         " create table daily_analytics (id bigint primary key, site_id bigint, date date,"
         " matomo_visits integer)",
         OWNER,
-        "table daily_analytics, columns site_id, date: no primary key or unique constraint on "
-        "(site_id, date)",
+        "table daily_analytics, columns site_id, date: primary key daily_analytics_pkey is (id)",
     ),
     "a daily_analytics keyed on another site id type": (
         "create table sites (id uuid primary key, domain text);"
@@ -377,7 +392,8 @@ async def test_a_conflict_is_one_line_with_the_fix_and_changes_nothing(
                 await migrations.pending_sql(owner)
         assert await security_of(admin, supabase.schema) == before
     message = str(refused.value)
-    assert message.startswith("cannot migrate, nothing was changed: " + expected), message
+    first = message.removeprefix("cannot migrate, nothing was changed: ").removeprefix("(1) ")
+    assert first.startswith(expected.removeprefix("(1) ")), message
     assert "\n" not in message
 
 
@@ -388,6 +404,74 @@ def test_migrate_exits_2_with_one_line_on_a_conflict(supabase: SupabaseDb, tmp_p
     line = one_line_error(aggregator("migrate", env={"DATABASE_URL": supabase.owner}, cwd=tmp_path))
     assert "table sites, column matomo_site_id: is text" in line
     assert PASSWORD not in line
+
+
+async def test_the_printed_fixes_of_a_site_keyed_daily_analytics_make_it_work(
+    supabase: SupabaseDb, tmp_path: Path
+) -> None:
+    """A daily_analytics keyed on site_id alone passed once a unique (site_id, date) stood beside
+    its key, and every run then failed: the fixes migrate prints, applied as printed, now end in
+    a table that keeps one row per site and day."""
+    await build(
+        supabase.admin,
+        "create table sites (id bigint primary key, domain text unique);"
+        " create table daily_analytics (site_id bigint, date date, visits int,"
+        " primary key (site_id))",
+        OWNER,
+    )
+    env = {"DATABASE_URL": supabase.owner}
+    line = one_line_error(aggregator("migrate", env=env, cwd=tmp_path))
+    assert "drop constraint daily_analytics_pkey, add primary key (site_id, date)" in line
+    assert "more" not in line
+    fixes = re.findall(r"fix: (.*?)(?= \(\d+\) table |$)", line)
+    assert len(fixes) == 2, line
+    async with connected(supabase.owner) as owner:
+        for fix in fixes:
+            await owner.execute(fix)
+    applied = aggregator("migrate", env=env, cwd=tmp_path)
+    assert applied.returncode == 0, applied.stderr
+    async with connected(supabase.owner) as owner:
+        await owner.execute("insert into sites (id, domain) values (1, 'a.example')")
+        days = [DailyRow(1, date(2025, 6, d), matomo=(d, 2 * d)) for d in (8, 9)]
+        assert await storage.upsert_daily_rows(owner, days) == 2
+        stored = await owner.fetch("select date, matomo_visits from daily_analytics order by date")
+    assert [(r["date"], r["matomo_visits"]) for r in stored] == [
+        (date(2025, 6, 8), 8),
+        (date(2025, 6, 9), 9),
+    ]
+
+
+async def test_the_sequences_of_created_tables_are_closed_to_the_api_roles(
+    supabase: SupabaseDb,
+) -> None:
+    """Supabase grants the API roles every new sequence by default: migrate closes those of the
+    tables it creates, and leaves those of a table it adopts."""
+    async with connected(supabase.admin) as admin:
+        await admin.execute(
+            f"alter default privileges for role {OWNER} in schema {supabase.schema}"
+            " grant all on sequences to anon, authenticated"
+        )
+    async with connected(supabase.owner) as owner:
+        await owner.execute(
+            "create table sites (id bigint generated by default as identity primary key,"
+            " domain text unique)"
+        )
+        await migrations.apply_migrations(owner)
+        sequences = await owner.fetch(
+            """
+            select c.relname,
+                   has_sequence_privilege('anon', c.oid, 'usage') as anon,
+                   has_sequence_privilege('authenticated', c.oid, 'usage') as authenticated
+            from pg_class c join pg_namespace n on n.oid = c.relnamespace
+            where n.nspname = current_schema() and c.relkind = 'S'
+            """
+        )
+    opened = {r["relname"]: (r["anon"], r["authenticated"]) for r in sequences}
+    assert opened == {
+        "gsc_accounts_id_seq": (False, False),
+        "aggregator_runs_id_seq": (False, False),
+        "sites_id_seq": (True, True),  # the adopted table's: not migrate's to change
+    }
 
 
 async def test_a_failing_migration_leaves_nothing_behind(
@@ -485,7 +569,10 @@ def table(columns: dict[str, str], *, owned: bool = True, keys=()) -> migrations
         owner="job" if owned else "hub",
         owned=owned,
         columns=columns,
-        unique_keys=frozenset(frozenset(k) for k in keys),
+        keys=tuple(
+            migrations.UniqueKey(f"key_{n}", frozenset(k), primary=n == 0)
+            for n, k in enumerate(keys)
+        ),
         may_reference_id=owned,
         readable=owned,
     )

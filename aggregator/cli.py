@@ -8,7 +8,6 @@ simulators, the check, the status report or the consent flow.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import errno
 import importlib
 import os
@@ -24,7 +23,6 @@ from aggregator.dates import DateError
 from aggregator.redaction import masked_output
 from aggregator.usage import UsageError
 
-EXIT_OK, EXIT_PARTIAL = 0, 1
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a process killed by SIGPIPE
 COMMANDS = ("run", "migrate", "status", "accounts", "demo", "check")
 
@@ -111,10 +109,9 @@ def _reader_went_away() -> int:
 
 def _handler(command: str) -> Handler:
     """The function that runs `command`, its module imported now and not before."""
-    if command == "migrate":
-        return _migrate_command
     module = {
         "run": "aggregator.run_command",
+        "migrate": "aggregator.migrations",
         "status": "aggregator.status.command",
         "accounts": "aggregator.accounts",
         "demo": "aggregator.demo",
@@ -129,32 +126,3 @@ def _one_line_errors() -> tuple[type[Exception], ...]:
     from aggregator.storage import StorageError
 
     return (ConfigError, DateError, UsageError, StorageError)
-
-
-def _migrate_command(args: argparse.Namespace, settings: Settings) -> int:
-    from aggregator import migrations, storage
-    from aggregator.graceful import run_until_stopped
-
-    readers = tuple(dict.fromkeys(args.readers))
-
-    async def migrate(_stop: asyncio.Event) -> int:
-        pool = await storage.connect(settings.database_url)
-        try:
-            async with pool.acquire() as conn:
-                if args.sql:
-                    print(await migrations.pending_sql(conn, readers=readers), end="")
-                    return EXIT_OK
-                applied = await migrations.apply_migrations(conn, readers=readers)
-        finally:
-            await pool.close()
-        where = storage.describe_dsn(settings.database_url.reveal())
-        if applied:
-            print(f"applied {', '.join(applied)} to {where}")
-        else:
-            print(f"schema of {where} is up to date")
-        for role in readers:
-            print(f"{role} may read daily_analytics (the rows of the sites it can read)")
-        return EXIT_OK
-
-    settings.require_database()
-    return run_until_stopped(migrate)

@@ -14,6 +14,8 @@ The job drops into Supabase projects that already exist, so `migrate` must
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import contextlib
 import json
 import re
@@ -23,6 +25,9 @@ from pathlib import Path
 
 import asyncpg
 
+from aggregator import storage
+from aggregator.config import Settings
+from aggregator.graceful import run_until_stopped
 from aggregator.storage import StorageError
 
 MIGRATIONS_TABLE = "aggregator_schema_migrations"
@@ -653,3 +658,30 @@ async def pending_sql(
         pending = await _plan(conn, migrations, readers)
         await _refuse_unreadable_sites(conn, readers)
     return migration_script(pending, readers)
+
+
+def command(args: argparse.Namespace, settings: Settings) -> int:
+    """`aggregator migrate [--sql] [--grant-read ROLE]`: apply (or print) what is pending."""
+    readers = tuple(dict.fromkeys(args.readers))
+    dsn = settings.require_database()
+
+    async def migrate(_stop: asyncio.Event) -> int:
+        pool = await storage.connect(settings.database_url)
+        try:
+            async with pool.acquire() as conn:
+                if args.sql:
+                    print(await pending_sql(conn, readers=readers), end="")
+                    return 0
+                applied = await apply_migrations(conn, readers=readers)
+        finally:
+            await pool.close()
+        where = storage.describe_dsn(dsn)
+        if applied:
+            print(f"applied {', '.join(applied)} to {where}")
+        else:
+            print(f"schema of {where} is up to date")
+        for role in readers:
+            print(f"{role} may read daily_analytics (the rows of the sites it can read)")
+        return 0
+
+    return run_until_stopped(migrate)

@@ -57,21 +57,30 @@ class Flusher:
         self._on_failure = on_failure
         self._lock = asyncio.Lock()
         self._background: asyncio.Task[None] | None = None
+        # Resolved (and replaced) each time a flush takes the table's rows in.
+        self._took: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.last_started = time.monotonic()
         self.rows_sent = 0
         self.failure: str | None = None
 
     async def make_room(self) -> None:
-        """Called after each record. A full table starts a flush in the background, so the
-        database writes while the sources fetch; a table twice full waits for that flush
-        (memory stays bounded by about three flushes' rows)."""
-        if not self._table.full:
+        """Called when the table is full. It starts a flush in the background, so the database
+        writes while the sources fetch. A table twice full waits until a flush has taken its
+        rows in (not until they are stored: the sources fill the next batch while the database
+        writes this one), so memory stays bounded by a few flushes' rows."""
+        table = self._table
+        if not table.full:
             return
         if self._background is None or self._background.done():
             self._background = asyncio.create_task(self.flush(), name="flush")
-        if len(self._table.rows) >= 2 * self._table.limit:
+        if not table.overfull:
+            table.quiet_until_overfull()  # the flush under way takes these rows
+            return
+        while table.overfull and self.failure is None:
+            if self._background.done():
+                self._background = asyncio.create_task(self.flush(), name="flush")
             # wait() rather than await: a source cancelled here must not cancel the flush.
-            await asyncio.wait({self._background})
+            await asyncio.wait({self._background, self._took}, return_when=asyncio.FIRST_COMPLETED)
 
     async def stop_background(self) -> None:
         """Cancel a flush started by make_room (its batch goes back to the table): once the
@@ -81,20 +90,30 @@ class Flusher:
             await asyncio.gather(self._background, return_exceptions=True)
 
     async def flush_every(self, seconds: float) -> None:
-        """Flush at least every `seconds` until cancelled (a flush for fullness resets it)."""
+        """Flush at least every `seconds` until cancelled (a flush for fullness resets it), and
+        when a row held for its other half has waited `seconds`: nothing fetched waits longer."""
         while True:
-            await asyncio.sleep(max(0.0, self.last_started + seconds - time.monotonic()))
-            if time.monotonic() - self.last_started >= seconds:
+            due = self._due(seconds)
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            if time.monotonic() >= self._due(seconds):
                 await self.flush()
 
-    async def flush(self) -> None:
-        """Store what the table holds now. A batch that could not be stored goes back to the
-        table (cancelled mid-way, or failed), so a later flush may still store it."""
+    def _due(self, seconds: float) -> float:
+        held = self._table.oldest_held
+        since = self.last_started if held is None else min(held, self.last_started)
+        return since + seconds
+
+    async def flush(self, *, last: bool = False) -> None:
+        """Store what the table holds now (`last`: everything, no row held for its other
+        half). A batch that could not be stored goes back to the table (cancelled mid-way, or
+        failed), so a later flush may still store it."""
         async with self._lock:
             if self.failure is not None:
                 return
             self.last_started = time.monotonic()
-            batch = self._table.take()
+            batch = self._table.take(self.last_started, hold=not last)
+            took, self._took = self._took, asyncio.get_running_loop().create_future()
+            took.set_result(None)
             try:
                 await self._write(batch)
             except (StoreFailed, LeaseLost) as exc:

@@ -58,6 +58,9 @@ STOP_GRACE_SECONDS = 3.0
 FINAL_FLUSH_SECONDS = 30.0
 
 
+_NO_SITE = object()  # no site seen yet
+
+
 @dataclass(frozen=True, slots=True)
 class SourceInput:
     """What one source needs: its sites, each site's own window and shared resources.
@@ -233,7 +236,7 @@ async def run_job(
         if request.dry_run:
             table = DailyTable()
             await run.collect(table, _nothing)  # a dry run's table is never full
-            run.rows = list(table.rows.values())
+            run.rows = table.daily_rows()
             run.settle(table, len(run.rows))
         else:
             await run.store_while_fetching(pool, len(sites))
@@ -382,7 +385,11 @@ class _Run:
             )
         except (*TRANSIENT_ERRORS, asyncpg.PostgresError) as exc:
             raise storage.StorageError(f"could not start the run: {type(exc).__name__}") from None
-        table = DailyTable(limit=self._settings.flush_rows)
+        table = DailyTable(
+            self._settings.flush_rows,
+            hold_seconds=self._settings.flush_seconds,
+            started=time.monotonic(),
+        )
         flusher = Flusher(
             pool,
             lease,
@@ -399,7 +406,7 @@ class _Run:
             await _cancelled(periodic)
             if self._halt.is_set():
                 await flusher.stop_background()
-            await flusher.flush()
+            await flusher.flush(last=True)
         except BaseException as exc:
             crashed = f"the run stopped unexpectedly: {type(exc).__name__}"
             raise
@@ -514,6 +521,7 @@ async def _collect(
         def open_source(name: SourceName, share: SourcePlan) -> AsyncIterator[SourceRecord]:
             source = sources[name] if sources else default_source(name)
             table.stats.setdefault(name, SourceStats())
+            table.expect(name, share.windows)
             return source(
                 SourceInput(
                     sites=share.sites,
@@ -575,17 +583,28 @@ async def _drain(
     # for sites it does not name (a broken OAuth client), the unaccounted sites failed.
     whole = False
     progress.start(name, len(sites))
+    add = table.add
+    last: object = _NO_SITE
     try:
+        # The hot path of a backfill (millions of records): per record one table.add, and
+        # the bookkeeping only when the site changes (sources yield a site's days together).
         async for record in stream:
-            table.add(record)
-            if table.full:
+            if add(record):
                 await make_room()
-            if isinstance(record, SiteError):
+            kind = type(record)
+            if kind is MatomoDay or kind is GscDay:
+                if record.site_id == last:
+                    continue
+                last = record.site_id
+                if last in seen:
+                    continue
+                seen.add(last)
+            elif isinstance(record, SiteError):
                 site_id = ids.get(record.site)
                 (skipped if record.skipped else failed).add(site_id)
                 seen.add(site_id)
-            elif isinstance(record, MatomoDay | GscDay):
-                seen.add(record.site_id)
+                if site_id is not None:
+                    table.gave_up(name, site_id)
             else:
                 continue
             progress.update(name, len(seen), len(failed | skipped))
@@ -602,6 +621,7 @@ async def _drain(
             )
         )
     finally:
+        table.ended(name)
         named_failed = len(failed - {None})
         stats.sites_skipped += len(skipped - failed - {None})
         unaccounted = len(sites) - len(seen - {None})

@@ -7,10 +7,9 @@ because Supabase's transaction pooler on port 6543 hands each transaction to a d
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import socket
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from urllib.parse import urlsplit
@@ -238,7 +237,7 @@ async def site_histories(
     return {row["site_id"]: SiteHistory(**dict(row)) for row in rows}
 
 
-_STAGE_COLUMNS = (
+STAGE_COLUMNS = (
     "site_id",
     "date",
     "has_matomo",
@@ -335,41 +334,66 @@ class Flushed:
     at: datetime
 
 
-def _stage_record(row: DailyRow) -> tuple:
+StagedRow = list[object]
+"""One (site, day) row as the staging table takes it, columns in STAGE_COLUMNS order (a list:
+the in-memory table fills in each source's half where it stands, and COPY reads it as is)."""
+
+
+def stage_record(row: DailyRow) -> tuple:
+    """A DailyRow in STAGE_COLUMNS order: a source left alone stages no values and no flag."""
     matomo = row.matomo or (None, None)
     gsc = row.gsc or (None, None, None, None, None)
     return (row.site_id, row.day, row.matomo is not None, *matomo, row.gsc is not None, *gsc)
 
 
+def daily_row(staged: Sequence[object]) -> DailyRow:
+    """The DailyRow a staged record stands for (a dry run prints these)."""
+    site_id, day, has_matomo, visits, actions, has_gsc, *gsc = staged
+    return DailyRow(
+        site_id,  # type: ignore[arg-type]
+        day,  # type: ignore[arg-type]
+        matomo=(visits, actions) if has_matomo else None,  # type: ignore[arg-type]
+        gsc=tuple(gsc) if has_gsc else None,  # type: ignore[arg-type]
+    )
+
+
 async def upsert_daily_rows(conn: asyncpg.Connection, rows: Iterable[DailyRow]) -> int:
-    """Bulk-upsert rows in one transaction (see stage_and_upsert); return the rows sent."""
-    async with conn.transaction():
-        return (await stage_and_upsert(conn, rows)).rows
-
-
-async def stage_and_upsert(conn: asyncpg.Connection, rows: Iterable[DailyRow]) -> Flushed:
-    """Binary COPY into a staging table, then one INSERT ... ON CONFLICT in which each source
-    writes only its own columns. Call inside a transaction (the staging table dies with it).
+    """Bulk-upsert rows in one transaction; return the rows sent.
 
     Keys must be unique (the caller joins per key). Rows are streamed into the COPY as they are
-    read, so a generator of a million rows costs no more memory than a handful.
-    """
-    records = map(_stage_record, rows)
-    first = next(records, None)
-    if first is None:
-        return Flushed(0, 0, 0, await conn.fetchval("select now()"))
+    read, so a generator of a million rows costs no more memory than a handful."""
     sent = 0
 
     def counted() -> Iterator[tuple]:
         nonlocal sent
-        for record in itertools.chain((first,), records):
+        for row in rows:
             sent += 1
-            yield record
+            yield stage_record(row)
 
+    async with conn.transaction():
+        await _stage_and_write(conn, counted())
+    return sent
+
+
+async def stage_and_upsert(
+    conn: asyncpg.Connection, records: Collection[Sequence[object]]
+) -> Flushed:
+    """Upsert staged records (STAGE_COLUMNS order, unique keys) inside the caller's transaction:
+    one flush of the in-memory table."""
+    if not records:
+        return Flushed(0, 0, 0, await conn.fetchval("select now()"))
+    result = await _stage_and_write(conn, records)
+    return Flushed(len(records), result["matomo"], result["gsc"], result["at"])
+
+
+async def _stage_and_write(
+    conn: asyncpg.Connection, records: Iterable[Sequence[object]]
+) -> asyncpg.Record:
+    """Binary COPY into a staging table, then one INSERT ... ON CONFLICT in which each source
+    writes only its own columns. Call inside a transaction (the staging table dies with it)."""
     await conn.execute(_CREATE_STAGE)
-    await conn.copy_records_to_table("aggregator_stage", records=counted(), columns=_STAGE_COLUMNS)
-    result = await conn.fetchrow(_UPSERT)
-    return Flushed(sent, result["matomo"], result["gsc"], result["at"])
+    await conn.copy_records_to_table("aggregator_stage", records=records, columns=STAGE_COLUMNS)
+    return await conn.fetchrow(_UPSERT)
 
 
 async def has_column(conn: asyncpg.Connection, table: str, column: str) -> bool:

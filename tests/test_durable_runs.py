@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from aggregator import pipeline
-from aggregator.model import AccountRefresh, MatomoDay, SiteError, SourceRecord
+from aggregator.model import AccountRefresh, GscDay, MatomoDay, SiteError, SourceRecord
 from aggregator.pipeline import RunRequest, SourceInput, run_job
 from tests.factories import add_account, add_site
 from tests.test_pipeline import SOURCES, WINDOW, _now, settings_for
@@ -149,3 +149,79 @@ async def test_statement_timeout_in_a_later_flush_closes_the_run_as_partial(db, 
     run = await conn.fetchrow("select status, finished_at, rows_upserted from aggregator_runs")
     assert run["status"] == "partial" and run["finished_at"] is not None
     assert run["rows_upserted"] == len(WINDOW.days())
+
+
+def _one_source_then_the_other(hang: bool = False) -> dict:
+    """Matomo delivers every site-day first; Search Console then completes them (or, with
+    `hang`, never answers while it is still expected to)."""
+    gsc_waiting, matomo_done = asyncio.Event(), asyncio.Event()
+
+    async def matomo(given: SourceInput) -> AsyncIterator[SourceRecord]:
+        # Search Console is under way (its wake-up comes after the flush that Matomo's last
+        # half starts, so that flush finds every half still expected).
+        await gsc_waiting.wait()
+        for site in given.sites:
+            for day in WINDOW.days():
+                yield MatomoDay(site.id, day, site.id, 2 * site.id)
+        matomo_done.set()
+
+    async def gsc(given: SourceInput) -> AsyncIterator[SourceRecord]:
+        gsc_waiting.set()
+        await matomo_done.wait()
+        if hang:
+            await asyncio.Event().wait()
+        for site in given.sites:
+            for day in WINDOW.days():
+                yield GscDay(site.id, day, 1, 10, 0.1, 2.0, True)
+
+    return {"matomo": matomo, "gsc": gsc}
+
+
+async def test_a_day_whose_halves_arrive_a_flush_apart_is_written_once(db, conn) -> None:
+    sites = await _portfolio(conn)
+    days = len(sites) * len(WINDOW.days())
+    # The table is full (a flush starts) exactly when Matomo has delivered every half.
+    held = await run_job(
+        settings_for(db, flush_rows=days), RunRequest(WINDOW), sources=_one_source_then_the_other()
+    )
+    assert held.status == "ok"
+    assert held.rows_upserted == days  # each day sent once, not once per half
+    stored = await _values(conn)
+    assert len(stored) == days and all(r[2] is not None and r[8] is True for r in stored)
+    await conn.execute("delete from daily_analytics")
+    whole = await run_job(
+        settings_for(db), RunRequest(WINDOW), sources=_one_source_then_the_other()
+    )
+    assert whole.rows_upserted == days
+    assert await _values(conn) == stored
+
+
+async def test_a_half_waiting_for_its_other_half_is_stored_within_the_flush_interval(
+    db, conn
+) -> None:
+    """Search Console never answers while the run goes on: Matomo's halves, held for it, are
+    stored anyway once they have waited AGGREGATOR_FLUSH_SECONDS, before the run ends."""
+    sites = await _portfolio(conn)
+    days = len(sites) * len(WINDOW.days())
+    stop = asyncio.Event()
+    run = asyncio.create_task(
+        run_job(
+            settings_for(db, flush_rows=10, flush_seconds=0.3),
+            RunRequest(WINDOW),
+            sources=_one_source_then_the_other(hang=True),
+            stop=stop,
+        )
+    )
+    for _ in range(1000):  # bounded: 10 s
+        stored = await conn.fetchval(
+            "select count(*) from daily_analytics where matomo_visits is not null"
+        )
+        if stored == days or run.done():
+            break
+        await asyncio.sleep(0.01)
+    still_running = not run.done()
+    stop.set()
+    outcome = await run
+    assert still_running, outcome.errors
+    assert stored == days
+    assert outcome.status == "partial" and "signal" in outcome.interrupted

@@ -88,3 +88,15 @@ def test_nightly_history_holds_the_promised_gaps_and_counts_what_the_night_needs
     assert sum(1 for r in history.records if r[9] is False) == 8 + 2 * gsc_sites
     assert len(portfolio.sites) * bench.LOOKBACK_DAYS < history.required
     assert history.required <= len(portfolio.sites) * bench.LOOKBACK_DAYS + history.gaps + 8
+
+
+def test_flushing_targets_name_what_was_missed() -> None:
+    single = [bench.UpsertResult("insert", 1_000_000, 10.0, 40, 50, 1_000_000)]  # 100,000/s
+
+    def backfill(seconds: float, peak_mb: float) -> bench.FlushingResult:
+        return bench.FlushingResult(10_000, 200, 2_000_000, 2_000_000, seconds, "ok", 40, peak_mb)
+
+    assert bench.flushing_targets(backfill(25.0, 149), single) == "met"  # 80%
+    assert bench.flushing_targets(backfill(26.0, 149), single) == "missed: 77% < 80% of one upsert"
+    assert bench.flushing_targets(backfill(20.0, 150), single) == "missed: peak RSS 150 >= 150 MB"
+    assert "met" in bench.flushing_table(backfill(20.0, 90), single)

@@ -207,16 +207,33 @@ def _synthetic_sources(days: int) -> dict[str, Any]:
     to come (daily_table)."""
     from aggregator.model import GscDay, MatomoDay
 
+    # The values of _synthetic_days (variant 0), each source computing only its own half, as
+    # a real source parses only its own answer (tests/test_bench.py keeps them equal).
+    first = date(2024, 1, 1)
+
     async def matomo(given: Any) -> AsyncIterator[Any]:
         for site in given.sites:
-            for day, (visits, actions), _ in _synthetic_days(site.id, days, 0):
-                yield MatomoDay(site.id, day, visits, actions)
+            site_id = site.id
+            for n in range(days):
+                visits = (site_id * 7 + n * 13) % 5_000
+                yield MatomoDay(site_id, first + timedelta(days=n), visits, visits * 3)
             await asyncio.sleep(0)  # one site done: the other source takes its turn
 
     async def gsc(given: Any) -> AsyncIterator[Any]:
         for site in given.sites:
-            for day, _, figures in _synthetic_days(site.id, days, 0):
-                yield GscDay(site.id, day, *figures)
+            site_id = site.id
+            for n in range(days):
+                impressions = (site_id * 31 + n * 17) % 100_000 + 1
+                clicks = impressions // 3
+                yield GscDay(
+                    site_id,
+                    first + timedelta(days=n),
+                    clicks,
+                    impressions,
+                    clicks / impressions,
+                    1.0 + n % 50,
+                    n < days - 3,
+                )
             await asyncio.sleep(0)
 
     return {"matomo": matomo, "gsc": gsc}

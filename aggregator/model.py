@@ -1,8 +1,9 @@
 """The records that flow from sources to the pipeline and into storage.
 
 Sources are plain async generators that yield these records; the pipeline owns joining them per
-(site, day), retries at the run level, and loading. Keeping them as small frozen dataclasses lets
-every source be tested without a database.
+(site, day), retries at the run level, and loading. Keeping them as small immutable values lets
+every source be tested without a database. The day records are NamedTuples: a backfill makes
+millions of them, and a tuple is built in a third of the time of a frozen dataclass.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import date, datetime
+from typing import NamedTuple
 
 SiteId = int | str | uuid.UUID
 """A `sites.id` exactly as asyncpg returns it: the project's table decides whether it is a
@@ -37,8 +39,7 @@ class GscAccount:
     refresh_token: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class MatomoDay:
+class MatomoDay(NamedTuple):
     """One site's Matomo numbers for one day (site timezone). An empty day is 0 and 0."""
 
     site_id: SiteId
@@ -47,8 +48,7 @@ class MatomoDay:
     actions: int
 
 
-@dataclass(frozen=True, slots=True)
-class GscDay:
+class GscDay(NamedTuple):
     """One site's Search Console numbers for one Pacific-time day.
 
     `final` is False for days on or after the answer's firstIncompleteDate. A final day without

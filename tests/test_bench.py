@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import date, timedelta
+from types import SimpleNamespace
 
 import pytest
 
@@ -100,3 +101,17 @@ def test_flushing_targets_name_what_was_missed() -> None:
     assert bench.flushing_targets(backfill(26.0, 149), single) == "missed: 77% < 80% of one upsert"
     assert bench.flushing_targets(backfill(20.0, 150), single) == "missed: peak RSS 150 >= 150 MB"
     assert "met" in bench.flushing_table(backfill(20.0, 90), single)
+
+
+async def test_the_flushing_stand_ins_yield_the_halves_of_the_synthetic_rows() -> None:
+    sources = bench._synthetic_sources(days=7)
+    given = SimpleNamespace(sites=[SimpleNamespace(id=site) for site in (1, 29, 30)])
+    matomo = [record async for record in sources["matomo"](given)]
+    gsc = [record async for record in sources["gsc"](given)]
+    rows = list(bench.synthetic_rows((1, 29, 30), 7, variant=0))
+    assert [(r.site_id, r.day, (r.visits, r.actions)) for r in matomo] == [
+        (r.site_id, r.day, r.matomo) for r in rows
+    ]
+    assert [(r.site_id, r.day, tuple(r)[2:]) for r in gsc] == [
+        (r.site_id, r.day, r.gsc) for r in rows
+    ]

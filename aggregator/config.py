@@ -419,10 +419,11 @@ def load_settings(env: Mapping[str, str]) -> Settings:
 
 def _refuse_misspelt_case(env: Mapping[str, str]) -> None:
     """`matomo_token=...` is not MATOMO_TOKEN (names are case-sensitive): read as unset, the
-    setting would be missing with nothing saying why."""
+    setting would be missing with nothing saying why. Beside the right spelling it is only
+    noise another tool may have left in the environment, and is ignored."""
     known = {setting.variable for setting in SETTINGS}
     for name in env:
-        if name not in known and name.upper() in known:
+        if name not in known and name.upper() in known and name.upper() not in env:
             raise ConfigError(
                 f"{name} is not read: variable names are case-sensitive, write {name.upper()}"
             )

@@ -352,3 +352,8 @@ def test_a_setting_in_the_wrong_case_is_refused_not_ignored(name) -> None:
     assert str(caught.value) == (
         f"{name} is not read: variable names are case-sensitive, write {name.upper()}"
     )
+
+
+def test_a_wrong_case_spelling_beside_the_right_one_is_ignored() -> None:
+    settings = load_settings({"AGGREGATOR_HEAL_DAYS": "12", "aggregator_heal_days": "99"})
+    assert settings.heal_days == 12

@@ -125,7 +125,9 @@ async def take_lease(
             raise storage.RunLocked(_locked_message(holder, wait_seconds))
         if not waiting_logged:
             waiting_logged = True
-            log.info(
+            # Debug only: a wait that ends in giving up must leave one line on stderr, its
+            # error, which names the holder and how long this run waited.
+            log.debug(
                 "run.waiting_for_lease",
                 holder=holder.run_id if holder else None,
                 owner=holder.owner if holder else None,

@@ -9,6 +9,7 @@ flushing and the one-run-at-a-time lease in lease, so sources stay simple.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -217,7 +218,9 @@ async def run_job(
                 if "gsc" in request.sources
                 else {}
             )
+            planning = time.monotonic()
             plan = await _plan(conn, settings, request, sites, accounts)
+            planned = functools.partial(_planned, plan, len(sites), time.monotonic() - planning)
             rates = await storage.load_learned_rates(conn) if "gsc" in plan else {}
         skipped = skipped_gsc_sites(sites, accounts) if "gsc" in request.sources else []
         run = _Run(
@@ -234,12 +237,13 @@ async def run_job(
         )
         # A dry run writes nothing, so it takes no lease: it never waits for (or blocks) a run.
         if request.dry_run:
+            planned()
             table = DailyTable()
             await run.collect(table, _nothing)  # a dry run's table is never full
             run.rows = table.daily_rows()
             run.settle(table, len(run.rows))
         else:
-            await run.store_while_fetching(pool, len(sites))
+            await run.store_while_fetching(pool, len(sites), planned)
     finally:
         await pool.close()
     outcome = RunOutcome(
@@ -369,8 +373,11 @@ class _Run:
             return FINAL_FLUSH_SECONDS
         return max(STOP_GRACE_SECONDS, self._deadline - time.monotonic())
 
-    async def store_while_fetching(self, pool: asyncpg.Pool, sites_total: int) -> None:
-        """Take the lease, fetch while flushing, and close the run row however this ends."""
+    async def store_while_fetching(
+        self, pool: asyncpg.Pool, sites_total: int, planned: Callable[[], None]
+    ) -> None:
+        """Take the lease, fetch while flushing, and close the run row however this ends;
+        `planned` logs the plan once the lease is held."""
         # The run's range spans every site's own window (healing widens some).
         first = min((share.start for share in self._plan.values()), default=None)
         try:
@@ -385,6 +392,7 @@ class _Run:
             )
         except (*TRANSIENT_ERRORS, asyncpg.PostgresError) as exc:
             raise storage.StorageError(f"could not start the run: {type(exc).__name__}") from None
+        planned()
         table = DailyTable(
             self._settings.flush_rows,
             hold_seconds=self._settings.flush_seconds,
@@ -469,7 +477,6 @@ async def _plan(
 ) -> dict[SourceName, SourcePlan]:
     """Per source: its sites, each over its own window (see aggregator.planning), planned from
     one set-based read of the stored history, whatever the number of sites."""
-    began = time.monotonic()
     window = request.window
     histories = await storage.site_histories(
         conn,
@@ -486,13 +493,18 @@ async def _plan(
             continue
         _require_configured(name, settings, len(share.sites))
         plan[name] = share
+    return plan
+
+
+def _planned(plan: Mapping[SourceName, SourcePlan], sites: int, seconds: float) -> None:
+    """Log the plan once the run may go on (a dry run, or a run holding the lease): a run that
+    gives up waiting for another's lease then says nothing on stderr but its one error line."""
     log.info(
         "run.planned",
-        sites=len(sites),
-        seconds=round(time.monotonic() - began, 3),
+        sites=sites,
+        seconds=round(seconds, 3),
         site_days={name: sum(map(len, share.windows.values())) for name, share in plan.items()},
     )
-    return plan
 
 
 async def _collect(

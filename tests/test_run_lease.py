@@ -306,7 +306,7 @@ async def test_sigterm_while_waiting_for_the_lease_exits_2_and_leaves_no_run_row
     ):
         # The default wait (60 s): only the signal can end it within the bound below.
         env = job_environment(db, matomo.url, google.url)
-        process = await start_job(env, tmp_path, "--from", f"{FROM}", "--to", f"{TO}")
+        process = await start_job(env, tmp_path, "-v", "--from", f"{FROM}", "--to", f"{TO}")
         await wait_for_log_event(process, "run.waiting_for_lease")
         signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)
@@ -321,6 +321,26 @@ async def test_sigterm_while_waiting_for_the_lease_exits_2_and_leaves_no_run_row
     runs = await conn.fetch("select * from aggregator_runs")
     assert [dict(r) for r in runs] == [dict(before)]  # the holder's row only, untouched
     assert await conn.fetchval("select count(*) from daily_analytics") == 0
+
+
+async def test_a_run_that_gives_up_waiting_says_one_line_and_nothing_else(
+    db, conn, seeded_small, tmp_path
+):
+    """Exit 2 (nothing could run) leaves one line on stderr, the error naming the holder, even
+    after planning and waiting: the plan is logged only once the lease is held."""
+    await storage.start_run(conn, FROM, TO, 4, lease_seconds=3600, owner="cron-box:41")
+    async with (
+        world.matomo_simulator(seeded_small, today=TO) as matomo,
+        _google(seeded_small) as google,
+    ):
+        env = job_environment(db, matomo.url, google.url)
+        result = await run_job_process(
+            {**env, "AGGREGATOR_LOCK_WAIT_SECONDS": "0.3"}, tmp_path, "--from", f"{FROM}"
+        )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("aggregator: error: another aggregator run (run ")
+    assert "cron-box:41" in result.stderr
 
 
 async def test_the_lock_wait_is_shown_as_people_read_it(db, conn, seeded_small) -> None:

@@ -43,6 +43,7 @@ from typing import Any, TextIO
 import asyncpg
 
 from aggregator import migrations, storage
+from aggregator.collector import tune_for_a_long_run
 from aggregator.config import default_of
 from aggregator.local_postgres import any_postgres, dsn_with_search_path
 from aggregator.simulators import portfolio as world
@@ -252,6 +253,7 @@ async def _child_flushing(spec: dict[str, Any]) -> dict[str, Any]:
     first = date(2024, 1, 1)
     window = Window(first, first + timedelta(days=spec["days"] - 1))
     began = time.perf_counter()
+    tune_for_a_long_run()  # as `aggregator run` does
     outcome = await run_job(settings, RunRequest(window), sources=_synthetic_sources(spec["days"]))
     seconds = time.perf_counter() - began
     return {

@@ -15,6 +15,7 @@ import sys
 from datetime import date
 from typing import TextIO
 
+from aggregator.collector import tune_for_a_long_run
 from aggregator.config import Settings
 from aggregator.dates import parse_day, resolve_window, today_in
 from aggregator.graceful import run_until_stopped
@@ -51,6 +52,7 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
                 reader.watch(stop)
             return await run_job(settings, request, stop=stop, progress=progress)
 
+        tune_for_a_long_run()
         outcome = run_until_stopped(job)
     if reader is not None and reader.gone:
         raise BrokenPipeError("the reader of the dry run's output went away")

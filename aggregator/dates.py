@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 DEFAULT_LOOKBACK_DAYS = 4
@@ -58,6 +59,22 @@ def spanning(windows: Iterable[Window]) -> Window:
     if not given:
         raise ValueError("no window to span")
     return Window(min(w.start for w in given), max(w.end for w in given))
+
+
+class SpansWindows:
+    """`start`..`end` of a holder of per-site `windows`, derived from them so the two can
+    never disagree (a source's plan, a source's input)."""
+
+    __slots__ = ()
+    windows: Mapping[Any, Window]
+
+    @property
+    def start(self) -> date:
+        return spanning(self.windows.values()).start
+
+    @property
+    def end(self) -> date:
+        return spanning(self.windows.values()).end
 
 
 def search_console_window(window: Window) -> Window:

@@ -26,10 +26,10 @@ from aggregator.config import ConfigError, Settings
 from aggregator.daily_table import DailyTable
 from aggregator.dates import (
     PACIFIC,
+    SpansWindows,
     Window,
     heal_limit,
     search_console_window,
-    spanning,
     today_in,
 )
 from aggregator.flushing import Flusher
@@ -63,7 +63,7 @@ _NO_SITE = object()  # no site seen yet
 
 
 @dataclass(frozen=True, slots=True)
-class SourceInput:
+class SourceInput(SpansWindows):
     """What one source needs: its sites, each site's own window and shared resources.
 
     A source fetches each site over `windows[id]` only; `start`..`end` spans them all and is
@@ -81,14 +81,6 @@ class SourceInput:
     stats: SourceStats = field(default_factory=SourceStats)
     # Search Console's learned query rates, read before the run and stored after it.
     rates: dict[tuple[str, str], float] = field(default_factory=dict)
-
-    @property
-    def start(self) -> date:
-        return spanning(self.windows.values()).start
-
-    @property
-    def end(self) -> date:
-        return spanning(self.windows.values()).end
 
 
 Source = Callable[[SourceInput], AsyncIterator[SourceRecord]]

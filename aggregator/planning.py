@@ -12,26 +12,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
-from aggregator.dates import Window, site_window, spanning
+from aggregator.dates import SpansWindows, Window, site_window
 from aggregator.model import GscAccount, Site, SiteError, SiteHistory, SiteId
 
 _NEVER = datetime.min.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
-class SourcePlan:
+class SourcePlan(SpansWindows):
     """One source's share of a run: its sites in serving order and each site's own window."""
 
     sites: list[Site]
     windows: dict[SiteId, Window]
-
-    @property
-    def start(self) -> date:
-        return spanning(self.windows.values()).start
-
-    @property
-    def end(self) -> date:
-        return spanning(self.windows.values()).end
 
 
 def plan_source(

@@ -36,9 +36,10 @@ class Flusher:
     """Moves the table's rows and refresh outcomes into the database, one batch at a time.
 
     The table's `limit` is the flush size. `bound()` gives the seconds any statement may take right now (the run's remaining
-    deadline, or a short grace once the run is stopping). The first failure (StoreFailed or
-    LeaseLost) is kept in `failure`, `on_failure` is called so the run stops fetching, and no
-    flush writes after it: a storage that refuses once is not hammered for the rest of the run.
+    deadline, or a short grace once the run is stopping). The first failure (StoreFailed,
+    LeaseLost, or any other exception a flush meets) is kept in `failure`, `on_failure` is
+    called so the run stops fetching, and no flush writes after it: a storage that refuses
+    once is not hammered for the rest of the run.
     """
 
     def __init__(
@@ -117,13 +118,21 @@ class Flusher:
             try:
                 await self._write(batch)
             except (StoreFailed, LeaseLost) as exc:
-                self._table.give_back(batch)
-                self.failure = str(exc)
-                log.error("store.failed", error=self.failure)
-                self._on_failure()
+                self._fail(batch, str(exc))
+            except Exception as exc:
+                # Not the database's refusal but a fault of ours (a bug, data the staging
+                # cannot take): in a background flush nobody awaits it, so it must stop the
+                # run here like a refused flush rather than die unseen in its task.
+                self._fail(batch, _failed(batch, exc), unexpected=True)
             except BaseException:
                 self._table.give_back(batch)
                 raise
+
+    def _fail(self, batch: Batch, failure: str, *, unexpected: bool = False) -> None:
+        self._table.give_back(batch)
+        self.failure = failure
+        log.error("store.failed", error=failure, exc_info=unexpected)
+        self._on_failure()
 
     async def _write(self, batch: Batch) -> None:
         for attempt in range(1, ATTEMPTS + 1):

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import asyncpg
 import pytest
 
-from aggregator import pipeline
+from aggregator import pipeline, storage
+from aggregator.demo import simulated_settings
 from aggregator.model import AccountRefresh, GscDay, MatomoDay, SiteError, SourceRecord
 from aggregator.pipeline import RunRequest, SourceInput, run_job
-from tests.factories import add_account, add_site
+from aggregator.simulators import portfolio as world
+from tests.factories import add_account, add_site, seed
 from tests.test_pipeline import SOURCES, WINDOW, _now, settings_for
 
 SOURCE_COLUMNS = (
@@ -149,6 +153,54 @@ async def test_statement_timeout_in_a_later_flush_closes_the_run_as_partial(db, 
     run = await conn.fetchrow("select status, finished_at, rows_upserted from aggregator_runs")
     assert run["status"] == "partial" and run["finished_at"] is not None
     assert run["rows_upserted"] == len(WINDOW.days())
+
+
+async def test_a_flush_failing_with_a_bug_stops_the_run_like_a_refused_one(
+    db, conn, monkeypatch
+) -> None:
+    """Not the database but our own code fails in a background flush (a ValueError from the
+    staging, say): the run stops, keeps what earlier flushes stored and closes its row with
+    the error, instead of the task dying unseen while the run goes on."""
+    portfolio = await seed(db, world.make_portfolio(60, 2))
+    upsert = storage.stage_and_upsert
+    flushes = 0
+    failing_task: list[str] = []
+
+    async def fails_after_the_first(conn: asyncpg.Connection, records) -> storage.Flushed:
+        nonlocal flushes
+        flushes += 1
+        if flushes > 1:
+            failing_task.append(asyncio.current_task().get_name())
+            raise ValueError("a staged row the upsert cannot take")
+        return await upsert(conn, records)
+
+    monkeypatch.setattr(storage, "stage_and_upsert", fails_after_the_first)
+    today = WINDOW.end + timedelta(days=1)
+    async with (
+        world.matomo_simulator(portfolio, today=today) as matomo,
+        world.google_simulator(portfolio, today=today) as google,
+    ):
+        # 60 sites x 4 days: Matomo's one answer alone fills the table many times over, so
+        # flushes start in the background while Search Console still fetches.
+        settings = simulated_settings(db, matomo.url, google.url, flush_rows=20)
+        outcome = await run_job(settings, RunRequest(WINDOW))
+
+    # The flush that failed ran in the background (started for a full table); it stopped
+    # the run: no flush was tried after it.
+    assert failing_task == ["flush"] and flushes == 2
+    assert outcome.status == "partial" and outcome.exit_code == 1
+    assert re.fullmatch(
+        r"could not store \d+ fetched rows: ValueError: a staged row the upsert cannot take",
+        outcome.fatal,
+    )
+    run = await conn.fetchrow(
+        "select status, finished_at, rows_upserted, errors from aggregator_runs"
+    )
+    assert run["status"] == "partial" and run["finished_at"] is not None
+    assert {"site": "(run)", "source": "store", "error": outcome.fatal} in json.loads(run["errors"])
+    # The first flush's rows stay stored, exactly those the run row counts.
+    stored = await conn.fetchval("select count(*) from daily_analytics")
+    assert 0 < stored == run["rows_upserted"] == outcome.rows_upserted
 
 
 def _one_source_then_the_other(hang: bool = False) -> dict:

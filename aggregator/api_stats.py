@@ -19,7 +19,10 @@ class SourceStats:
       dead token endpoint must show in the error rate), and a refused redirect counts as sent;
     - `retries`: requests that asked again for what an earlier, failed request asked;
     - `failed_requests`: requests answered with an error or no usable answer at all (a
-      timeout, a network error, a refused redirect, an oversized answer, a refused refresh);
+      timeout, a network error, a refused redirect, an oversized answer, a refused refresh),
+      and Matomo bulk requests answered with an error (or an unusable result) for some of
+      their sites: one failed request each, however many of its sites failed, so that
+      `failed_requests / requests` is a share of the requests sent;
     - `rate_limited`: of those, the answers that said "slow down" (429, rate-limit 403);
     - `sites_ok` / `sites_failed` / `sites_skipped`: how the source's sites ended;
     - `seconds`: how long the source ran.

@@ -386,6 +386,10 @@ async def _fetch_batch(
             failed += 1
             message = redact(str(exc), endpoint.token)
             records.append(SiteError(site=site.domain, source=SOURCE, error=message))
+    if failed:
+        # The request was answered with an error for part of it: one failed request (not one
+        # per site), so failed_requests / requests stays the share of requests that failed.
+        endpoint.stats.failed()
     log.info(
         "matomo.batch",
         sites=len(batch),

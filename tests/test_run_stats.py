@@ -63,8 +63,34 @@ async def test_each_run_stores_its_api_figures_per_source(db, conn, monkeypatch)
 
     matomo_figures = stored["matomo"]
     assert matomo_figures["requests"] == matomo.requests == 1
-    assert matomo_figures["failed_requests"] == matomo_figures["retries"] == 0
+    # Its one bulk request answered site 3 with an error: a failed request, not retried.
+    assert (matomo_figures["failed_requests"], matomo_figures["retries"]) == (1, 0)
     assert (matomo_figures["sites_ok"], matomo_figures["sites_failed"]) == (28, 1)
+
+
+async def test_a_site_failing_inside_a_good_bulk_answer_fails_its_request(db, conn):
+    """Matomo answers a bulk request HTTP 200 with an error object for some of its sites: that
+    request was answered with an error, so it is a failed request, once however many of its
+    sites failed (the error rate, failed_requests / requests, stays a share of requests)."""
+    portfolio = await seed(db, world.make_portfolio(24, 0))
+    # Three bulk requests of 8 sites: two sites fail in the first, one in the last.
+    async with world.matomo_simulator(portfolio, today=TODAY, fail_sites={2, 5, 20}) as matomo:
+        settings = simulated_settings(db, matomo.url, "http://unused.invalid", matomo_batch_size=8)
+        outcome = await run_job(settings, RunRequest(WINDOW, sources=("matomo",)))
+
+    assert sorted(e.site for e in outcome.errors) == [
+        "site00002.example",
+        "site00005.example",
+        "site00020.example",
+    ]
+    stored = json.loads(await conn.fetchval("select stats from aggregator_runs"))["matomo"]
+    assert matomo.requests == 3
+    assert {name: stored[name] for name in ("requests", "failed_requests", "retries")} == {
+        "requests": 3,
+        "failed_requests": 2,
+        "retries": 0,
+    }
+    assert (stored["rate_limited"], stored["sites_ok"], stored["sites_failed"]) == (0, 21, 3)
 
 
 async def test_a_rate_limited_answer_counts_as_failed_and_rate_limited(db, monkeypatch):

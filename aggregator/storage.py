@@ -162,6 +162,9 @@ async def load_active_accounts(
 # Set-based, however many sites: one pass over the heal range's stored rows counts each site's
 # days with a value per source (one index range per site on the primary key); only the sites
 # short of a day (a few, on a normal night) get their days enumerated to find the oldest gap.
+# A day has a value when its numbers are there (Matomo's visits; Search Console's final flag,
+# which is NULL exactly where no numbers are stored), as `status` counts it: a row whose numbers
+# were cleared keeps its timestamp, yet it is a gap to heal like a missing row.
 _SITE_HISTORIES = """
 with monitored as (
     select s.id, (s.deployed_at at time zone $4)::date as deployed_on,
@@ -172,10 +175,10 @@ with monitored as (
 ),
 stored as (
     select d.site_id,
-           count(*) filter (where d.date <= $3 and d.matomo_updated_at is not null
+           count(*) filter (where d.date <= $3 and d.matomo_visits is not null
                             and d.date >= m.first_day) as matomo_days,
-           count(*) filter (where d.date <= $3 and d.gsc_updated_at is not null
-                            and d.gsc_final is not false and d.date >= m.first_day) as gsc_days,
+           count(*) filter (where d.date <= $3 and d.gsc_final
+                            and d.date >= m.first_day) as gsc_days,
            max(d.matomo_updated_at) as matomo_served_at,
            max(d.gsc_updated_at) as gsc_served_at
     from daily_analytics d
@@ -196,10 +199,10 @@ gaps as (
     from short sh
     cross join lateral (
         select min(sh.first_day + g.n) filter (
-                   where sh.matomo_short and d.matomo_updated_at is null
+                   where sh.matomo_short and d.matomo_visits is null
                ) as matomo_heal_from,
                min(sh.first_day + g.n) filter (
-                   where sh.gsc_short and (d.gsc_updated_at is null or d.gsc_final is false)
+                   where sh.gsc_short and d.gsc_final is not true
                ) as gsc_heal_from
         from generate_series(0, $3::date - sh.first_day) as g(n)
         left join daily_analytics d

@@ -186,6 +186,34 @@ async def test_history_finds_each_sites_oldest_gap_per_source(conn) -> None:
     assert found[full].matomo_served_at is not None and found[full].gsc_served_at is not None
 
 
+async def test_a_day_whose_numbers_were_cleared_is_healed_despite_its_timestamp(conn) -> None:
+    """Missing means no value stored, as `status` counts it: numbers cleared by hand (or by
+    another tool) leave the row and its *_updated_at behind, and are a gap all the same."""
+    site = await tracked_site(conn, "cleared.com")
+    await store(conn, site, days_between(day(40), YESTERDAY))
+    await conn.execute(
+        "update daily_analytics set matomo_visits = null, matomo_actions = null"
+        " where site_id = $1 and date = $2",
+        site,
+        day(11),
+    )
+    await conn.execute(
+        "update daily_analytics set gsc_clicks = null, gsc_impressions = null, gsc_ctr = null,"
+        " gsc_position = null, gsc_final = null where site_id = $1 and date = $2",
+        site,
+        day(17),
+    )
+    assert await conn.fetchval(
+        "select bool_and(matomo_updated_at is not null and gsc_updated_at is not null)"
+        " from daily_analytics where site_id = $1",
+        site,
+    )
+
+    found = (await histories(conn, [site]))[site]
+
+    assert (found.matomo_heal_from, found.gsc_heal_from) == (day(11), day(17))
+
+
 async def test_history_sees_provisional_days_and_the_local_deployment_day(conn) -> None:
     # 23:30 UTC on day(15) is already the next calendar day, day(14), in Auckland.
     deployed = datetime.combine(day(15), datetime.min.time(), UTC) + timedelta(hours=23.5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import logging
 import os
 import signal
 import sys
@@ -70,8 +71,7 @@ def _main(argv: Sequence[str] | None) -> int:
     configure_logging(
         secrets=_secrets_of(settings),
         verbose=getattr(args, "verbose", False),
-        # The demo prints its own report; its per-request logs are noise unless asked for.
-        quiet=args.command in ("demo", "check") and not args.verbose,
+        least=_LEAST_LOG_LEVEL.get(args.command, logging.INFO),
     )
     try:
         code = _handler(args.command)(args, settings)
@@ -87,6 +87,11 @@ def _main(argv: Sequence[str] | None) -> int:
         _silence_stdout()
         return _fail(f"cannot write the output: {os.strerror(exc.errno)}", sys.stderr)
 
+
+# Commands that print a report of their own log less unless asked for (-v): the demo's
+# per-request logs are noise beside its report, and the check's findings, warnings such as a
+# refused token included, are its table's rows (its log keeps only the check's own failures).
+_LEAST_LOG_LEVEL = {"demo": logging.WARNING, "check": logging.ERROR}
 
 # Failures of writing stdout itself (`> /dev/full`, a dead terminal, a full quota): the
 # output is lost, so the command fails in one line instead of a crash report.

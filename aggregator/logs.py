@@ -83,8 +83,10 @@ def configure_logging(
     secrets: Iterable[str] = (),
     stream: TextIO | None = None,
     verbose: bool = False,
-    quiet: bool = False,
+    least: int = logging.INFO,
 ) -> None:
+    """Route every log line through the masking to `stream` (stderr); `least` is the lowest
+    level shown (DEBUG with `verbose`)."""
     for secret in secrets:
         register_secret(secret)
     as_json = not (stream or sys.stderr).isatty()
@@ -100,7 +102,7 @@ def configure_logging(
         structlog.processors.format_exc_info,
         mask_secrets,
     ]
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    level = logging.DEBUG if verbose else least
     output = stream or _CurrentStderr()
     structlog.configure(
         processors=[*shared, renderer, _mask_rendered],
@@ -108,14 +110,12 @@ def configure_logging(
         logger_factory=structlog.PrintLoggerFactory(output),
         cache_logger_on_first_use=False,
     )
-    _route_standard_logging(shared, renderer, output, verbose=verbose)
+    _route_standard_logging(shared, renderer, output, level=level)
     sys.excepthook = _log_uncaught
     sys.unraisablehook = _log_unraisable
 
 
-def _route_standard_logging(
-    shared: list[Any], renderer: Any, output: Any, *, verbose: bool
-) -> None:
+def _route_standard_logging(shared: list[Any], renderer: Any, output: Any, *, level: int) -> None:
     """Send every library's `logging` records through the same processors and stream."""
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
@@ -133,7 +133,7 @@ def _route_standard_logging(
         root.removeHandler(previous)
     root.addHandler(handler)
     # Libraries' INFO is chatter (aiohttp access lines, asyncpg notices); their warnings count.
-    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    root.setLevel(logging.INFO if level == logging.DEBUG else max(level, logging.WARNING))
     logging.captureWarnings(True)
 
 

@@ -494,6 +494,35 @@ async def test_cli_exit_codes_and_output(db) -> None:
             assert secret not in out and secret not in err
 
 
+async def test_check_prints_only_its_table_and_logs_warnings_only_with_v(db) -> None:
+    """A revoked token is a row of the table, not a log warning above it: stdout is the table
+    alone and stderr empty; with -v the table again, and the refusal in the log."""
+    portfolio = world.make_portfolio(6, 2, revoked_account=True)
+    await seed(db, portfolio)
+    async with (
+        world.matomo_simulator(portfolio) as matomo_sim,
+        world.google_simulator(portfolio) as google_sim,
+    ):
+        env = sim_env(db, matomo_sim, google_sim)
+        code, out, err = await cli("check", env=env)
+        verbose_code, verbose_out, verbose_err = await cli("check", "-v", env=env)
+
+    assert code == verbose_code == 1, out + err
+    assert err == ""
+    lines = out.splitlines()
+    assert lines[0].split() == ["level", "subject", "check", "problem", "how", "to", "fix"]
+    assert lines[1].startswith("PROBLEM  seo-team-2@demo.example  gsc token  Google refused")
+    summary = lines.index("")  # the table's rows, a blank line, then what was verified
+    assert [line.split()[0] for line in lines[summary + 1 : -1]] == ["ok", "ok", "ok"]
+    assert lines[-1] == "checked 6 sites, 2 accounts: 1 problem, 0 warnings, 0 notes"
+    # With -v the log (stderr) holds the refusal; stdout is still the table alone.
+    assert verbose_out.splitlines()[0].split() == lines[0].split()
+    assert not any(line.startswith("{") for line in verbose_out.splitlines())
+    events = [json.loads(line) for line in verbose_err.splitlines()]
+    refusals = [e["account"] for e in events if e["event"] == "gsc.token_refresh_failed"]
+    assert refusals == ["seo-team-2@demo.example"]
+
+
 async def test_cli_exit_2_for_unreachable_database_and_1_for_missing_schema(empty_db) -> None:
     code, out, err = await cli(
         "check", env={"DATABASE_URL": "postgresql://postgres:s3cr3t@127.0.0.1:1/db"}

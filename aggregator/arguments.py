@@ -137,7 +137,8 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
                 "everything else stored",
                 "2 nothing could run: bad arguments or configuration, database unreachable, "
                 "schema missing, another run kept the lock (one line on stderr)",
-                _CLOSED_PIPE,
+                "141 a dry run whose reader closed the output (`| head`): it stopped quietly "
+                "(a real run stores everything and exits with its own status)",
             ],
         ),
     )

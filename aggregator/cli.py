@@ -21,6 +21,7 @@ from urllib.parse import unquote, urlsplit
 from aggregator.arguments import EXIT_UNUSABLE, build_parser
 from aggregator.config import ConfigError, Settings, load_settings, read_environment
 from aggregator.dates import DateError
+from aggregator.output import guard_closed_stdout, silence_stdout
 from aggregator.redaction import masked_output
 from aggregator.usage import UsageError
 
@@ -56,6 +57,7 @@ def _fail(message: str, stream: TextIO) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    guard_closed_stdout()
     with masked_output():
         return _main(argv)
 
@@ -84,7 +86,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except OSError as exc:
         if exc.errno not in _OUTPUT_ERRNOS:
             raise
-        _silence_stdout()
+        silence_stdout()
         return _fail(f"cannot write the output: {os.strerror(exc.errno)}", sys.stderr)
 
 
@@ -98,17 +100,10 @@ _LEAST_LOG_LEVEL = {"demo": logging.WARNING, "check": logging.ERROR}
 _OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EFBIG, errno.EDQUOT})
 
 
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
-
-
 def _reader_went_away() -> int:
     """`aggregator status --json | head`: the reader closed the pipe. End quietly, as `cat`
     does, with stdout silenced."""
-    _silence_stdout()
+    silence_stdout()
     return EXIT_BROKEN_PIPE
 
 

@@ -2,7 +2,8 @@
 
 A dry run's output is its whole purpose: when its reader goes away (`run --dry-run | head`
 closed early) the run stops fetching at once and ends quietly, rather than fetching for an
-hour to write into a closed pipe. A real run's purpose is the table, so it goes on.
+hour to write into a closed pipe. A real run's purpose is the table, so it goes on, and ends
+with its own exit status: its summary going nowhere is no failure of the job.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from aggregator.collector import tune_for_a_long_run
 from aggregator.config import Settings
 from aggregator.dates import parse_day, resolve_window, today_in
 from aggregator.graceful import run_until_stopped
+from aggregator.output import silence_stdout
 from aggregator.pipeline import ALL_SOURCES, RunOutcome, RunRequest, run_job
 from aggregator.progress import terminal_progress
 from aggregator.text_table import error_lines, table_lines
@@ -56,9 +58,17 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
         outcome = run_until_stopped(job)
     if reader is not None and reader.gone:
         raise BrokenPipeError("the reader of the dry run's output went away")
-    if request.dry_run:
-        print_rows(outcome, sys.stdout)
-    print_summary(outcome, sys.stdout)
+    try:
+        if request.dry_run:
+            print_rows(outcome, sys.stdout)
+        print_summary(outcome, sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        if request.dry_run:
+            raise
+        # The rows are stored: a reader gone before the summary (`run | head -0`, stdout
+        # closed) costs only the summary, not the exit status cron acts on.
+        silence_stdout()
     if outcome.fatal:
         # The store refused the run or its lease was lost: the one line cron mail shows.
         print(f"aggregator: error: {outcome.fatal}", file=sys.stderr)

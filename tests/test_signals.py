@@ -332,3 +332,46 @@ async def test_a_dry_run_whose_reader_went_away_stops_fetching_at_once(db, seede
     assert seconds < 5, f"took {seconds:.1f}s to stop after its reader went away"
     assert "Traceback" not in err.decode()
     assert "aggregator: error" not in err.decode()
+
+
+@pytest.mark.parametrize(
+    ("stdout", "fail_sites", "status", "code"),
+    [("reader gone", (), "ok", 0), ("closed", (3,), "partial", 1)],
+    ids=["pipe-reader-gone-ok", "stdout-closed-partial"],
+)
+async def test_a_real_run_whose_stdout_goes_nowhere_stores_and_exits_with_its_status(
+    db, conn, seeded, tmp_path, stdout, fail_sites, status, code
+):
+    """`aggregator run | head -0` (the reader gone before the summary) or `aggregator run >&-`:
+    the rows are the job, the summary only its report, so the run stores everything and exits
+    with its own status (not 141), quietly."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `head -0` is gone before the summary is written
+    async with (
+        world.matomo_simulator(seeded, today=TODAY, fail_sites=set(fail_sites)) as matomo,
+        _google(seeded) as google,
+    ):
+        env = job_environment(db, matomo.url, google.url)
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "aggregator", "run", "--from", f"{FROM}", "--to", f"{TO}"),
+            env=env,
+            cwd=tmp_path,
+            stdout=write_end if stdout == "reader gone" else None,
+            stderr=asyncio.subprocess.PIPE,
+            preexec_fn=(lambda: os.close(1)) if stdout == "closed" else None,
+        )
+        os.close(write_end)
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+
+    assert process.returncode == code, err.decode()[-3000:]
+    assert "Traceback" not in err.decode() and "Exception ignored" not in err.decode()
+    assert "aggregator: error" not in err.decode()
+    run = await conn.fetchrow("select status, finished_at, rows_upserted from aggregator_runs")
+    assert run["status"] == status and run["finished_at"] is not None
+    matomo_sites = [
+        s for s in seeded.sites if s.matomo_site_id is not None and s.id not in fail_sites
+    ]
+    assert (
+        await conn.fetchval("select count(*) from daily_analytics where matomo_visits is not null")
+        == len(matomo_sites) * DAYS
+    )

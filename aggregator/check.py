@@ -178,7 +178,7 @@ def _schema_rows(facts: Facts, rows: list[Row], verified: list[str]) -> None:
                 "schema",
                 f"missing column {', '.join(schema.missing_columns)}; sites and accounts "
                 "not checked",
-                migrate,
+                migrations.missing_column_fix(schema.missing_columns[0]),
             )
         )
     for conflict in schema.key_conflicts:
@@ -651,27 +651,14 @@ def as_json(report: Report) -> dict[str, Any]:
 
 async def load_schema(conn: asyncpg.Connection) -> SchemaFacts:
     missing_tables = tuple(await storage.missing_tables(conn))
-    wanted = [(t, c) for t, columns in REQUIRED_COLUMNS.items() for c in columns]
-    rows = await conn.fetch(
-        """
-        select w.t || '.' || w.c as name
-        from unnest($1::text[], $2::text[]) as w(t, c)
-        where to_regclass(w.t) is not null
-          and not exists (
-              select 1 from pg_attribute a
-              where a.attrelid = to_regclass(w.t) and a.attname = w.c
-                and a.attnum > 0 and not a.attisdropped)
-        """,
-        [t for t, _ in wanted],
-        [c for _, c in wanted],
-    )
+    missing_columns = tuple(await storage.missing_columns(conn, REQUIRED_COLUMNS))
     applied = None
     if await conn.fetchval("select to_regclass($1) is not null", migrations.MIGRATIONS_TABLE):
         versions = await conn.fetch(f"select version from {migrations.MIGRATIONS_TABLE}")
         applied = frozenset(row["version"] for row in versions)
     return SchemaFacts(
         missing_tables=missing_tables,
-        missing_columns=tuple(row["name"] for row in rows),
+        missing_columns=missing_columns,
         migration_files=tuple(path.stem for path in migrations.migration_files()),
         applied=applied,
         key_conflicts=()

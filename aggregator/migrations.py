@@ -90,7 +90,12 @@ EXPECTED_COLUMNS: Mapping[str, Mapping[str, tuple[str, ...]]] = {
 # Columns later files add to the job's own tables (no conflict to check: nobody else's table),
 # which a run needs as much as 001's.
 LATER_COLUMNS: Mapping[str, Mapping[str, tuple[str, ...]]] = {
-    "aggregator_runs": {"stats": ("jsonb",)},
+    "aggregator_runs": {
+        "heartbeat_at": _TIMESTAMPTZ,
+        "lease_until": _TIMESTAMPTZ,
+        "lease_owner": _TEXT,
+        "stats": ("jsonb",),
+    },
     "gsc_learned_rates": {
         "scope": _TEXT,
         "key": _TEXT,
@@ -119,6 +124,17 @@ def required_columns() -> dict[str, tuple[str, ...]]:
         for table, typed in columns.items():
             required[table] = (*required.get(table, ()), *typed)
     return required
+
+
+def missing_column_fix(name: str) -> str:
+    """How to get `table.column` back: migrate adds what a pending migration creates, but a
+    column dropped after its migration was recorded needs adding back by hand."""
+    table, _, column = name.partition(".")
+    types = {**EXPECTED_COLUMNS.get(table, {}), **LATER_COLUMNS.get(table, {})}[column]
+    return (
+        f"run `aggregator migrate`; if it says the schema is up to date, the column was dropped "
+        f"since: add it back with `alter table {table} add column {column} {types[0]}`"
+    )
 
 
 class MigrationError(StorageError):

@@ -106,10 +106,41 @@ async def missing_tables(conn: asyncpg.Connection) -> list[str]:
     return [row["name"] for row in rows]
 
 
+async def missing_columns(
+    conn: asyncpg.Connection, required: Mapping[str, Sequence[str]]
+) -> list[str]:
+    """`table.column` of each required column absent from its (existing) table."""
+    wanted = [(table, column) for table, columns in required.items() for column in columns]
+    rows = await conn.fetch(
+        """
+        select w.t || '.' || w.c as name
+        from unnest($1::text[], $2::text[]) with ordinality as w(t, c, n)
+        where to_regclass(w.t) is not null
+          and not exists (
+              select 1 from pg_attribute a
+              where a.attrelid = to_regclass(w.t) and a.attname = w.c
+                and a.attnum > 0 and not a.attisdropped)
+        order by w.n
+        """,
+        [table for table, _ in wanted],
+        [column for _, column in wanted],
+    )
+    return [row["name"] for row in rows]
+
+
 async def require_schema(conn: asyncpg.Connection) -> None:
+    """StorageError naming the fix unless every table and column the job uses is there: a
+    column dropped after migrating (by the dashboard's owners, by hand) must stop the command
+    in one line, not crash it on the first statement that reads it."""
     missing = await missing_tables(conn)
     if missing:
         raise StorageError(f"database has no table {missing[0]}: run `aggregator migrate`")
+    # migrations imports this module, so its column list is looked up here, when needed.
+    from aggregator.migrations import missing_column_fix, required_columns
+
+    absent = await missing_columns(conn, required_columns())
+    if absent:
+        raise StorageError(f"database has no column {absent[0]}: {missing_column_fix(absent[0])}")
 
 
 async def load_sites(conn: asyncpg.Connection, domains: Sequence[str] = ()) -> list[Site]:

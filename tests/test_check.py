@@ -404,8 +404,12 @@ async def test_pending_and_unknown_migrations_are_rows(db, conn) -> None:
 async def test_missing_column_is_reported(db, conn) -> None:
     await conn.execute("alter table sites drop column gsc_property")
     report = await run_check(Settings(database_url=Secret(db)))
-    assert [r.problem for r in report.rows] == [
-        "missing column sites.gsc_property; sites and accounts not checked"
+    assert [(r.problem, r.fix) for r in report.rows] == [
+        (
+            "missing column sites.gsc_property; sites and accounts not checked",
+            "run `aggregator migrate`; if it says the schema is up to date, the column was "
+            "dropped since: add it back with `alter table sites add column gsc_property text`",
+        )
     ]
 
 

@@ -83,6 +83,25 @@ def test_schema_missing_says_to_migrate(empty_db, tmp_path) -> None:
     assert "run `aggregator migrate`" in line
 
 
+@pytest.mark.parametrize(
+    "column", ["sites.gsc_property", "daily_analytics.gsc_final", "aggregator_runs.stats"]
+)
+async def test_a_column_dropped_after_migrating_is_one_line_not_a_crash(
+    db, conn, tmp_path, column
+) -> None:
+    """`migrate` calls the schema up to date (its migrations are recorded), so the line names
+    the statement that puts the column back."""
+    table, _, name = column.partition(".")
+    await add_site(conn, "example.com")
+    await conn.execute(f"alter table {table} drop column {name}")
+    env = {"DATABASE_URL": db}
+    for command in (["run", "--lookback", "1"], ["run", "--dry-run"], ["status"]):
+        line = one_line_error(aggregator(*command, env=env, cwd=tmp_path))
+        assert f"database has no column {column}: run `aggregator migrate`" in line
+        assert f"alter table {table} add column {name} " in line
+    assert await conn.fetchval("select count(*) from aggregator_runs") == 0
+
+
 async def test_migrate_then_dry_run(empty_db, tmp_path) -> None:
     env = {"DATABASE_URL": empty_db}
     first = aggregator("migrate", env=env, cwd=tmp_path)

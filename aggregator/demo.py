@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -56,7 +57,7 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
     def work(server: str) -> int:
         if args.status:
             return asyncio.run(show_status(server, settings.timezone, out))
-        return asyncio.run(run_demo(server, options, out))
+        return asyncio.run(run_demo(server, options, settings.timezone, out))
 
     if settings.database_url is not None:
         server = settings.database_url.reveal()
@@ -125,7 +126,10 @@ def simulated_settings(dsn: str, matomo_url: str, google_url: str, **tuning: flo
     )
 
 
-async def run_demo(server_dsn: str, options: DemoOptions, out: TextIO) -> int:
+async def run_demo(server_dsn: str, options: DemoOptions, zone: ZoneInfo, out: TextIO) -> int:
+    """The job on a simulated portfolio. Its today is the date in `zone` (AGGREGATOR_TIMEZONE),
+    as for a real run and for `demo --status`, so near midnight the demo and its status never
+    disagree about which day is due."""
     dsn = await prepare_schema(server_dsn)
     portfolio = world.make_portfolio(
         options.sites, options.accounts, revoked_account=options.revoked_account
@@ -146,8 +150,11 @@ async def run_demo(server_dsn: str, options: DemoOptions, out: TextIO) -> int:
         world.google_simulator(portfolio, latency=0.02, qps_per_account=20) as google,
     ):
         # The simulated Cloud project has Google's standard quota: 20 queries/s per account.
-        settings = simulated_settings(
-            dsn, matomo.url, google.url, gsc_max_qps_per_account=20, gsc_max_qps_per_client=600
+        settings = dataclasses.replace(
+            simulated_settings(
+                dsn, matomo.url, google.url, gsc_max_qps_per_account=20, gsc_max_qps_per_client=600
+            ),
+            timezone=zone,
         )
         window = resolve_window(today_in(settings.timezone), lookback=options.lookback)
         began = time.monotonic()

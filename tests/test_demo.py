@@ -1,15 +1,21 @@
 """`aggregator demo` as a new user runs it: a real process, simulators, a real Postgres."""
 
+import asyncio
 import shlex
 import shutil
 import sys
 import tempfile
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, time, timedelta, tzinfo
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import pytest
 
+from aggregator import dates, demo
+from aggregator.arguments import build_parser
+from aggregator.config import Secret, Settings
 from tests.conftest import fresh_database
 from tests.test_cli import aggregator
 
@@ -96,3 +102,39 @@ def test_demo_without_database_url_uses_an_embedded_postgres(tmp_path) -> None:
         assert "RuntimeDirWarning" not in first.stderr + again.stderr + status.stderr
     finally:
         shutil.rmtree(data, ignore_errors=True)
+
+
+class _LateEvening(datetime):
+    """The clock at 23:30 UTC yesterday: already today in Kiritimati (UTC+14)."""
+
+    @classmethod
+    def now(cls, tz: tzinfo | None = None) -> datetime:
+        midnight = datetime.combine(datetime.now(UTC).date(), time(), tzinfo=UTC)
+        late = midnight - timedelta(minutes=30)
+        return late.astimezone(tz) if tz is not None else late.replace(tzinfo=None)
+
+
+async def test_demo_and_its_status_agree_on_today_near_midnight(
+    own_database, tmp_path, monkeypatch, capsys
+) -> None:
+    """At 23:30 UTC it is already tomorrow in AGGREGATOR_TIMEZONE=Pacific/Kiritimati: the demo
+    run and `demo --status` both count days there, so the data the demo just stored is fresh
+    for its status, not a day behind."""
+    monkeypatch.setattr(dates, "datetime", _LateEvening)
+    monkeypatch.setattr(demo, "datetime", _LateEvening)
+    settings = Settings(database_url=Secret(own_database), timezone=ZoneInfo("Pacific/Kiritimati"))
+    report = str(tmp_path / "demo.html")
+    shown = []
+    for extra in ([], ["--status"]):
+        args = build_parser().parse_args(
+            ["demo", "--sites", "12", "--accounts", "2", "--report", report, *extra]
+        )
+        code = await asyncio.to_thread(demo.command, args, settings)
+        shown.append((code, capsys.readouterr().out))
+
+    (run_code, run_out), (status_code, status_out) = shown
+    assert status_code == 0, status_out
+    assert "(Pacific/Kiritimati): all fresh" in status_out
+    # The run's own summary of its status says the same.
+    assert run_code == 0, run_out
+    assert "(Pacific/Kiritimati): all fresh" in run_out

@@ -266,11 +266,13 @@ def _site_rows(facts: Facts, rows: list[Row]) -> None:
         account = facts.accounts.get(site.gsc_account_id) if site.gsc_account_id else None
         if account is not None and not account.active:
             inactive[account.id].append(site.domain)
+    # Every run skips these sites' Search Console numbers and so ends partial (exit 1): a
+    # problem, not a warning, or check would call well what no run can finish.
     for account_id, domains in sorted(inactive.items()):
         email = facts.accounts[account_id].email
         rows.append(
             Row(
-                "warning",
+                "problem",
                 email,
                 "gsc account",
                 f"inactive but assigned to {_plural(len(domains), 'monitored site')} "

@@ -184,34 +184,37 @@ def test_unconfigured_matomo_is_fine_when_no_site_needs_it() -> None:
 
 
 def test_notes_and_warnings_do_not_fail_the_check() -> None:
-    old = AccountInfo(3, "old@example.com", False)
     idle = AccountInfo(4, "idle@example.com", True)
     sites = (
         *facts().sites,
         Site(3, "nothing.example"),
-        Site(4, "stale.example", matomo_site_id=1, gsc_account_id=3),
+        Site(4, "shared.example", matomo_site_id=1),
     )
     report = build_report(
-        facts(
-            sites=sites,
-            accounts={1: ALICE, 2: BOB, 3: old, 4: idle},
-            token_overrides=frozenset({2, 9}),
-        )
+        facts(sites=sites, accounts={1: ALICE, 2: BOB, 4: idle}, token_overrides=frozenset({2, 9}))
     )
     assert report.exit_code == 0
     assert rows_of(report, "warning") == [
         ("matomo_site_id 1", "matomo"),
-        ("old@example.com", "gsc account"),
         ("GSC_REFRESH_TOKEN_9", "configuration"),
     ]
     assert rows_of(report, "note") == [
         ("nothing.example", "matomo"),
         ("nothing.example", "gsc"),
+        ("shared.example", "gsc"),
         ("idle@example.com", "gsc account"),
     ]
-    inactive = report.rows[1]
-    assert "1 monitored site (stale.example)" in inactive.problem
-    assert report.summary().endswith("0 problems, 3 warnings, 3 notes")
+    assert report.summary().endswith("0 problems, 2 warnings, 4 notes")
+
+
+def test_a_site_on_an_inactive_account_is_a_problem_as_every_run_skips_it() -> None:
+    """A run that skips a site is not ok (exit 1), so check cannot call that well (exit 0)."""
+    old = AccountInfo(3, "old@example.com", False)
+    sites = (*facts().sites, Site(4, "stale.example", matomo_site_id=1, gsc_account_id=3))
+    report = build_report(facts(sites=sites, accounts={1: ALICE, 2: BOB, 3: old}))
+    assert rows_of(report, "problem") == [("old@example.com", "gsc account")]
+    assert "1 monitored site (stale.example)" in report.rows[0].problem
+    assert report.exit_code == 1
 
 
 def test_missing_tables_stop_the_check_with_a_migrate_row() -> None:

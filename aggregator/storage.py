@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
@@ -86,11 +87,33 @@ async def connect(database_url: Secret, *, connect_timeout: float = 10.0) -> asy
         raise StorageError(f"database host in DATABASE_URL ({where}) cannot be resolved") from None
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         reason = " ".join(_scrub(str(exc) or type(exc).__name__, dsn).split())  # one line
-        if "rejected SSL upgrade" in reason:
-            reason += (
-                " (DATABASE_URL asks for sslmode=require or stricter; the server offers no TLS)"
-            )
-        raise StorageError(f"cannot connect to database at {where}: {reason}") from None
+        raise StorageError(
+            f"cannot connect to database at {where}: {reason}{_connect_hint(reason, dsn)}"
+        ) from None
+
+
+_TLS_DEMANDED = frozenset({"require", "verify-ca", "verify-full"})
+
+
+# asyncpg's words for a peer that hung up before PostgreSQL's greeting.
+_HUNG_UP = ("unexpected connection_lost() call", "connection was closed in the middle of operation")
+
+
+def _connect_hint(reason: str, dsn: str) -> str:
+    """What asyncpg's reason means for the operator. It says "rejected SSL upgrade" both when a
+    server refuses the TLS that sslmode demands and when what answers is no PostgreSQL at all
+    (an HTTP server on that port), so the DSN's sslmode tells which."""
+    if "rejected SSL upgrade" in reason:
+        modes = parse_qs(urlsplit(dsn).query).get("sslmode") or [os.environ.get("PGSSLMODE", "")]
+        if modes[-1] in _TLS_DEMANDED:
+            return f" (DATABASE_URL asks for sslmode={modes[-1]}; the server offers no TLS)"
+        return " (what answers there is not PostgreSQL: check the host and port in DATABASE_URL)"
+    if reason in _HUNG_UP:
+        return (
+            " (the server hung up before PostgreSQL's greeting: check the host and port in "
+            "DATABASE_URL and that the server or pooler accepts connections)"
+        )
+    return ""
 
 
 def _scrub(text: str, dsn: str) -> str:

@@ -1,3 +1,4 @@
+import asyncio
 from datetime import UTC, date, datetime
 
 import asyncpg
@@ -40,6 +41,35 @@ async def test_require_schema_names_the_missing_table(empty_db: str) -> None:
             await storage.require_schema(conn)
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize("query", ["", "?sslmode=prefer", "?sslmode=disable"])
+async def test_a_database_url_pointing_at_a_web_server_says_it_is_not_postgres(
+    query: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asyncpg reads any non-PostgreSQL answer as "rejected SSL upgrade" (or, without TLS, a
+    dropped connection): without sslmode=require, the line must not blame TLS but name the host
+    and port to check."""
+    monkeypatch.delenv("PGSSLMODE", raising=False)
+
+    async def answer_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(64)
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer_http, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(StorageError) as caught:
+            await storage.connect(Secret(f"postgresql://u:pw@127.0.0.1:{port}/db{query}"))
+    finally:
+        server.close()
+        await server.wait_closed()
+    message = str(caught.value)
+    assert message.startswith(f"cannot connect to database at 127.0.0.1:{port}/db: ")
+    assert "sslmode=require" not in message and "offers no TLS" not in message
+    assert "check the host and port in DATABASE_URL" in message
 
 
 async def test_monitored_sites_are_active_and_deployed_and_filterable(conn) -> None:

@@ -148,7 +148,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Postgres DSN: Supabase direct, session pooler (5432) or transaction pooler (6543); "
         "`?sslmode=require` is honoured",
     ),
-    Setting("MATOMO_URL", "matomo_url", "url", "Matomo base URL"),
+    Setting("MATOMO_URL", "matomo_url", "url", "Matomo base URL (its `.../index.php` works too)"),
     Setting("MATOMO_TOKEN", "matomo_token", "secret", "Matomo `token_auth` (POST body only)"),
     Setting(
         "GOOGLE_CLIENT_ID", "google_client_id", "text", "the OAuth client of the refresh tokens"

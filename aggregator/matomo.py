@@ -302,6 +302,14 @@ class _Endpoint:
     answered: int = 0
 
 
+def api_url(matomo_url: str) -> str:
+    """Where API calls go. MATOMO_URL is Matomo's base address, but the API's own address
+    (`.../index.php`, as Matomo's documentation writes it) is taken as meant, not made into
+    `.../index.php/index.php`, which Matomo answers with 404."""
+    base = matomo_url.rstrip("/")
+    return base if base.endswith("/index.php") else f"{base}/index.php"
+
+
 def _endpoint_for(
     settings: Settings,
     session: aiohttp.ClientSession,
@@ -312,7 +320,7 @@ def _endpoint_for(
     assert settings.matomo_url is not None and settings.matomo_token is not None
     return _Endpoint(
         session=session,
-        url=f"{settings.matomo_url.rstrip('/')}/index.php",
+        url=api_url(settings.matomo_url),
         token=settings.matomo_token,
         timeout=aiohttp.ClientTimeout(
             total=settings.matomo_timeout, sock_connect=settings.http_connect_timeout
@@ -513,6 +521,11 @@ def decode_answer(status: int, content_type: str, body: bytes) -> Any:
         detail = f": {message}" if message else ""
         if status == 401:
             raise MatomoError(f"Matomo rejected MATOMO_TOKEN (HTTP 401){detail}")
+        if status == 404:
+            raise MatomoError(
+                f"Matomo answered HTTP 404{detail}: no Matomo API there; set MATOMO_URL to the "
+                "address Matomo's index.php is in (e.g. https://matomo.example.com)"
+            )
         raise MatomoError(f"Matomo answered HTTP {status}{detail}")
     return answer
 

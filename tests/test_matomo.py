@@ -24,6 +24,7 @@ from aggregator.matomo import (
     parse_visits_summary,
 )
 from aggregator.model import MatomoDay, Site, SiteError
+from aggregator.simulators.matomo import MatomoSimulator
 
 FIXTURES = Path(__file__).parent / "fixtures" / "matomo"
 TOKEN = "tok-SECRET-123"
@@ -257,12 +258,40 @@ async def test_http_401_fails_the_batch_without_retry(session, mocked):
 
 @pytest.mark.parametrize(
     ("status", "error"),
-    [(401, "Matomo rejected MATOMO_TOKEN (HTTP 401)"), (404, "Matomo answered HTTP 404")],
+    [
+        (401, "Matomo rejected MATOMO_TOKEN (HTTP 401)"),
+        (
+            404,
+            "Matomo answered HTTP 404: no Matomo API there; set MATOMO_URL to the address "
+            "Matomo's index.php is in (e.g. https://matomo.example.com)",
+        ),
+    ],
 )
 def test_other_http_errors_are_not_retried(status: int, error: str):
     with pytest.raises(MatomoError) as raised:
         decode_answer(status, "text/html", PROXY_502.encode())
     assert str(raised.value) == error
+
+
+@pytest.mark.parametrize("suffix", ["", "/", "/index.php", "/index.php/"])
+async def test_matomo_url_may_be_the_base_or_the_api_address(session, suffix: str):
+    """Against the simulator over a real socket: `https://host` and `https://host/index.php`
+    (how Matomo's documentation writes the API's address) both reach the API."""
+    async with MatomoSimulator(token=TOKEN, sites={1: "UTC"}) as matomo:
+        records = await collect([site(1)], MAY_1, MAY_2, session, matomo_url=matomo.url + suffix)
+        assert matomo.bulk_requests == 1
+    assert [(r.day, r.visits) for r in records] == [
+        (day, matomo.visits(1, day)[0]) for day in (MAY_1, MAY_2)
+    ]
+
+
+async def test_a_matomo_url_with_no_api_says_what_to_set(session):
+    async with MatomoSimulator(token=TOKEN, sites={1: "UTC"}) as matomo:
+        records = await collect([site(1)], MAY_1, MAY_1, session, matomo_url=matomo.url + "/x")
+    assert (
+        "set MATOMO_URL to the address Matomo's index.php is in"
+        in errors_by_site(records)["s1.example"]
+    )
 
 
 async def test_unconfigured_matomo_fails_before_any_request(session, mocked):

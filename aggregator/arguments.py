@@ -121,8 +121,9 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
             "before its deployment. One site's gaps never widen another's. --from/--to and "
             "--date fetch exactly that range instead (still never before a site's "
             "deployment). Search Console keeps 16 months: older days are not asked of it. "
-            "Days are each source's own: Matomo's in AGGREGATOR_TIMEZONE, Search Console's "
-            "in Pacific time."
+            "Yesterday is AGGREGATOR_TIMEZONE's; each date is then a calendar day of its "
+            "source: Matomo's in the site's own Matomo timezone, Search Console's in Pacific "
+            "time."
         ),
         epilog=_epilog(
             [

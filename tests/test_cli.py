@@ -238,6 +238,10 @@ def test_run_help_describes_the_self_healing_window() -> None:
         "before yesterday and never before its deployment." in page
     )
     assert "provisional days still" not in page and "reaching back further" not in page
+    assert (
+        "each date is then a calendar day of its source: Matomo's in the site's own Matomo "
+        "timezone, Search Console's in Pacific time." in page
+    )
 
 
 def test_help_figures_are_the_commands_own() -> None:

@@ -57,6 +57,11 @@ _ACCESS_REFUSAL = re.compile(
     r"can.t access|requires .{0,20}access|token|logged in|authenticat", re.IGNORECASE
 )
 _MAX_MESSAGE_CHARS = 400
+TOKEN_REFUSED = (
+    "Matomo refused every site of a bulk request, as it answers a wrong or expired token: "
+    "check MATOMO_TOKEN (the token_auth of a user with view access to these sites); Matomo "
+    "said for the first: "
+)
 # Postgres `integer` (daily_analytics.matomo_visits/actions): a larger count would fail the
 # whole run's upsert, so it is refused here, for its site only.
 _MAX_COUNT = 2**31 - 1
@@ -198,7 +203,7 @@ def site_days(site: Site, result: Any, days: Sequence[date]) -> list[MatomoDay]:
     message = error_message(result)
     if message is not None:
         if _ACCESS_REFUSAL.search(message):
-            raise MatomoError(
+            raise MatomoAccessRefused(
                 f"Matomo refused token or access for site id {site.matomo_site_id}"
                 f" ({site.domain}): {message}"
             )
@@ -387,13 +392,21 @@ async def _fetch_batch(
         return _batch_failed(endpoint, batch, str(exc))
     records: list[MatomoDay | SiteError] = []
     failed = 0
+    refusals: list[str] = []
     for (site, window), result in zip(batch, results, strict=True):
         try:
             records.extend(site_days(site, result, window.days()))
         except MatomoError as exc:
             failed += 1
+            if isinstance(exc, MatomoAccessRefused):
+                refusals.append(error_message(result) or "")
             message = redact(str(exc), endpoint.token)
             records.append(SiteError(site=site.domain, source=SOURCE, error=message))
+    if len(refusals) == len(batch) > 1:
+        # Every site refused alike is how Matomo answers a wrong or expired token (the call
+        # runs as anonymous): one error naming the token, not one per site and its id.
+        shared = redact(TOKEN_REFUSED + refusals[0], endpoint.token)
+        records = [SiteError(site=s.domain, source=SOURCE, error=shared) for s, _ in batch]
     if failed:
         # The request was answered with an error for part of it: one failed request (not one
         # per site), so failed_requests / requests stays the share of requests that failed.

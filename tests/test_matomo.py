@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 
 from aggregator.config import ConfigError, Secret, Settings
 from aggregator.matomo import (
+    TOKEN_REFUSED,
     MatomoError,
     decode_answer,
     fetch_matomo_visits,
@@ -25,6 +26,7 @@ from aggregator.matomo import (
 )
 from aggregator.model import MatomoDay, Site, SiteError
 from aggregator.simulators.matomo import MatomoSimulator
+from aggregator.text_table import error_lines
 
 FIXTURES = Path(__file__).parent / "fixtures" / "matomo"
 TOKEN = "tok-SECRET-123"
@@ -292,6 +294,32 @@ async def test_a_matomo_url_with_no_api_says_what_to_set(session):
         "set MATOMO_URL to the address Matomo's index.php is in"
         in errors_by_site(records)["s1.example"]
     )
+
+
+async def test_a_token_refused_for_every_site_is_one_error_naming_matomo_token(session):
+    """Matomo answers a wrong token by refusing each site (the call runs as anonymous): the
+    run says so once for the batch, not once per site id; a site the right token cannot view
+    is still named alone. Against the simulator over a real socket."""
+    sites = [site(1), site(2), site(3)]
+    async with MatomoSimulator(token=TOKEN, sites={1: "UTC", 2: "UTC"}) as matomo:
+        wrong = await collect(
+            sites,
+            MAY_1,
+            MAY_1,
+            session,
+            matomo_url=matomo.url,
+            matomo_token=Secret("not-the-token"),
+        )
+        right = await collect(sites, MAY_1, MAY_1, session, matomo_url=matomo.url)
+    shared = TOKEN_REFUSED + NO_ACCESS.replace("= 9", "= 1")
+    assert errors_by_site(wrong) == dict.fromkeys(
+        ["s1.example", "s2.example", "s3.example"], shared
+    )
+    assert error_lines([r for r in wrong if isinstance(r, SiteError)]) == [
+        f"matomo   s1.example, s2.example, s3.example: {shared}"
+    ]
+    assert list(errors_by_site(right)) == ["s3.example"]
+    assert "site id 3 (s3.example)" in errors_by_site(right)["s3.example"]
 
 
 async def test_unconfigured_matomo_fails_before_any_request(session, mocked):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import SplitResult, urlsplit
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
@@ -135,8 +135,12 @@ class Setting:
         try:
             return ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError, OSError):
+            # Zone names are case-sensitive (`utc` is no zone, as `europe/berlin` is none):
+            # a name that differs only in case is named, so the fix is in the line.
+            spelt = {zone.lower(): zone for zone in available_timezones()}.get(value.lower())
+            hint = f" (names are case-sensitive: {spelt})" if spelt else ""
             raise ConfigError(
-                f"{self.variable} must be {self.allowed}, got {value[:40]!r}"
+                f"{self.variable} must be {self.allowed}, got {value[:40]!r}{hint}"
             ) from None
 
 

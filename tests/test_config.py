@@ -159,6 +159,16 @@ def test_malformed_settings_name_the_variable(env: dict, names: str) -> None:
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize(("value", "zone"), [("utc", "UTC"), ("europe/berlin", "Europe/Berlin")])
+def test_a_time_zone_in_the_wrong_case_is_named_in_the_right_one(value: str, zone: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"AGGREGATOR_TIMEZONE": value})
+    assert str(caught.value) == (
+        "AGGREGATOR_TIMEZONE must be an IANA time zone such as Europe/Berlin, "
+        f"got {value!r} (names are case-sensitive: {zone})"
+    )
+
+
 def test_a_url_with_a_token_is_not_echoed_in_the_error() -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings({"GOOGLE_TOKEN_URL": "ftp://host/token?secret=abc123"})

@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import json
 import math
+import re
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import date, timedelta
 from pathlib import Path
@@ -724,7 +725,11 @@ async def test_rate_limit_gives_up_when_the_wait_budget_is_spent(
     records = await run(token_endpoint, [site], gsc_quota_max_wait=60.0)
 
     assert sleep.waits == []
-    assert "kept rate-limiting account a@example.com" in errors_of(records)["a.com"]
+    error = errors_of(records)["a.com"]
+    assert "kept rate-limiting account a@example.com" in error
+    # Retry-After: 100, plus up to a second of jitter.
+    assert re.search(r"gave up after waiting 0s, as waiting 10[01]s more would pass ", error)
+    assert "GSC_QUOTA_MAX_WAIT_SECONDS (60s); will retry next run" in error
 
 
 async def test_403_rate_limit_exceeded_is_retried(

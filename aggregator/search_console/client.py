@@ -463,7 +463,9 @@ class _SearchConsole:
                 if rate_wait + delay > settings.gsc_quota_max_wait:
                     raise SiteFailure(
                         f"Search Console kept rate-limiting account {email} for {subject} "
-                        f"({problem}); gave up after waiting {rate_wait:.0f}s; will retry next run"
+                        f"({problem}); gave up after waiting {rate_wait:.0f}s, as waiting "
+                        f"{delay:.0f}s more would pass GSC_QUOTA_MAX_WAIT_SECONDS "
+                        f"({settings.gsc_quota_max_wait:g}s); will retry next run"
                     )
                 rate_wait += delay
             else:

@@ -80,6 +80,12 @@ def test_causes_group_the_same_error_across_sites() -> None:
     text = render.text(report, UTC_ZONE)
     assert "gsc  failing  5      account a@x cannot access sc-domain:<site>" in text
     assert "e.g. s0.com, s1.com, s2.com, …" in text
+    assert (
+        "needs attention (one line per cause; `aggregator status --all` lists every site):" in text
+    )
+    # With --all every site follows: no pointer to the option already given.
+    every = render.text(report, UTC_ZONE, every_site=True)
+    assert "needs attention (one line per cause):" in every and "--all" not in every
 
 
 def test_an_error_naming_no_monitored_site_is_reported_as_a_run_failure() -> None:

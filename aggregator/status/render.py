@@ -89,14 +89,15 @@ def summary_lines(report: StatusReport, zone: ZoneInfo) -> list[str]:
     return lines
 
 
-def attention_lines(report: StatusReport, limit: int = CAUSES_SHOWN) -> list[str]:
+def attention_lines(
+    report: StatusReport, limit: int = CAUSES_SHOWN, *, every_site: bool = False
+) -> list[str]:
+    """What needs attention, one line per cause; pointing to `--all` unless it was given."""
     causes = report.causes()
     if not causes and not report.run_errors:
         return []
-    lines = [
-        "",
-        "needs attention (one line per cause; `aggregator status --all` lists every site):",
-    ]
+    pointer = "" if every_site else "; `aggregator status --all` lists every site"
+    lines = ["", f"needs attention (one line per cause{pointer}):"]
     lines += [f"  run     failing: {' '.join(e.split())}" for e in report.run_errors[:limit]]
     rows = [
         (c.source, c.state, str(len(c.sites)), _clip(c.cause), f"e.g. {_examples(c.sites)}")
@@ -105,7 +106,9 @@ def attention_lines(report: StatusReport, limit: int = CAUSES_SHOWN) -> list[str
     lines += [f"  {line}" for line in table_lines(("", "", "sites", "cause", ""), rows)[1:]]
     hidden = len(causes) - len(rows)
     if hidden > 0:
-        lines.append(f"  … {hidden} more causes (`aggregator status --all`)")
+        lines.append(
+            f"  … {hidden} more causes" + ("" if every_site else " (`aggregator status --all`)")
+        )
     return lines
 
 
@@ -132,15 +135,15 @@ def site_lines(report: StatusReport) -> list[str]:
     ]
 
 
-def overview_lines(report: StatusReport, zone: ZoneInfo) -> list[str]:
-    """The summary and what needs attention: the terminal report without `--all`, and what the
-    demo and the HTML report show."""
-    return summary_lines(report, zone) + attention_lines(report)
+def overview_lines(report: StatusReport, zone: ZoneInfo, *, every_site: bool = False) -> list[str]:
+    """The summary and what needs attention: the terminal report (followed by every site with
+    `--all`), and what the demo and the HTML report show."""
+    return summary_lines(report, zone) + attention_lines(report, every_site=every_site)
 
 
 def text(report: StatusReport, zone: ZoneInfo, *, every_site: bool = False) -> str:
     """The terminal report: the overview, then every site with `every_site`."""
-    lines = overview_lines(report, zone)
+    lines = overview_lines(report, zone, every_site=every_site)
     if every_site:
         lines += site_lines(report)
     return "\n".join(lines) + "\n"

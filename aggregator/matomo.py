@@ -88,6 +88,10 @@ class MatomoTransientError(Exception):
     """A fault that the same request may well not meet next time: timeouts, 5xx, proxy pages."""
 
 
+class MatomoUnreachable(MatomoTransientError):
+    """No answer at all: the connection failed or the request timed out."""
+
+
 class MatomoRateLimited(MatomoTransientError):
     """Matomo (or a proxy in front of it) answered 429: slow down."""
 
@@ -474,9 +478,13 @@ async def _post_with_retries(
                         endpoint.stats.failed(rate_limited=isinstance(failure, MatomoRateLimited))
                         raise
     except MatomoTransientError as exc:
-        raise MatomoBatchFailed(
-            f"Matomo unreachable after {attempts_allowed} attempts: {exc}"
-        ) from None
+        # "Unreachable" only when nothing answered: a 5xx or a proxy's page came from somewhere.
+        what = (
+            "unreachable after"
+            if isinstance(exc, MatomoUnreachable)
+            else "gave no usable answer in"
+        )
+        raise MatomoBatchFailed(f"Matomo {what} {attempts_allowed} attempts: {exc}") from None
     return answer, attempt.retry_state.attempt_number
 
 
@@ -495,9 +503,9 @@ async def _post_once(endpoint: _Endpoint, form: dict[str, str]) -> Any:
             body = await read_capped(response, MAX_RESPONSE_BYTES, _too_big)
             return decode_answer(response.status, response.content_type, body)
     except TimeoutError:
-        raise MatomoTransientError("timed out") from None
+        raise MatomoUnreachable("timed out") from None
     except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError) as exc:
-        raise MatomoTransientError(f"connection error: {type(exc).__name__}: {exc}") from None
+        raise MatomoUnreachable(f"connection error: {type(exc).__name__}: {exc}") from None
     except aiohttp.ClientError as exc:
         raise MatomoError(f"Matomo request failed: {type(exc).__name__}: {exc}") from None
 

@@ -461,9 +461,9 @@ async def test_a_site_that_breaks_its_batch_fails_alone(session, mocked):
     records = await collect([site(1), site(2), site(3)], MAY_1, MAY_1, session, matomo_batch_size=2)
 
     assert errors_by_site(records) == {
-        "s1.example": "Matomo fails on site id 1 alone (Matomo unreachable after 2 attempts: "
-        "HTTP 502): check that site's reports in Matomo; the other sites of its batch were "
-        "fetched"
+        "s1.example": "Matomo fails on site id 1 alone (Matomo gave no usable answer in 2 "
+        "attempts: HTTP 502): check that site's reports in Matomo; the other sites of its batch "
+        "were fetched"
     }
     stored = sorted(r.site_id for r in records if isinstance(r, MatomoDay))
     assert stored == [1002, 1003]
@@ -481,7 +481,7 @@ async def test_a_server_that_answers_nothing_is_split_only_once(session, mocked)
     assert len(posts(mocked)) == 3 + 2 * 2
     errors = errors_by_site(records)
     assert len(errors) == 8
-    assert all(e == "Matomo unreachable after 2 attempts: HTTP 502" for e in errors.values())
+    assert all(e == "Matomo gave no usable answer in 2 attempts: HTTP 502" for e in errors.values())
 
 
 async def test_connection_errors_until_give_up_name_the_cause(session, mocked):

@@ -61,6 +61,14 @@ class LeaseLost(Exception):
         super().__init__(LOST)
 
 
+def heartbeat_failed(exc: BaseException) -> str:
+    """Why a run stopped when renewing its lease failed for a reason a retry cannot cure."""
+    return (
+        f"this run's lease heartbeat failed ({type(exc).__name__}): without renewals another "
+        "run could take over, so it stopped writing; rows it stored before are kept"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class RunLease:
     """A held lease: the run row's id and the lease length this run renews it by."""
@@ -166,12 +174,15 @@ def seconds_text(seconds: float) -> str:
     return f"{round(seconds, 3):g}s"
 
 
-async def keep_alive(pool: asyncpg.Pool, lease: RunLease, on_lost: Callable[[], None]) -> None:
-    """Renew the lease every beat until cancelled; call `on_lost` and return if it was lost.
+async def keep_alive(pool: asyncpg.Pool, lease: RunLease, on_lost: Callable[[str], None]) -> None:
+    """Renew the lease every beat until cancelled; call `on_lost` with why and return if it
+    was lost or cannot be renewed.
 
     A beat that cannot reach the database (a dropped connection, a pooler restart) is only
     logged: the next beat tries with a fresh connection, and every flush checks the lease
-    itself, so a run never writes without it."""
+    itself, so a run never writes without it. Any other failure (the database refusing the
+    renewal, a bug) stops the run: left to die in this task, its exception would be dropped
+    at cancellation and the run would go on without renewing until its lease ran out."""
     while True:
         await asyncio.sleep(lease.beat)
         try:
@@ -182,7 +193,18 @@ async def keep_alive(pool: asyncpg.Pool, lease: RunLease, on_lost: Callable[[], 
         except TRANSIENT_ERRORS as exc:
             log.warning("lease.heartbeat_failed", error=type(exc).__name__)
             continue
+        except Exception as exc:
+            # The database's refusal is named; a bug's traceback is needed to fix it.
+            refused = isinstance(exc, asyncpg.PostgresError)
+            log.error(
+                "lease.heartbeat_died",
+                run=lease.run_id,
+                error=type(exc).__name__,
+                exc_info=not refused,
+            )
+            on_lost(heartbeat_failed(exc))
+            return
         if not held:
             log.error("lease.lost", run=lease.run_id)
-            on_lost()
+            on_lost(str(LeaseLost()))
             return

@@ -33,7 +33,7 @@ from aggregator.dates import (
     today_in,
 )
 from aggregator.flushing import Flusher
-from aggregator.lease import TRANSIENT_ERRORS, LeaseLost, RunLease, keep_alive, take_lease
+from aggregator.lease import TRANSIENT_ERRORS, RunLease, keep_alive, take_lease
 from aggregator.model import (
     GscAccount,
     GscDay,
@@ -419,9 +419,9 @@ class _Run:
             self.settle(table, self.written)
             await self._close(pool, lease)
 
-    def _lost(self, flusher: Flusher) -> Callable[[], None]:
-        def lost() -> None:
-            flusher.failure = flusher.failure or str(LeaseLost())
+    def _lost(self, flusher: Flusher) -> Callable[[str], None]:
+        def lost(why: str) -> None:
+            flusher.failure = flusher.failure or why
             self._halt.set()
 
         return lost

@@ -207,6 +207,52 @@ async def test_a_run_whose_lease_was_taken_over_stops_writing_and_exits_1(
     assert statuses[0]["status"] == "failed"
 
 
+async def test_a_run_whose_heartbeat_is_refused_stops_with_that_error_and_exits_1(
+    db, conn, seeded_small, tmp_path
+):
+    """A renewal the database refuses (not a dropped connection) stops the run like a lost
+    lease, instead of killing the heartbeat unseen while the run goes on unrenewed."""
+    portfolio = seeded_small
+    async with (
+        world.matomo_simulator(portfolio, today=TO, latency=0.1) as matomo,
+        _google(portfolio) as google,
+    ):
+        # No flush before the end: only the heartbeat renews the lease meanwhile.
+        env = _slow_run(
+            db,
+            matomo.url,
+            google.url,
+            AGGREGATOR_LEASE_SECONDS="1.5",
+            AGGREGATOR_FLUSH_SECONDS="600",
+        )
+        process = await start_job(env, tmp_path, "--from", f"{FROM}", "--to", f"{TO}")
+
+        async def leased() -> bool:
+            return bool(await conn.fetchval("select count(*) from aggregator_runs"))
+
+        await wait_for(leased, "the lease", process)
+        # Renewing a running row is refused as a revoked privilege would be; closing it is not.
+        await conn.execute(
+            """
+            create function refuse_renewal() returns trigger language plpgsql as $$
+            begin raise exception 'renewal refused' using errcode = 'insufficient_privilege';
+            end $$;
+            create trigger refuse_renewal before update on aggregator_runs
+            for each row when (new.status = 'running') execute function refuse_renewal();
+            """
+        )
+        result = await finish(process, seconds=15)
+    assert result.returncode == 1, result.stderr[-2000:]
+    line = _one_error_line(result.stderr)
+    assert "lease heartbeat failed (InsufficientPrivilegeError)" in line, line
+    run = await conn.fetchrow("select status, finished_at, errors from aggregator_runs")
+    assert run["status"] != "running" and run["finished_at"] is not None
+    assert any(
+        "lease heartbeat failed (InsufficientPrivilegeError)" in e["error"]
+        for e in json.loads(run["errors"])
+    )
+
+
 async def test_sigterm_ends_a_flush_blocked_on_a_table_lock_and_closes_the_run(
     db, conn, seeded_small, tmp_path
 ):

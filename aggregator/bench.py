@@ -152,6 +152,7 @@ async def _child_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
     )
     window = resolve_window(today_in(settings.timezone), lookback=spec["lookback"])
     began = time.perf_counter()
+    tune_for_a_long_run()  # as `aggregator run` does
     outcome = await run_job(settings, RunRequest(window))
     seconds = time.perf_counter() - began
     return {
@@ -818,6 +819,7 @@ class BenchOptions:
     nightly_sites: int | None = NIGHTLY_SITES  # None: skip the nightly benchmark
     upsert_days: int = UPSERT_DAYS
     flushing_sites: int | None = FLUSHING_SITES  # None: skip the flushing backfill
+    logs: Path | None = None  # keep each run's JSON log here; None: a temporary directory
 
 
 async def run_bench(server_dsn: str, options: BenchOptions, out: TextIO) -> int:
@@ -846,7 +848,7 @@ async def run_bench(server_dsn: str, options: BenchOptions, out: TextIO) -> int:
                 flush=True,
             )
             results = []
-            with tempfile.TemporaryDirectory(prefix="aggregator-bench-") as workdir:
+            with _workdir(options.logs) as workdir:
                 for sites in options.sizes if options.tuned else ():
                     results.append(await pipeline_scenario(dsn, sites, Path(workdir)))
                     print(f"  {sites:,} sites done", file=out, flush=True)
@@ -894,7 +896,7 @@ async def run_bench(server_dsn: str, options: BenchOptions, out: TextIO) -> int:
                 file=out,
                 flush=True,
             )
-            with tempfile.TemporaryDirectory(prefix="aggregator-bench-") as workdir:
+            with _workdir(options.logs) as workdir:
                 nightly = await nightly_scenario(dsn, options.nightly_sites, Path(workdir))
             print("\n" + nightly_table([nightly]), file=out)
             print(
@@ -947,6 +949,18 @@ async def run_bench(server_dsn: str, options: BenchOptions, out: TextIO) -> int:
         finally:
             await admin.close()
     return 1 if failed else 0
+
+
+@contextlib.contextmanager
+def _workdir(logs: Path | None) -> Iterator[str]:
+    """Where the runs write their logs: `logs` (kept, to see where a run spent its time), else
+    a temporary directory."""
+    if logs is not None:
+        logs.mkdir(parents=True, exist_ok=True)
+        yield str(logs)
+        return
+    with tempfile.TemporaryDirectory(prefix="aggregator-bench-") as workdir:
+        yield workdir
 
 
 @contextlib.contextmanager
@@ -1025,6 +1039,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"smoke run: 200 sites and a {QUICK_UPSERT_SITES * UPSERT_DAYS:,}-row upsert",
     )
+    parser.add_argument(
+        "--logs",
+        type=Path,
+        metavar="DIR",
+        help="keep each pipeline run's JSON log in DIR (default: discarded)",
+    )
     parser.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     return parser
 
@@ -1066,6 +1086,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else QUICK_UPSERT_SITES
         if args.quick
         else FLUSHING_SITES,
+        logs=args.logs,
     )
     out = sys.stdout
     print(machine(), file=out)

@@ -101,6 +101,7 @@ LATER_COLUMNS: Mapping[str, Mapping[str, tuple[str, ...]]] = {
         "key": _TEXT,
         "queries_per_second": ("double precision",),
         "learned_at": _TIMESTAMPTZ,
+        "limit_shown": ("boolean",),
     },
 }
 # The one table 001 adopts (adding missing columns) rather than requiring whole.

@@ -39,6 +39,15 @@ class GscAccount:
     refresh_token: str | None
 
 
+class LearnedRate(NamedTuple):
+    """A Search Console query rate a run learned for one quota scope (an account, the OAuth
+    client): where the next run starts. `limit_shown`: Google refused faster queries, so the
+    rate sits just under its limit; else nothing was refused and the rate is only a floor."""
+
+    queries_per_second: float
+    limit_shown: bool
+
+
 class MatomoDay(NamedTuple):
     """One site's Matomo numbers for one day (site timezone). An empty day is 0 and 0."""
 

@@ -37,6 +37,7 @@ from aggregator.lease import TRANSIENT_ERRORS, RunLease, keep_alive, take_lease
 from aggregator.model import (
     GscAccount,
     GscDay,
+    LearnedRate,
     MatomoDay,
     Site,
     SiteError,
@@ -80,7 +81,7 @@ class SourceInput(SpansWindows):
     pacific_today: date
     stats: SourceStats = field(default_factory=SourceStats)
     # Search Console's learned query rates, read before the run and stored after it.
-    rates: dict[tuple[str, str], float] = field(default_factory=dict)
+    rates: dict[tuple[str, str], LearnedRate] = field(default_factory=dict)
 
 
 Source = Callable[[SourceInput], AsyncIterator[SourceRecord]]
@@ -282,7 +283,7 @@ class _Run:
         *,
         skipped: Sequence[SiteError],
         pacific_today: date,
-        rates: dict[tuple[str, str], float],
+        rates: dict[tuple[str, str], LearnedRate],
     ) -> None:
         self._settings = settings
         self._rates = rates
@@ -510,7 +511,7 @@ async def _collect(
     halt: asyncio.Event,
     progress: ProgressSink,
     pacific_today: date,
-    rates: dict[tuple[str, str], float],
+    rates: dict[tuple[str, str], LearnedRate],
 ) -> str | None:
     """Drain every source into `table` until done, the deadline, or `halt`; return "halt" or
     "deadline" when cut short (None when complete). `make_room` runs when the table is full

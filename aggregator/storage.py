@@ -18,7 +18,15 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 
 from aggregator.config import Secret, Settings
-from aggregator.model import AccountRefresh, GscAccount, Site, SiteError, SiteHistory, SiteId
+from aggregator.model import (
+    AccountRefresh,
+    GscAccount,
+    LearnedRate,
+    Site,
+    SiteError,
+    SiteHistory,
+    SiteId,
+)
 from aggregator.redaction import redact, register_secret
 
 # gsc_learned_rates comes with migration 004: its absence means the schema predates it.
@@ -610,29 +618,38 @@ async def renew_lease(
     return renewed is not None
 
 
-async def load_learned_rates(conn: asyncpg.Connection) -> dict[tuple[str, str], float]:
+async def load_learned_rates(conn: asyncpg.Connection) -> dict[tuple[str, str], LearnedRate]:
     """The Search Console query rates earlier runs learned, keyed (scope, key)."""
-    rows = await conn.fetch("select scope, key, queries_per_second from gsc_learned_rates")
-    return {(row["scope"], row["key"]): row["queries_per_second"] for row in rows}
+    rows = await conn.fetch(
+        "select scope, key, queries_per_second, limit_shown from gsc_learned_rates"
+    )
+    return {
+        (row["scope"], row["key"]): LearnedRate(row["queries_per_second"], row["limit_shown"])
+        for row in rows
+    }
 
 
 async def save_learned_rates(
-    conn: asyncpg.Connection, rates: Mapping[tuple[str, str], float]
+    conn: asyncpg.Connection, rates: Mapping[tuple[str, str], LearnedRate]
 ) -> None:
     """Store what this run learned, where the next run starts."""
     if not rates:
         return
     await conn.execute(
         """
-        insert into gsc_learned_rates (scope, key, queries_per_second, learned_at)
-        select scope, key, qps, now()
-        from unnest($1::text[], $2::text[], $3::float8[]) as t(scope, key, qps)
+        insert into gsc_learned_rates (scope, key, queries_per_second, limit_shown, learned_at)
+        select scope, key, qps, limit_shown, now()
+        from unnest($1::text[], $2::text[], $3::float8[], $4::bool[])
+            as t(scope, key, qps, limit_shown)
         on conflict (scope, key) do update
-        set queries_per_second = excluded.queries_per_second, learned_at = excluded.learned_at
+        set queries_per_second = excluded.queries_per_second,
+            limit_shown = excluded.limit_shown,
+            learned_at = excluded.learned_at
         """,
         [scope for scope, _ in rates],
         [key for _, key in rates],
-        list(rates.values()),
+        [rate.queries_per_second for rate in rates.values()],
+        [rate.limit_shown for rate in rates.values()],
     )
 
 

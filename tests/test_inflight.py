@@ -16,6 +16,7 @@ from typing import TypeVar
 
 import pytest
 
+from aggregator.model import LearnedRate
 from aggregator.search_console import inflight
 from aggregator.search_console.account_run import Paced, take_turn
 from aggregator.search_console.inflight import (
@@ -117,8 +118,10 @@ def test_the_quota_not_a_connection_cap_bounds_a_paced_account_at_any_latency(
     the places it needed stay near rate x latency."""
 
     async def main() -> tuple[float, int]:
-        account = Paced(20.0, None, most_in_flight=ACCOUNT_CEILING)
-        client = Paced(600.0, None, most_in_flight=inflight.CLIENT_CEILING)
+        account = Paced(LearnedRate(20.0, limit_shown=True), None, most_in_flight=ACCOUNT_CEILING)
+        client = Paced(
+            LearnedRate(600.0, limit_shown=True), None, most_in_flight=inflight.CLIENT_CEILING
+        )
         seconds = await paced_requests(200, latency, account, client)
         return seconds, account.in_flight.peak
 
@@ -133,8 +136,10 @@ def test_a_fixed_cap_would_have_bound_the_same_account_at_500_ms() -> None:
     """The control: with 8 places the same 200 requests at 500 ms take 200 x 0.5 / 8 s."""
 
     async def main() -> float:
-        account = Paced(20.0, None, most_in_flight=8)
-        client = Paced(600.0, None, most_in_flight=inflight.CLIENT_CEILING)
+        account = Paced(LearnedRate(20.0, limit_shown=True), None, most_in_flight=8)
+        client = Paced(
+            LearnedRate(600.0, limit_shown=True), None, most_in_flight=inflight.CLIENT_CEILING
+        )
         return await paced_requests(200, 0.5, account, client)
 
     assert on_virtual_clock(main) >= 200 * 0.5 / 8
@@ -145,9 +150,11 @@ def test_the_clients_places_go_only_to_requests_their_account_let_go() -> None:
     queued requests hold no client place, so the fast one keeps its pace."""
 
     async def main() -> float:
-        client = Paced(100.0, None, most_in_flight=inflight.CLIENT_CEILING)
-        slow = Paced(1.0, None, most_in_flight=ACCOUNT_CEILING)
-        fast = Paced(20.0, None, most_in_flight=ACCOUNT_CEILING)
+        client = Paced(
+            LearnedRate(100.0, limit_shown=True), None, most_in_flight=inflight.CLIENT_CEILING
+        )
+        slow = Paced(LearnedRate(1.0, limit_shown=True), None, most_in_flight=ACCOUNT_CEILING)
+        fast = Paced(LearnedRate(20.0, limit_shown=True), None, most_in_flight=ACCOUNT_CEILING)
         slow_night = asyncio.ensure_future(paced_requests(50, 0.5, slow, client))
         seconds = await paced_requests(100, 0.5, fast, client)
         assert client.in_flight.peak <= client.in_flight.limit + 20

@@ -21,7 +21,7 @@ from structlog.testing import capture_logs
 
 from aggregator.dates import Window
 from aggregator.demo import simulated_settings
-from aggregator.model import GscDay, SourceRecord
+from aggregator.model import GscDay, LearnedRate, SourceRecord
 from aggregator.pipeline import (
     RunOutcome,
     RunRequest,
@@ -66,6 +66,11 @@ async def learned(conn: asyncpg.Connection) -> dict[tuple[str, str], float]:
     return {(r["scope"], r["key"]): r["queries_per_second"] for r in rows}
 
 
+async def limits_shown(conn: asyncpg.Connection) -> dict[tuple[str, str], bool]:
+    rows = await conn.fetch("select scope, key, limit_shown from gsc_learned_rates")
+    return {(r["scope"], r["key"]): r["limit_shown"] for r in rows}
+
+
 def gsc_sites(portfolio: world.Portfolio) -> int:
     return sum(1 for site in portfolio.sites if site.gsc_account_id is not None)
 
@@ -86,12 +91,16 @@ async def test_standard_quota_second_night_starts_within_ten_percent_under_it(
         google.reset_counters()
         second = await night(db, google)
         after_second = await learned(conn)
+        kinds = await limits_shown(conn)
 
     assert first.status == second.status == "ok"
     for account in portfolio.accounts:
         assert after_first[("account", str(account.id))] <= 40
         assert 0.9 * 40 <= after_second[("account", str(account.id))] <= 40
     assert after_second[("client", world.CLIENT_ID)] <= 1333
+    # The accounts were refused, the client never was: its rate is a floor, not a limit.
+    assert all(kinds[("account", str(account.id))] for account in portfolio.accounts)
+    assert kinds[("client", world.CLIENT_ID)] is False
     # The second night starts at the learned rate: hardly any refusal.
     assert google.rate_limited <= len(portfolio.accounts) * 3
     assert second.stats["gsc"].rate_limited == google.rate_limited
@@ -227,7 +236,8 @@ def test_a_refusal_sets_the_limit_and_the_rate_settles_just_under_it(monkeypatch
     now = serve(throttle, now, 20.0, limit=40)
     assert throttle.limit is not None and 0.9 * 40 <= throttle.limit <= 41
     assert 0.9 * 40 <= throttle.rate <= 40, "close under the limit, not far below"
-    assert 0.9 * 40 <= throttle.learned() <= 40
+    assert throttle.learned().limit_shown
+    assert 0.9 * 40 <= throttle.learned().queries_per_second <= 40
 
 
 def test_a_ceiling_is_never_exceeded_and_the_rate_never_drops_below_the_floor() -> None:
@@ -240,7 +250,7 @@ def test_a_ceiling_is_never_exceeded_and_the_rate_never_drops_below_the_floor() 
 
 
 def test_a_learned_rate_is_where_the_next_run_stays_until_it_probes_above_it() -> None:
-    throttle = Throttle(start=38.0, ceiling=None)
+    throttle = Throttle(start=LearnedRate(38.0, limit_shown=True), ceiling=None)
     now = serve(throttle, 1000.0, rates.PROBE_AFTER - 1, limit=40)
     assert throttle.refusals == 0 and throttle.rate == pytest.approx(38.0)
     serve(throttle, now, 5.0, limit=40)
@@ -253,9 +263,24 @@ def test_a_rate_held_by_the_operators_ceiling_is_not_learned() -> None:
     fresh = Throttle(start=None, ceiling=0.5)
     serve(fresh, 0.0, 30.0)
     assert fresh.rate == 0.5 and fresh.learned() is None
-    earlier = Throttle(start=38.0, ceiling=0.5)
+    earlier = Throttle(start=LearnedRate(38.0, limit_shown=True), ceiling=0.5)
     serve(earlier, 0.0, 30.0)
-    assert earlier.rate == 0.5 and earlier.learned() == pytest.approx(38.0)
+    assert earlier.rate == 0.5 and earlier.learned() == (pytest.approx(38.0), True)
+
+
+def test_a_rate_learned_without_a_refusal_is_a_floor_the_next_run_grows_from() -> None:
+    """A small portfolio never nears the quota: its run stores the fastest rate it used,
+    marked as no limit. A later, bigger run starts there and speeds up while Google answers,
+    instead of creeping up 5% per PROBE_AFTER as it does from a limit Google showed."""
+    small = Throttle(start=LearnedRate(4.0, limit_shown=False), ceiling=None)
+    serve(small, 0.0, 1.0)
+    assert small.learned() == (pytest.approx(small.peak), False) and small.peak >= 4.0
+    bigger = Throttle(start=small.learned(), ceiling=None)
+    serve(bigger, 0.0, 3.0, limit=40)
+    assert bigger.refusals > 0 and 0.9 * 40 <= bigger.learned().queries_per_second <= 40
+    as_limit = Throttle(start=LearnedRate(4.0, limit_shown=True), ceiling=None)
+    serve(as_limit, 0.0, 3.0, limit=40)
+    assert as_limit.rate < 5, "from a limit shown, the same 3 s would barely move"
 
 
 async def test_a_night_under_a_ceiling_does_not_slow_the_nights_after_it(db, conn) -> None:

@@ -31,7 +31,15 @@ from aggregator.api_stats import SourceStats
 from aggregator.config import Settings
 from aggregator.dates import PACIFIC, Window, today_in
 from aggregator.http_body import read_capped
-from aggregator.model import AccountRefresh, GscAccount, GscDay, Site, SiteError, SiteId
+from aggregator.model import (
+    AccountRefresh,
+    GscAccount,
+    GscDay,
+    LearnedRate,
+    Site,
+    SiteError,
+    SiteId,
+)
 from aggregator.redaction import Redactor
 from aggregator.redirects import REDIRECT_STATUSES, refused_redirect
 from aggregator.search_console import answers
@@ -106,7 +114,7 @@ class _SearchConsole:
         rest_allowed: bool = True,
         windows: Mapping[SiteId, Window] | None = None,
         pacific_today: date | None = None,
-        rates: dict[tuple[str, str], float] | None = None,
+        rates: dict[tuple[str, str], LearnedRate] | None = None,
     ) -> None:
         self._settings = settings
         self._stats = stats or SourceStats()
@@ -174,21 +182,23 @@ class _SearchConsole:
     def _learned_client_rate(self) -> None:
         """Note (and log, once per run) what the OAuth client's scope learned, once the
         accounts are done or cut short."""
-        learned = self._keep_learned(self._client_key, self._client.throttle)
         log.info(
             "gsc.client_rate",
-            learned_qps=learned,
+            **self._keep_learned(self._client_key, self._client.throttle),
             refused=self._client.throttle.refusals,
         )
 
-    def _keep_learned(self, key: tuple[str, str], throttle: Throttle) -> float | None:
-        """Note what `throttle` learned for the next run and return it rounded for the log;
-        when it learned nothing (held by the operator's ceiling) the earlier rate stays."""
+    def _keep_learned(self, key: tuple[str, str], throttle: Throttle) -> dict[str, object]:
+        """Note what `throttle` learned for the next run and return it for the log; when it
+        learned nothing (held by the operator's ceiling) the earlier rate stays."""
         learned = throttle.learned()
         if learned is None:
-            return None
+            return {"learned_qps": None}
         self._rates[key] = learned
-        return round(learned, 2)
+        return {
+            "learned_qps": round(learned.queries_per_second, 2),
+            "limit_shown": learned.limit_shown,
+        }
 
     def _rate_answer(
         self, run: AccountRun, sent_at: float, refused: GoogleError | None = None
@@ -272,14 +282,13 @@ class _SearchConsole:
             finished = True
         finally:
             throttle = run.paced.throttle
-            learned = self._keep_learned(("account", str(run.account.id)), throttle)
             log.info(
                 "gsc.account_done" if finished else "gsc.account_cut",
                 account=run.account.email,
                 sites=len(sites),
                 failed=failed,
                 seconds=round(time.monotonic() - began, 1),
-                learned_qps=learned,
+                **self._keep_learned(("account", str(run.account.id)), throttle),
                 refused=throttle.refusals,
             )
 

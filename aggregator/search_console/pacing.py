@@ -52,6 +52,8 @@ class Pacer:
         self._headroom = headroom
         self.granted = 0
         self._next = -math.inf  # loop time before which no slot is due
+        self._released = -math.inf  # where the grid stood when the last slot was released
+        self._sleeper: asyncio.Future[None] | None = None  # the slot holder waiting for _next
         self._lock = asyncio.Lock()
         self._last_due = -math.inf  # when the latest turn that has come was due
         self._turns: list[_Turn] = []  # turns waiting for their time, in order
@@ -66,22 +68,34 @@ class Pacer:
         changed = self.interval != self._headroom / per_second
         self.per_second = per_second
         self.interval = self._headroom / per_second
-        if changed and self._turns:
+        if not changed:
+            return
+        self._next = self._released + self.interval
+        if self._sleeper is not None and not self._sleeper.done():
+            self._sleeper.set_result(None)  # wake it to wait for the new due time instead
+        if self._turns:
             self._respace()
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         async with self._lock:
             loop = asyncio.get_running_loop()
-            now = loop.time()
-            due = max(self._next, now)
-            if due > now:
-                await asyncio.sleep(due - now)
+            entered = loop.time()
+            # pace() may move the due time while this waits: it wakes the wait to look again.
+            while (due := max(self._next, entered)) > loop.time():
+                self._sleeper = loop.create_future()
+                timer = loop.call_at(due, _wake, self._sleeper)
+                try:
+                    await self._sleeper
+                finally:
+                    timer.cancel()
+                    self._sleeper = None
             self.granted += 1
             try:
                 yield
             finally:
-                self._next = max(due, loop.time() - CATCH_UP) + self.interval
+                self._released = max(due, loop.time() - CATCH_UP)
+                self._next = self._released + self.interval
 
     async def turn(self) -> None:
         loop = asyncio.get_running_loop()
@@ -116,6 +130,11 @@ class Pacer:
             turn.timer = loop.call_at(due, self._come, turn)
             due += self.interval
         self._next = due
+
+
+def _wake(sleeper: asyncio.Future[None]) -> None:
+    if not sleeper.done():
+        sleeper.set_result(None)
 
 
 @dataclass(slots=True)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 from collections import deque
 
+from aggregator.model import LearnedRate
+
 START_RATE_DEFAULT = 1.0  # queries/s with nothing learned: a new Cloud project's 60/min
 START_RATE = START_RATE_DEFAULT  # module-level, read at call time: tests start faster
 MIN_RATE = 0.05  # never slower than one query in 20 s: the night must go on
@@ -36,14 +38,16 @@ _SLOW_START_GROWTH = 4.0  # per second, until Google first refuses
 class Throttle:
     """One scope's (an account's or the OAuth client's) learned query rate."""
 
-    def __init__(self, start: float | None, ceiling: float | None) -> None:
+    def __init__(self, start: LearnedRate | None, ceiling: float | None) -> None:
         """`start`: the rate an earlier run learned (None: nothing learned)."""
         self.ceiling = min(ceiling, MAX_RATE) if ceiling else MAX_RATE
+        begin = start.queries_per_second if start else None
         # With nothing learned, a ceiling the operator set is a rate they vouch for.
-        self.rate = self.start = _clamp(start or ceiling or START_RATE, self.ceiling)
-        # A learned rate is SETTLE of a limit Google showed: start from that limit, probing
-        # above it only after PROBE_AFTER calm seconds, instead of rediscovering it by force.
-        self.limit: float | None = start / SETTLE if start else None
+        self.rate = self.start = _clamp(begin or ceiling or START_RATE, self.ceiling)
+        # A rate learned under a refusal is SETTLE of a limit Google showed: start from that
+        # limit, probing above it only after PROBE_AFTER calm seconds, instead of rediscovering
+        # it by force. One learned without a refusal is only a floor: grow from it.
+        self.limit: float | None = begin / SETTLE if start and start.limit_shown else None
         self.peak = 0.0  # the highest rate Google accepted
         self.refusals = 0
         self._sent: deque[float] = deque()
@@ -57,8 +61,11 @@ class Throttle:
         return max(1.0, 3.0 / self.rate)
 
     def sent(self, now: float) -> None:
-        """Note a query sent now."""
+        """Note a query sent now. Growth is measured from the first: at one query a second,
+        waiting for a second answer to start growing would lose a second."""
         _note(self._sent, now, self.window())
+        if self._grown_at is None:
+            self._grown_at = now
 
     def answered(self, now: float, sent_at: float) -> None:
         """Google answered a query sent at `sent_at`: grow while the rate is in use and under
@@ -103,19 +110,19 @@ class Throttle:
         self.limit = estimate if self.limit is None else min(self.limit, estimate)
         self.rate = _clamp(CUT * estimate, self.ceiling)
 
-    def learned(self) -> float | None:
+    def learned(self) -> LearnedRate | None:
         """The rate the next run starts at: SETTLE of the limit Google showed (by a refusal,
-        or an earlier run's), else the highest rate it accepted; None when this run learned
-        nothing about Google because the operator's ceiling held it.
+        or an earlier run's), else the highest rate it accepted, a floor to grow from; None
+        when this run learned nothing about Google because the operator's ceiling held it.
 
         Never clamped to this run's ceiling: a ceiling is the operator's choice for one run
         (GSC_MAX_QPS_* set for a night), not Google's limit, and stored as one it would slow
         every later run that has no ceiling."""
         if self.limit is not None:
-            return _clamp(SETTLE * self.limit, MAX_RATE)
+            return LearnedRate(_clamp(SETTLE * self.limit, MAX_RATE), limit_shown=True)
         if self.ceiling < MAX_RATE and self.rate >= self.ceiling:
             return None
-        return _clamp(max(self.peak, self.start), MAX_RATE)
+        return LearnedRate(_clamp(max(self.peak, self.start), MAX_RATE), limit_shown=False)
 
 
 def _note(times: deque[float], now: float, window: float) -> int:

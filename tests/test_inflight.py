@@ -285,3 +285,56 @@ def test_turns_taken_at_a_slow_start_move_up_when_the_rate_rises() -> None:
     assert [n for n, _ in came] == list(range(10))
     assert came[-1][1] <= 0.1 + 1e-9
     assert all(b - a >= 0.01 - 1e-9 for (_, a), (_, b) in itertools.pairwise(came))
+
+
+def test_a_slot_waiting_at_a_slow_start_moves_up_when_the_rate_rises() -> None:
+    """A slot taken at 1/s waits a second for its turn; the rate rising to 20/s while it
+    waits brings it in one new interval after the slot before, not at the old due time."""
+
+    async def main() -> list[float]:
+        loop = asyncio.get_running_loop()
+        pacer = Pacer(1.0, headroom=1.0)
+        times: list[float] = []
+
+        async def one() -> None:
+            async with pacer.slot():
+                times.append(loop.time())
+
+        await one()
+        waiting = asyncio.ensure_future(one())
+        await asyncio.sleep(0.01)
+        pacer.pace(20.0)
+        await waiting
+        return times
+
+    first, second = on_virtual_clock(main)
+    assert second - first == pytest.approx(0.05, abs=1e-6)
+
+
+def test_a_hold_lets_no_slot_or_turn_out_before_it_ends() -> None:
+    """After a refusal the scope is held until Google's window has drained: a slot and a turn
+    waiting at 20/s both come at the hold's end, not one interval after the last."""
+
+    async def main() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        slots, turns = Pacer(20.0, headroom=1.0), Pacer(20.0, headroom=1.0)
+
+        async def take_slot() -> float:
+            async with slots.slot():
+                return loop.time()
+
+        async def take_turn() -> float:
+            await turns.turn()
+            return loop.time()
+
+        await take_slot()
+        await take_turn()
+        waiting = asyncio.gather(take_slot(), take_turn())
+        await asyncio.sleep(0.01)
+        slots.hold(0.4)
+        turns.hold(0.4)
+        slot_at, turn_at = await waiting
+        return slot_at, turn_at
+
+    slot_at, turn_at = on_virtual_clock(main)
+    assert slot_at == pytest.approx(0.4) and turn_at == pytest.approx(0.4)

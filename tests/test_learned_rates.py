@@ -299,3 +299,43 @@ async def test_a_night_under_a_ceiling_does_not_slow_the_nights_after_it(db, con
     accounts = [("account", str(account.id)) for account in portfolio.accounts]
     assert all(before[key] > 5.0 for key in accounts), before
     assert {key: after[key] for key in accounts} == {key: before[key] for key in accounts}
+
+
+def test_growth_starts_with_the_first_answer(monkeypatch) -> None:
+    """At one query a second the first answer already counts the rate as in use: growth does
+    not wait for three queries' worth of a 3-second window."""
+    monkeypatch.setattr(rates, "START_RATE", rates.START_RATE_DEFAULT)
+    throttle = Throttle(start=None, ceiling=None)
+    throttle.sent(0.0)
+    throttle.answered(0.1, 0.0)
+    assert throttle.rate > rates.START_RATE
+
+
+def test_a_refusal_holds_the_scope_until_googles_window_has_drained() -> None:
+    """Google counts what it accepted over the trailing second: the cut scope sends nothing
+    until the oldest of those leaves that second, so the overshoot is refused once, not again
+    for every query the cut rate sends into a full window."""
+    throttle = Throttle(start=LearnedRate(19.0, limit_shown=False), ceiling=None)
+    accepted = [1.5 + n / 40 for n in range(20)]  # a slow start reaching 40/s; the limit 20
+    for at in accepted:
+        throttle.sent(at)
+        throttle.answered(at + 0.1, at)
+    refused_at = accepted[-1] + 1 / 40
+    throttle.sent(refused_at)
+    throttle.refused(refused_at + 0.1, refused_at)
+    oldest_counted = min(at for at in accepted if at > refused_at - rates.QUOTA_WINDOW)
+    assert throttle.resume_at == pytest.approx(oldest_counted + rates.QUOTA_WINDOW)
+    assert throttle.resume_at > refused_at + 0.1
+
+
+def test_a_probed_limit_is_learned_only_once_it_held() -> None:
+    """Starting from a limit shown, the rate probes above it after PROBE_AFTER calm seconds at
+    its target; what the next run starts from is a limit that then held PROBE_AFTER more, so a
+    probe the night ended on is not stored, and a probe Google refused is cut back."""
+    roomy = Throttle(start=LearnedRate(19.0, limit_shown=True), ceiling=None)
+    serve(roomy, 0.0, 3 * rates.PROBE_AFTER + 1)
+    assert roomy.limit > roomy.held_limit > 20.0, "it probed, and all but the last probe held"
+    assert roomy.learned() == (pytest.approx(rates.SETTLE * roomy.held_limit), True)
+    tight = Throttle(start=LearnedRate(19.0, limit_shown=True), ceiling=None)
+    serve(tight, 0.0, 10 * rates.PROBE_AFTER, limit=20)
+    assert tight.refusals > 0 and tight.learned().queries_per_second <= 20

@@ -58,6 +58,7 @@ class Paced:
 
     def refused(self, now: float, sent_at: float) -> None:
         self.throttle.refused(now, sent_at)
+        self.pacer.hold(self.throttle.resume_at)
         self._follow()
 
     def took(self, seconds: float) -> None:

@@ -26,6 +26,7 @@ _QUOTA_LIMIT = re.compile(r"limit '([^']*)'", re.IGNORECASE)
 _MAX_MESSAGE_CHARS = 400
 _RETRY_BASE_SECONDS = 1.0
 _RETRY_CAP_SECONDS = 30.0
+RETRY_AFTER_JITTER = 0.1  # a share of Google's Retry-After added at random (see rate_limit_delay)
 
 
 class ErrorKind(Enum):
@@ -110,10 +111,13 @@ def parse_retry_after(value: str | None) -> float | None:
 def rate_limit_delay(
     failures: int, retry_after: float | None, *, rand: Callable[[], float] = random.random
 ) -> float:
-    """Google's Retry-After when it sends one (plus up to 1s of jitter), else backoff."""
+    """Google's Retry-After when it sends one (plus up to RETRY_AFTER_JITTER of it), else
+    backoff. The jitter is small: every retry goes back through its account's pacer, which
+    spaces retries that were refused together, so a long one only makes the night's last
+    sites wait."""
     if retry_after is None:
         return backoff_delay(failures, rand=rand)
-    return retry_after + rand()
+    return retry_after * (1 + RETRY_AFTER_JITTER * rand())
 
 
 def backoff_delay(attempt: int, *, rand: Callable[[], float] = random.random) -> float:

@@ -52,10 +52,11 @@ class Pacer:
         self._headroom = headroom
         self.granted = 0
         self._next = -math.inf  # loop time before which no slot is due
-        self._released = -math.inf  # where the grid stood when the last slot was released
+        # Where the grid stood at the latest slot released or turn come.
+        self._last_due = -math.inf
+        self._held_until = -math.inf  # see hold()
         self._sleeper: asyncio.Future[None] | None = None  # the slot holder waiting for _next
         self._lock = asyncio.Lock()
-        self._last_due = -math.inf  # when the latest turn that has come was due
         self._turns: list[_Turn] = []  # turns waiting for their time, in order
         self.interval = math.inf
         self.pace(per_second)
@@ -68,11 +69,22 @@ class Pacer:
         changed = self.interval != self._headroom / per_second
         self.per_second = per_second
         self.interval = self._headroom / per_second
-        if not changed:
-            return
-        self._next = self._released + self.interval
+        if changed:
+            self._moved(self._last_due + self.interval)
+
+    def hold(self, until: float) -> None:
+        """Let nothing out before `until` (loop time): a quota that refused must first see
+        its counting window drain, or what follows is refused too."""
+        if until > self._held_until:
+            self._held_until = until
+            self._moved(max(self._next, until))
+
+    def _moved(self, due: float) -> None:
+        """The next slot is due at `due` (never before a hold): wake a slot holder waiting for
+        the old time, and give every waiting turn its new time."""
+        self._next = max(due, self._held_until)
         if self._sleeper is not None and not self._sleeper.done():
-            self._sleeper.set_result(None)  # wake it to wait for the new due time instead
+            self._sleeper.set_result(None)
         if self._turns:
             self._respace()
 
@@ -81,7 +93,7 @@ class Pacer:
         async with self._lock:
             loop = asyncio.get_running_loop()
             entered = loop.time()
-            # pace() may move the due time while this waits: it wakes the wait to look again.
+            # pace() and hold() may move the due time while this waits: they wake the wait.
             while (due := max(self._next, entered)) > loop.time():
                 self._sleeper = loop.create_future()
                 timer = loop.call_at(due, _wake, self._sleeper)
@@ -94,8 +106,8 @@ class Pacer:
             try:
                 yield
             finally:
-                self._released = max(due, loop.time() - CATCH_UP)
-                self._next = self._released + self.interval
+                self._last_due = max(due, loop.time() - CATCH_UP)
+                self._next = max(self._last_due + self.interval, self._held_until)
 
     async def turn(self) -> None:
         loop = asyncio.get_running_loop()
@@ -123,7 +135,7 @@ class Pacer:
     def _respace(self) -> None:
         """Give the waiting turns, in their order, new times at the current interval."""
         loop = asyncio.get_running_loop()
-        due = max(self._last_due + self.interval, loop.time())
+        due = max(self._last_due + self.interval, loop.time(), self._held_until)
         for turn in self._turns:
             turn.timer.cancel()
             turn.due = due

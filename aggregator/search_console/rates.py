@@ -4,13 +4,20 @@ one per OAuth client (the Cloud project's quota, shared by its accounts).
 Google publishes 1,200 queries/min per user and 40,000/min per project, grants new projects
 60/min, and other tools may eat into an account's quota, so the real limit is unknown. A
 Throttle starts safely (the rate learned last night, else a ceiling the operator set, else
-START_RATE), grows fourfold a second while its rate is in use and Google answers, and on a
-429 or a rate-limit 403 takes the rate Google accepted just before as the limit: it drops to
-CUT of that and then settles at SETTLE of it, close under the limit instead of oscillating far
-below. Refusals within COOLDOWN of a cut belong to the overload already cut for.
-After PROBE_AFTER calm seconds it raises its estimate by PROBE_STEP, so a quota that grew (or a
-neighbour that stopped eating it) is found again. What it learned is stored by the pipeline and
-is where the next run starts.
+START_RATE) and, until Google first refuses, grows sixteenfold a second while its rate is in
+use and Google answers (from a rate learned without a refusal too: that was only the fastest
+Google was asked for). Sixteen, not two or four: at one query a second a slower start spends
+most of a small portfolio's night finding the quota, and a refusal costs little, since the
+first one stops the growth and holds the scope until Google's counting window has drained
+(`resume_at`), so the overshoot is not followed by a run of refusals.
+
+On a 429 or a rate-limit 403 it takes the rate Google accepted just before as the limit: it
+drops to CUT of that and then settles at SETTLE of it, close under the limit instead of
+oscillating far below. Refusals within COOLDOWN of a cut belong to the overload already cut
+for. After PROBE_AFTER calm seconds at its target it raises its estimate by PROBE_STEP, so a
+quota that grew (or a neighbour that stopped eating it) is found again within a night; only
+a limit that then held PROBE_AFTER seconds counts as learned. What it learned is stored by the
+pipeline and is where the next run starts.
 
 Pure apart from the clock, which the caller passes in (the event loop's monotonic time).
 """
@@ -29,10 +36,12 @@ MAX_RATE = 1000.0  # the most GSC_MAX_QPS_* allows; with no ceiling set, the onl
 CUT = 0.85
 SETTLE = 0.95
 COOLDOWN = 1.0
-PROBE_AFTER = 30.0
+PROBE_AFTER = 5.0
 PROBE_STEP = 1.05
+QUOTA_WINDOW = 1.0  # seconds over which Google counts queries per second
+_REACHED = 0.99  # a rate this close to its target has reached it
 _BUSY_SHARE = 0.5  # a rate counts as in use when this share of it is being sent
-_SLOW_START_GROWTH = 4.0  # per second, until Google first refuses
+_SLOW_START_GROWTH = 16.0  # per second, until Google first refuses (see above)
 
 
 class Throttle:
@@ -48,12 +57,16 @@ class Throttle:
         # limit, probing above it only after PROBE_AFTER calm seconds, instead of rediscovering
         # it by force. One learned without a refusal is only a floor: grow from it.
         self.limit: float | None = begin / SETTLE if start and start.limit_shown else None
+        # The highest limit that held: shown by Google, or probed and then PROBE_AFTER calm.
+        self.held_limit = self.limit
         self.peak = 0.0  # the highest rate Google accepted
         self.refusals = 0
         self._sent: deque[float] = deque()
         self._accepted: deque[float] = deque()
         self._grown_at: float | None = None
+        self._first_sent = -math.inf
         self._cut_at = -math.inf
+        self.resume_at = -math.inf  # after a cut, when the quota's window has drained
         self._calm_since: float | None = None
 
     def window(self) -> float:
@@ -65,7 +78,7 @@ class Throttle:
         waiting for a second answer to start growing would lose a second."""
         _note(self._sent, now, self.window())
         if self._grown_at is None:
-            self._grown_at = now
+            self._grown_at = self._first_sent = now
 
     def answered(self, now: float, sent_at: float) -> None:
         """Google answered a query sent at `sent_at`: grow while the rate is in use and under
@@ -73,7 +86,10 @@ class Throttle:
         window = self.window()
         _note(self._accepted, sent_at, window)
         self.peak = max(self.peak, _count(self._accepted, sent_at, window) / window)
-        in_use = _count(self._sent, now, window) / window
+        # Since the first query only: at a start of one query a second, a window of three
+        # seconds would call the rate unused until the third query.
+        span = min(window, max(now - self._first_sent, 1 / self.rate))
+        in_use = _count(self._sent, now, window) / span
         if self._calm_since is None:
             self._calm_since = now
         last, self._grown_at = self._grown_at, now
@@ -83,10 +99,13 @@ class Throttle:
         if self.limit is None:
             self.rate = _clamp(self.rate * _SLOW_START_GROWTH**elapsed, self.ceiling)
             return
-        if now - self._calm_since >= PROBE_AFTER:
+        target = SETTLE * self.limit
+        # Probe only a limit this run has used: one held under the ceiling proves nothing.
+        if now - self._calm_since >= PROBE_AFTER and self.rate >= _REACHED * target:
+            self.held_limit = self.limit
             self.limit *= PROBE_STEP
             self._calm_since = now
-        target = SETTLE * self.limit
+            target = SETTLE * self.limit
         if self.rate < target:
             self.rate = _clamp(
                 min(target, self.rate + (target - self.rate) * elapsed), self.ceiling
@@ -102,12 +121,20 @@ class Throttle:
             return
         self._cut_at = now
         window = self.window()
+        counted = [at for at in self._accepted if sent_at - window < at <= sent_at]
         # One less than counted: send times are taken a little before the query is on the wire.
-        accepted = (_count(self._accepted, sent_at, window) - 1) / window
+        accepted = (len(counted) - 1) / window
+        # Google counts the queries it accepted over a trailing window: until the oldest of
+        # those leaves it, whatever is sent is refused as well.
+        recent = [at for at in counted if at > sent_at - QUOTA_WINDOW]
+        self.resume_at = min(recent) + QUOTA_WINDOW if recent else now
         # Refused at a rate well under the estimate (a per-minute quota filling up, a neighbour
         # eating the quota): the current rate is what was too fast.
         estimate = max(min(accepted, self.rate), MIN_RATE)
         self.limit = estimate if self.limit is None else min(self.limit, estimate)
+        self.held_limit = (
+            self.limit if self.held_limit is None else min(self.held_limit, self.limit)
+        )
         self.rate = _clamp(CUT * estimate, self.ceiling)
 
     def learned(self) -> LearnedRate | None:
@@ -118,8 +145,8 @@ class Throttle:
         Never clamped to this run's ceiling: a ceiling is the operator's choice for one run
         (GSC_MAX_QPS_* set for a night), not Google's limit, and stored as one it would slow
         every later run that has no ceiling."""
-        if self.limit is not None:
-            return LearnedRate(_clamp(SETTLE * self.limit, MAX_RATE), limit_shown=True)
+        if self.held_limit is not None:
+            return LearnedRate(_clamp(SETTLE * self.held_limit, MAX_RATE), limit_shown=True)
         if self.ceiling < MAX_RATE and self.rate >= self.ceiling:
             return None
         return LearnedRate(_clamp(max(self.peak, self.start), MAX_RATE), limit_shown=False)

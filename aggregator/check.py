@@ -35,7 +35,7 @@ from aggregator import matomo, migrations, storage, token_health
 from aggregator.config import Settings, default_of
 from aggregator.model import Site
 from aggregator.search_console import client as gsc
-from aggregator.search_console.answers import candidate_properties, pick_property
+from aggregator.search_console.answers import ReadableProperties, candidate_properties
 from aggregator.search_console.oauth import (
     ClientMisconfigured,
     MissingRefreshToken,
@@ -527,17 +527,17 @@ def _token_health_rows(email: str, health: TokenHealth, now: datetime) -> list[R
     ]
 
 
-def resolve_property(site: Site, accessible: frozenset[str]) -> tuple[str | None, tuple[str, ...]]:
+def resolve_property(
+    site: Site, accessible: ReadableProperties
+) -> tuple[str | None, tuple[str, ...]]:
     """The property a run would query for `site` (None if the account cannot read it) and
     what was tried: sites.gsc_property when set, else the contract's candidates in order."""
     if site.gsc_property:
-        wanted = site.gsc_property
-        by_lower = {prop.lower(): prop for prop in accessible}
-        return by_lower.get(wanted.lower()), (wanted,)
-    return pick_property(site.domain, accessible), candidate_properties(site.domain)
+        return accessible.spelled(site.gsc_property), (site.gsc_property,)
+    return accessible.pick(site.domain), candidate_properties(site.domain)
 
 
-def _property_row(site: Site, email: str, accessible: frozenset[str]) -> Row | None:
+def _property_row(site: Site, email: str, accessible: ReadableProperties) -> Row | None:
     prop, tried = resolve_property(site, accessible)
     if prop is not None:
         return None

@@ -24,6 +24,7 @@ from aggregator.check import (
 from aggregator.config import Secret, Settings
 from aggregator.demo import simulated_settings
 from aggregator.model import GscAccount, Site
+from aggregator.search_console.answers import ReadableProperties
 from aggregator.search_console.client import AccountAccess
 from aggregator.search_console.oauth import (
     MissingRefreshToken,
@@ -61,8 +62,10 @@ def facts(**changes) -> Facts:
         "accounts": {1: ALICE, 2: BOB},
         "matomo_answer": MatomoFacts(viewable=frozenset({1, 2, 3})),
         "google_access": {
-            1: AccountAccess(_account(ALICE), properties=frozenset({"sc-domain:a.example"})),
-            2: AccountAccess(_account(BOB), properties=frozenset({"https://B.example/"})),
+            1: AccountAccess(
+                _account(ALICE), properties=ReadableProperties({"sc-domain:a.example"})
+            ),
+            2: AccountAccess(_account(BOB), properties=ReadableProperties({"https://B.example/"})),
         },
     }
     return Facts(**{**base, **changes})
@@ -97,8 +100,12 @@ def test_unreadable_matomo_id_and_unreachable_property_are_problems() -> None:
         facts(
             matomo_answer=MatomoFacts(viewable=frozenset({2})),
             google_access={
-                1: AccountAccess(_account(ALICE), properties=frozenset({"https://other.example/"})),
-                2: AccountAccess(_account(BOB), properties=frozenset({"https://b.example/"})),
+                1: AccountAccess(
+                    _account(ALICE), properties=ReadableProperties({"https://other.example/"})
+                ),
+                2: AccountAccess(
+                    _account(BOB), properties=ReadableProperties({"https://b.example/"})
+                ),
             },
         )
     )
@@ -114,7 +121,7 @@ def test_unreadable_matomo_id_and_unreachable_property_are_problems() -> None:
 
 
 def test_stored_property_is_the_only_one_tried() -> None:
-    access = AccountAccess(_account(BOB), properties=frozenset({"sc-domain:b.example"}))
+    access = AccountAccess(_account(BOB), properties=ReadableProperties({"sc-domain:b.example"}))
     report = build_report(facts(google_access={**facts().google_access, 2: access}))
     (row,) = report.rows
     assert row.subject == "b.example" and row.check == "gsc property"

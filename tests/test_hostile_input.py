@@ -34,10 +34,10 @@ from aggregator.pipeline import RunRequest, run_job
 from aggregator.search_console import client as gsc
 from aggregator.search_console.answers import (
     GscDataError,
+    ReadableProperties,
     candidate_properties,
     days_from_search_analytics,
     normalize_domain,
-    pick_property,
 )
 from aggregator.search_console.errors import ErrorKind, classify_google_error
 from aggregator.simulators import GoogleSimulator, SimServer
@@ -313,11 +313,11 @@ def test_domains_are_normalized_to_search_console_spelling(stored: str, host: st
 
 
 def test_idn_properties_match_in_either_spelling() -> None:
-    assert pick_property("bücher.example", {"sc-domain:xn--bcher-kva.example"}) == (
+    assert ReadableProperties({"sc-domain:xn--bcher-kva.example"}).pick("bücher.example") == (
         "sc-domain:xn--bcher-kva.example"
     )
     # Should sites.list ever spell it in Unicode, it is still found, and used as listed.
-    assert pick_property("bücher.example", {"https://www.Bücher.example/"}) == (
+    assert ReadableProperties({"https://www.Bücher.example/"}).pick("bücher.example") == (
         "https://www.Bücher.example/"
     )
 
@@ -328,7 +328,7 @@ def test_any_stored_domain_yields_candidates_without_crashing(domain: str, liste
     first, second, third = candidate_properties(domain)
     assert first.startswith("sc-domain:") and second.startswith("https://")
     assert third.startswith("https://www.")
-    choice = pick_property(domain, listed)
+    choice = ReadableProperties(listed).pick(domain)
     assert choice is None or choice in listed
 
 

@@ -35,7 +35,6 @@ from aggregator.search_console.answers import (
     candidate_properties,
     days_from_search_analytics,
     normalize_domain,
-    pick_property,
     search_analytics_request,
 )
 from aggregator.search_console.client import fetch_gsc_performance
@@ -365,11 +364,11 @@ def test_property_choice_prefers_domain_properties_and_skips_unverified() -> Non
     }
     accessible = accessible_properties(listing)
 
-    assert "sc-domain:example.com" not in accessible
-    assert pick_property("example.com", accessible) == "https://example.com/"
-    assert pick_property("other.org", accessible) == "sc-domain:other.org"
-    assert pick_property("missing.net", accessible) is None
-    assert accessible_properties({}) == frozenset()
+    assert "sc-domain:example.com" not in accessible.names
+    assert accessible.pick("example.com") == "https://example.com/"
+    assert accessible.pick("other.org") == "sc-domain:other.org"
+    assert accessible.pick("missing.net") is None
+    assert accessible_properties({}).names == frozenset()
 
 
 @pytest.mark.parametrize(

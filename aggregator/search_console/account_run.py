@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Literal
 
 from aggregator.model import GscAccount
+from aggregator.search_console.answers import ReadableProperties, readable
 from aggregator.search_console.inflight import InFlight, LatencyEstimate, in_flight_limit
 from aggregator.search_console.oauth import AccountToken, Sleep
 from aggregator.search_console.pacing import PACING_HEADROOM, Pacer
@@ -99,6 +100,7 @@ class AccountRun:
         self._rest_over: asyncio.Event | None = None
         self._listing_lock = asyncio.Lock()
         self._listing: Mapping[str, str] | SiteFailure | None = None
+        self._readable: ReadableProperties | None = None
 
     def stop(self, message: str) -> AccountStopped:
         """Ask this account nothing more this run; the first reason given is the one kept."""
@@ -145,6 +147,15 @@ class AccountRun:
             if isinstance(self._listing, SiteFailure):
                 raise type(self._listing)(str(self._listing))
             return self._listing
+
+    async def readable(
+        self, list_sites: Callable[[], Awaitable[Mapping[str, str]]]
+    ) -> ReadableProperties:
+        """The properties of listing() that return data, indexed once for all the sites."""
+        listing = await self.listing(list_sites)
+        if self._readable is None:
+            self._readable = readable(listing)
+        return self._readable
 
 
 Stage = Literal["token", "api"]

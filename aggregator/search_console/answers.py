@@ -77,12 +77,41 @@ def site_listing(sites_list: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
-def readable(listing: Mapping[str, str]) -> frozenset[str]:
+class ReadableProperties:
+    """The properties an account can read, indexed once by the spelling candidate_properties
+    uses. Every site of the account is looked up in them: re-spelling a 500-property listing
+    for each of its 500 sites took more CPU than the rest of a 10,000-site run."""
+
+    __slots__ = ("_by_canonical", "names")
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.names = frozenset(names)
+        self._by_canonical = {_canonical_property(prop): prop for prop in self.names}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def pick(self, domain: str) -> str | None:
+        """The first candidate property for `domain` this account can read, spelled as
+        sites.list spells it."""
+        for candidate in candidate_properties(domain):
+            if candidate in self._by_canonical:
+                return self._by_canonical[candidate]
+        return None
+
+    def spelled(self, prop: str) -> str | None:
+        """`prop` as sites.list spells it, if the account can read it (case aside)."""
+        return self._by_canonical.get(_canonical_property(prop))
+
+
+def readable(listing: Mapping[str, str]) -> ReadableProperties:
     """The listed properties that return data: unverified entries do not."""
-    return frozenset(prop for prop, level in listing.items() if level.lower() != _UNVERIFIED)
+    return ReadableProperties(
+        prop for prop, level in listing.items() if level.lower() != _UNVERIFIED
+    )
 
 
-def accessible_properties(sites_list: Mapping[str, Any]) -> frozenset[str]:
+def accessible_properties(sites_list: Mapping[str, Any]) -> ReadableProperties:
     """Properties from a sites.list answer that return data: unverified entries do not."""
     return readable(site_listing(sites_list))
 
@@ -117,15 +146,6 @@ def host_access(domain: str, listing: Mapping[str, str]) -> str:
         return f"it has no Search Console property for {host}"
     shown = ", ".join(f"{prop} ({_LEVEL_WORDS.get(level.lower(), level)})" for prop, level in mine)
     return f"for {host} it has {shown}"
-
-
-def pick_property(domain: str, accessible: Iterable[str]) -> str | None:
-    """The first candidate property the account can read, spelled as sites.list spells it."""
-    by_lower = {_canonical_property(prop): prop for prop in accessible}
-    for candidate in candidate_properties(domain):
-        if candidate in by_lower:
-            return by_lower[candidate]
-    return None
 
 
 def search_analytics_request(

@@ -54,14 +54,13 @@ from aggregator.search_console.account_run import (
 )
 from aggregator.search_console.answers import (
     GscDataError,
+    ReadableProperties,
     accessible_properties,
     candidate_properties,
     days_from_search_analytics,
     host_access,
     is_unverified,
     page_rows,
-    pick_property,
-    readable,
     search_analytics_request,
     site_listing,
 )
@@ -350,9 +349,9 @@ class _SearchConsole:
         return list_sites
 
     async def _resolve_property(self, run: AccountRun, site: Site) -> str:
-        listing = await run.listing(self._list_sites(run))
-        prop = pick_property(site.domain, readable(listing))
+        prop = (await run.readable(self._list_sites(run))).pick(site.domain)
         if prop is None:
+            listing = await run.listing(self._list_sites(run))
             first, second, third = candidate_properties(site.domain)
             raise PropertyUnreachable(
                 f"Google account {run.account.email} cannot access {first}, {second} or {third} "
@@ -634,7 +633,7 @@ class AccountAccess:
     """
 
     account: GscAccount
-    properties: frozenset[str] | None = None
+    properties: ReadableProperties | None = None
     token_error: TokenError | None = None
     list_error: str | None = None
     client_error: str | None = None

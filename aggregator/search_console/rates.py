@@ -24,8 +24,8 @@ Pure apart from the clock, which the caller passes in (the event loop's monotoni
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections import deque
 
 from aggregator.model import LearnedRate
 
@@ -61,8 +61,9 @@ class Throttle:
         self.held_limit = self.limit
         self.peak = 0.0  # the highest rate Google accepted
         self.refusals = 0
-        self._sent: deque[float] = deque()
-        self._accepted: deque[float] = deque()
+        # Send times, sorted (answers come back out of order), of the last window or so.
+        self._sent: list[float] = []
+        self._accepted: list[float] = []
         self._grown_at: float | None = None
         self._first_sent = -math.inf
         self._cut_at = -math.inf
@@ -121,7 +122,7 @@ class Throttle:
             return
         self._cut_at = now
         window = self.window()
-        counted = [at for at in self._accepted if sent_at - window < at <= sent_at]
+        counted = _within(self._accepted, sent_at, window)
         # One less than counted: send times are taken a little before the query is on the wire.
         accepted = (len(counted) - 1) / window
         # Google counts the queries it accepted over a trailing window: until the oldest of
@@ -152,17 +153,24 @@ class Throttle:
         return LearnedRate(_clamp(max(self.peak, self.start), MAX_RATE), limit_shown=False)
 
 
-def _note(times: deque[float], now: float, window: float) -> int:
-    """Append `now`, forget what is older than `window`; return how many remain."""
-    times.append(now)
-    while times and times[0] <= now - window:
-        times.popleft()
-    return len(times)
+def _note(times: list[float], at: float, window: float) -> None:
+    """Insert `at` in order and forget the times a window older than the newest: the counts
+    are taken once per answer, and a sorted list keeps each a bisection, where a scan of the
+    OAuth client's hundreds of recent queries per answer cost a tenth of a 10,000-site run."""
+    bisect.insort(times, at)
+    stale = bisect.bisect_right(times, times[-1] - window)
+    if stale:
+        del times[:stale]
 
 
-def _count(times: deque[float], now: float, window: float) -> int:
-    """How many of `times` fall in (now - window, now]."""
-    return sum(1 for at in times if now - window < at <= now)
+def _within(times: list[float], end: float, window: float) -> list[float]:
+    """The times in (end - window, end]."""
+    return times[bisect.bisect_right(times, end - window) : bisect.bisect_right(times, end)]
+
+
+def _count(times: list[float], end: float, window: float) -> int:
+    """How many of `times` fall in (end - window, end]."""
+    return bisect.bisect_right(times, end) - bisect.bisect_right(times, end - window)
 
 
 def _clamp(rate: float, ceiling: float) -> float:

@@ -123,15 +123,23 @@ class Throttle:
         self._cut_at = now
         window = self.window()
         counted = _within(self._accepted, sent_at, window)
-        # One less than counted: send times are taken a little before the query is on the wire.
-        accepted = (len(counted) - 1) / window
         # Google counts the queries it accepted over a trailing window: until the oldest of
         # those leaves it, whatever is sent is refused as well.
         recent = [at for at in counted if at > sent_at - QUOTA_WINDOW]
         self.resume_at = min(recent) + QUOTA_WINDOW if recent else now
+        if self.limit is None and self.rate < self.ceiling:
+            # A slow start overshoots: what Google accepted over the window says where it
+            # stopped. One less than counted: send times are taken a little before the query
+            # is on the wire.
+            estimate = (len(counted) - 1) / window
+        else:
+            # Refused at a rate it held: that rate is the limit for now. A refusal from jitter
+            # (arrivals bunched on the way) costs SETTLE, not a tenth; a quota that really
+            # shrank (a neighbour eating it) refuses again, lower each time, until it fits.
+            estimate = self.rate
         # Refused at a rate well under the estimate (a per-minute quota filling up, a neighbour
         # eating the quota): the current rate is what was too fast.
-        estimate = max(min(accepted, self.rate), MIN_RATE)
+        estimate = max(min(estimate, self.rate), MIN_RATE)
         self.limit = estimate if self.limit is None else min(self.limit, estimate)
         self.held_limit = (
             self.limit if self.held_limit is None else min(self.held_limit, self.limit)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import shutil
 from collections.abc import AsyncIterator
 from datetime import date
 
@@ -19,6 +20,7 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
+from aggregator import migrations, storage
 from aggregator.dates import Window
 from aggregator.demo import simulated_settings
 from aggregator.model import GscDay, LearnedRate, SourceRecord
@@ -339,3 +341,36 @@ def test_a_probed_limit_is_learned_only_once_it_held() -> None:
     tight = Throttle(start=LearnedRate(19.0, limit_shown=True), ceiling=None)
     serve(tight, 0.0, 10 * rates.PROBE_AFTER, limit=20)
     assert tight.refusals > 0 and tight.learned().queries_per_second <= 20
+
+
+async def test_rates_stored_before_007_are_floors_and_applying_it_again_changes_nothing(
+    empty_db, tmp_path
+) -> None:
+    """A rate stored before limit_shown existed is of unknown kind: it starts as a floor, so
+    one run re-finds the limit instead of taking a floor for one."""
+    for path in migrations.migration_files():
+        if path.stem < "007":
+            shutil.copy(path, tmp_path / path.name)
+    conn = await asyncpg.connect(empty_db)
+    try:
+        await migrations.apply_migrations(conn, tmp_path)
+        await conn.execute(
+            "insert into gsc_learned_rates (scope, key, queries_per_second) values ('account', '1', 4)"
+        )
+        assert await migrations.apply_migrations(conn) == ["007_learned_rate_kind"]
+        assert await storage.load_learned_rates(conn) == {
+            ("account", "1"): LearnedRate(4.0, limit_shown=False)
+        }
+        assert await migrations.apply_migrations(conn) == []
+    finally:
+        await conn.close()
+
+
+def test_a_limit_learned_on_a_bad_night_is_outgrown_within_a_minute() -> None:
+    """A night when Google allowed 0.6 queries a second stored that limit; the quota is back
+    to 20. Probes that hold grow their step, so the rate is close to 20 within a minute, and
+    the first refusal brings the step back to its smallest."""
+    throttle = Throttle(start=LearnedRate(0.6, limit_shown=True), ceiling=None)
+    serve(throttle, 0.0, 60.0, limit=20)
+    assert throttle.refusals > 0
+    assert 0.8 * 20 <= throttle.rate <= 20

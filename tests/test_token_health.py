@@ -15,6 +15,7 @@ from aggregator.dates import Window
 from aggregator.demo import simulated_settings
 from aggregator.model import AccountRefresh, GscAccount
 from aggregator.pipeline import RunRequest, run_job
+from aggregator.search_console.answers import ReadableProperties
 from aggregator.search_console.client import AccountAccess
 from aggregator.search_console.oauth import ReconnectRequired
 from aggregator.simulators import portfolio as world
@@ -97,7 +98,7 @@ def test_check_notes_a_young_tokens_testing_deadline_and_shows_its_age() -> None
     base = facts()
     access = AccountAccess(
         GscAccount(2, "bob@example.com", "rt"),
-        properties=frozenset({"https://b.example/"}),
+        properties=ReadableProperties({"https://b.example/"}),
         refresh=AccountRefresh(2, NOW),
     )
     report = build_report(
@@ -217,7 +218,7 @@ async def test_migration_006_keeps_the_last_success_of_existing_accounts(
         await migrations.apply_migrations(conn, tmp_path)
         account = await add_account(conn, "a@example.com", "rt")
         await conn.execute("update gsc_accounts set last_refresh_at = $1, last_error = 'x'", NOW)
-        assert await migrations.apply_migrations(conn) == ["006_refresh_attempts"]
+        assert (await migrations.apply_migrations(conn))[0] == "006_refresh_attempts"
         assert await migrations.apply_migrations(conn) == []
         (health,) = await token_health.load_accounts(conn)
         assert health.id == account and health.health.last_success_at == NOW

@@ -14,9 +14,10 @@ first one stops the growth and holds the scope until Google's counting window ha
 On a 429 or a rate-limit 403 it takes the rate Google accepted just before as the limit: it
 drops to CUT of that and then settles at SETTLE of it, close under the limit instead of
 oscillating far below. Refusals within COOLDOWN of a cut belong to the overload already cut
-for. After PROBE_AFTER calm seconds at its target it raises its estimate by PROBE_STEP, so a
-quota that grew (or a neighbour that stopped eating it) is found again within a night; only
-a limit that then held PROBE_AFTER seconds counts as learned. What it learned is stored by the
+for. After PROBE_AFTER calm seconds at its target it raises its estimate by PROBE_STEP, and by
+twice the step after each probe that held, so a quota that grew (or a neighbour that stopped
+eating it) is found again within a minute; only a limit that then held PROBE_AFTER seconds
+counts as learned. What it learned is stored by the
 pipeline and is where the next run starts.
 
 Pure apart from the clock, which the caller passes in (the event loop's monotonic time).
@@ -69,6 +70,7 @@ class Throttle:
         self._cut_at = -math.inf
         self.resume_at = -math.inf  # after a cut, when the quota's window has drained
         self._calm_since: float | None = None
+        self._probe_step = PROBE_STEP
 
     def window(self) -> float:
         """Seconds over which rates are measured: one, or three queries' worth."""
@@ -104,7 +106,10 @@ class Throttle:
         # Probe only a limit this run has used: one held under the ceiling proves nothing.
         if now - self._calm_since >= PROBE_AFTER and self.rate >= _REACHED * target:
             self.held_limit = self.limit
-            self.limit *= PROBE_STEP
+            self.limit *= self._probe_step
+            # Each probe that held doubles the next step: a quota that grew tenfold (or a
+            # limit learned on a bad night) is found again in a minute, not in an hour.
+            self._probe_step = 1 + 2 * (self._probe_step - 1)
             self._calm_since = now
             target = SETTLE * self.limit
         if self.rate < target:
@@ -141,6 +146,7 @@ class Throttle:
         # eating the quota): the current rate is what was too fast.
         estimate = max(min(estimate, self.rate), MIN_RATE)
         self.limit = estimate if self.limit is None else min(self.limit, estimate)
+        self._probe_step = PROBE_STEP
         self.held_limit = (
             self.limit if self.held_limit is None else min(self.held_limit, self.limit)
         )

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import asyncpg
 
+from aggregator import migrations
 from aggregator.simulators import GoogleSimulator
 from aggregator.simulators import portfolio as world
 
@@ -52,6 +57,23 @@ async def add_site(
 
 
 LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+@contextlib.asynccontextmanager
+async def migrated_before(
+    dsn: str, version: str, workdir: Path
+) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to `dsn` with the migrations older than `version` applied (their files
+    copied to `workdir`): a database as it stood before that migration."""
+    for path in migrations.migration_files():
+        if path.stem < version:
+            shutil.copy(path, workdir / path.name)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrations.apply_migrations(conn, workdir)
+        yield conn
+    finally:
+        await conn.close()
 
 
 async def stored_rows(conn: asyncpg.Connection) -> dict[tuple[int, str], dict]:

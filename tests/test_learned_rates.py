@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import shutil
 from collections.abc import AsyncIterator
 from datetime import date
 
@@ -37,7 +36,7 @@ from aggregator.search_console import rates
 from aggregator.search_console.rates import Throttle
 from aggregator.simulators import portfolio as world
 from aggregator.simulators.google import GoogleSimulator
-from tests.factories import seed
+from tests.factories import migrated_before, seed
 
 TODAY = date(2025, 6, 10)
 WINDOW = Window(date(2025, 6, 8), date(2025, 6, 9))
@@ -348,12 +347,7 @@ async def test_rates_stored_before_007_are_floors_and_applying_it_again_changes_
 ) -> None:
     """A rate stored before limit_shown existed is of unknown kind: it starts as a floor, so
     one run re-finds the limit instead of taking a floor for one."""
-    for path in migrations.migration_files():
-        if path.stem < "007":
-            shutil.copy(path, tmp_path / path.name)
-    conn = await asyncpg.connect(empty_db)
-    try:
-        await migrations.apply_migrations(conn, tmp_path)
+    async with migrated_before(empty_db, "007", tmp_path) as conn:
         await conn.execute(
             "insert into gsc_learned_rates (scope, key, queries_per_second) values ('account', '1', 4)"
         )
@@ -362,8 +356,6 @@ async def test_rates_stored_before_007_are_floors_and_applying_it_again_changes_
             ("account", "1"): LearnedRate(4.0, limit_shown=False)
         }
         assert await migrations.apply_migrations(conn) == []
-    finally:
-        await conn.close()
 
 
 def test_a_limit_learned_on_a_bad_night_is_outgrown_within_a_minute() -> None:

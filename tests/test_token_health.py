@@ -4,7 +4,6 @@ keeps failing and why; `check` refreshes every active account, those without sit
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
@@ -20,7 +19,7 @@ from aggregator.search_console.client import AccountAccess
 from aggregator.search_console.oauth import ReconnectRequired
 from aggregator.simulators import portfolio as world
 from aggregator.token_health import TokenHealth
-from tests.factories import add_account, seed
+from tests.factories import add_account, migrated_before, seed
 from tests.test_check import facts, settings_for
 
 NOW = datetime(2024, 5, 10, 12, tzinfo=UTC)
@@ -210,20 +209,13 @@ async def test_migration_006_keeps_the_last_success_of_existing_accounts(
 ) -> None:
     """Before 006 last_refresh_at held the last success: existing accounts keep it as
     last_success_at, and applying the migrations again changes nothing."""
-    for path in migrations.migration_files():
-        if path.stem < "006":
-            shutil.copy(path, tmp_path / path.name)
-    conn = await asyncpg.connect(empty_db)
-    try:
-        await migrations.apply_migrations(conn, tmp_path)
+    async with migrated_before(empty_db, "006", tmp_path) as conn:
         account = await add_account(conn, "a@example.com", "rt")
         await conn.execute("update gsc_accounts set last_refresh_at = $1, last_error = 'x'", NOW)
         assert (await migrations.apply_migrations(conn))[0] == "006_refresh_attempts"
         assert await migrations.apply_migrations(conn) == []
         (health,) = await token_health.load_accounts(conn)
         assert health.id == account and health.health.last_success_at == NOW
-    finally:
-        await conn.close()
 
 
 def test_the_token_summary_never_shows_a_success_beside_a_later_failure() -> None:

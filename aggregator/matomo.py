@@ -343,14 +343,19 @@ def _endpoint_for(
 
 
 async def _fetch_batch(
-    endpoint: _Endpoint, batch: Sequence[tuple[Site, Window]], *, split: bool = False
+    endpoint: _Endpoint,
+    batch: Sequence[tuple[Site, Window]],
+    *,
+    split: bool = False,
+    tried: int = 0,
 ) -> list[MatomoDay | SiteError]:
     """All records of one batch, each site's over its own window; every failure it can
     attribute becomes a SiteError.
 
     A batch whose answer stays unusable after its retries is asked again in halves, down to
     single sites, so one site that breaks the whole bulk answer (a PHP fatal error in its
-    reports is a 500 for everyone) costs only itself. `split`: this batch is such a half.
+    reports is a 500 for everyone) costs only itself. `split`: this batch is such a half;
+    `tried`: the requests that asked for its sites before it (its errors count them too).
     A half is split further only once Matomo has answered some request usably: when the
     server itself is down, every half fails too, and halving would multiply the requests
     (and timeouts) by the batch size.
@@ -359,13 +364,11 @@ async def _fetch_batch(
     form = build_bulk_form(
         [(site.matomo_site_id, window) for site, window in batch], endpoint.token
     )
+    allowed = min(SPLIT_ATTEMPTS, endpoint.max_attempts) if split else endpoint.max_attempts
+    attempts = allowed
     try:
         answer, attempts = await _post_with_retries(
-            endpoint,
-            form,
-            sites=len(batch),
-            max_attempts=min(SPLIT_ATTEMPTS, endpoint.max_attempts) if split else None,
-            split=split,
+            endpoint, form, sites=len(batch), max_attempts=allowed, split=split, tried=tried
         )
         try:
             results = bulk_results(answer, len(batch))
@@ -380,8 +383,8 @@ async def _fetch_batch(
             )
             middle = len(batch) // 2
             halves = await asyncio.gather(
-                _fetch_batch(endpoint, batch[:middle], split=True),
-                _fetch_batch(endpoint, batch[middle:], split=True),
+                _fetch_batch(endpoint, batch[:middle], split=True, tried=tried + attempts),
+                _fetch_batch(endpoint, batch[middle:], split=True, tried=tried + attempts),
             )
             return [record for half in halves for record in half]
         if split and len(batch) == 1:
@@ -440,10 +443,12 @@ async def _post_with_retries(
     sites: int,
     max_attempts: int | None = None,
     split: bool = False,
+    tried: int = 0,
 ) -> tuple[Any, int]:
     """The decoded JSON answer and the attempt that got it; MatomoError once retries run out
     (MatomoBatchFailed when every attempt met a transient fault). `split`: the first attempt
-    already re-asks what a failed bulk request asked, so it counts as a retry."""
+    already re-asks what a failed bulk request asked, so it counts as a retry, and the error
+    counts the `tried` earlier requests for these sites with its own attempts."""
     attempts_allowed = max_attempts or endpoint.max_attempts
 
     def log_retry(state: RetryCallState) -> None:
@@ -484,7 +489,8 @@ async def _post_with_retries(
             if isinstance(exc, MatomoUnreachable)
             else "gave no usable answer in"
         )
-        raise MatomoBatchFailed(f"Matomo {what} {attempts_allowed} attempts: {exc}") from None
+        attempts = tried + attempts_allowed
+        raise MatomoBatchFailed(f"Matomo {what} {attempts} attempts: {exc}") from None
     return answer, attempt.retry_state.attempt_number
 
 

@@ -461,7 +461,7 @@ async def test_a_site_that_breaks_its_batch_fails_alone(session, mocked):
     records = await collect([site(1), site(2), site(3)], MAY_1, MAY_1, session, matomo_batch_size=2)
 
     assert errors_by_site(records) == {
-        "s1.example": "Matomo fails on site id 1 alone (Matomo gave no usable answer in 2 "
+        "s1.example": "Matomo fails on site id 1 alone (Matomo gave no usable answer in 5 "
         "attempts: HTTP 502): check that site's reports in Matomo; the other sites of its batch "
         "were fetched"
     }
@@ -481,7 +481,24 @@ async def test_a_server_that_answers_nothing_is_split_only_once(session, mocked)
     assert len(posts(mocked)) == 3 + 2 * 2
     errors = errors_by_site(records)
     assert len(errors) == 8
-    assert all(e == "Matomo gave no usable answer in 2 attempts: HTTP 502" for e in errors.values())
+    # Each site was asked for 3 + 2 times, and its error counts them all.
+    assert all(e == "Matomo gave no usable answer in 5 attempts: HTTP 502" for e in errors.values())
+
+
+async def test_a_dead_matomo_port_counts_every_attempt_made_for_each_site(session):
+    """A closed port (nothing listens): the batch's 5 attempts, then each half's 2; each
+    site's error counts the 7 requests that asked for it, not only its half's 2."""
+    sites = [site(n) for n in range(1, 5)]
+
+    records = await collect(
+        sites, MAY_1, MAY_1, session, matomo_url="http://127.0.0.1:1", http_max_attempts=5
+    )
+
+    errors = errors_by_site(records)
+    assert set(errors) == {s.domain for s in sites}
+    assert all(e.startswith("Matomo unreachable after 7 attempts: ") for e in errors.values()), (
+        errors
+    )
 
 
 async def test_connection_errors_until_give_up_name_the_cause(session, mocked):

@@ -36,6 +36,9 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.CannotConnectNowError,
+    # A connection whose backend was killed mid-statement ("cannot switch to state ...;
+    # another operation is in progress"): the next attempt gets another connection.
+    asyncpg.InternalClientError,
     OSError,
     TimeoutError,
 )

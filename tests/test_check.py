@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,7 @@ from aggregator.search_console.oauth import (
     ReconnectRequired,
     TokenEndpointRedirected,
 )
+from aggregator.simulators import GoogleSimulator
 from aggregator.simulators import portfolio as world
 from tests.factories import add_account, add_site, seed
 from tests.test_hostile_network import Redirector
@@ -482,14 +485,22 @@ def sim_env(db: str, matomo_sim, google_sim) -> dict[str, str]:
     }
 
 
-async def test_cli_exit_codes_and_output(db) -> None:
-    healthy = world.make_portfolio(20, 2)
-    await seed(db, healthy)
+@contextlib.asynccontextmanager
+async def served(
+    db: str, portfolio: world.Portfolio
+) -> AsyncIterator[tuple[dict, GoogleSimulator]]:
+    """`portfolio` seeded into `db` and served by both simulators: the environment a `check`
+    process runs with, and the Google simulator (to change it while it runs)."""
+    await seed(db, portfolio)
     async with (
-        world.matomo_simulator(healthy) as matomo_sim,
-        world.google_simulator(healthy) as google_sim,
+        world.matomo_simulator(portfolio) as matomo_sim,
+        world.google_simulator(portfolio) as google_sim,
     ):
-        env = sim_env(db, matomo_sim, google_sim)
+        yield sim_env(db, matomo_sim, google_sim), google_sim
+
+
+async def test_cli_exit_codes_and_output(db) -> None:
+    async with served(db, world.make_portfolio(20, 2)) as (env, google_sim):
         code, out, err = await cli("check", env=env)
         assert code == 0, out + err
         assert (
@@ -511,13 +522,7 @@ async def test_cli_exit_codes_and_output(db) -> None:
 async def test_check_prints_only_its_table_and_logs_warnings_only_with_v(db) -> None:
     """A revoked token is a row of the table, not a log warning above it: stdout is the table
     alone and stderr empty; with -v the table again, and the refusal in the log."""
-    portfolio = world.make_portfolio(6, 2, revoked_account=True)
-    await seed(db, portfolio)
-    async with (
-        world.matomo_simulator(portfolio) as matomo_sim,
-        world.google_simulator(portfolio) as google_sim,
-    ):
-        env = sim_env(db, matomo_sim, google_sim)
+    async with served(db, world.make_portfolio(6, 2, revoked_account=True)) as (env, _google):
         code, out, err = await cli("check", env=env)
         verbose_code, verbose_out, verbose_err = await cli("check", "-v", env=env)
 

@@ -78,6 +78,15 @@ def _log_unraisable(unraisable: sys.UnraisableHookArgs) -> None:
     )
 
 
+def _console_renderer(*, colors: bool = True) -> structlog.dev.ConsoleRenderer:
+    """structlog's terminal renderer with a plain traceback. Its default is rich's, which
+    prints every frame's local variables: a flush's whole batch of rows, a DSN or a token held
+    in some local, none of it masked."""
+    return structlog.dev.ConsoleRenderer(
+        colors=colors, exception_formatter=structlog.dev.plain_traceback
+    )
+
+
 def configure_logging(
     *,
     secrets: Iterable[str] = (),
@@ -90,11 +99,7 @@ def configure_logging(
     for secret in secrets:
         register_secret(secret)
     as_json = not (stream or sys.stderr).isatty()
-    renderer = (
-        structlog.processors.JSONRenderer()
-        if as_json
-        else structlog.dev.ConsoleRenderer(colors=True)
-    )
+    renderer = structlog.processors.JSONRenderer() if as_json else _console_renderer()
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -138,8 +143,18 @@ def _route_standard_logging(shared: list[Any], renderer: Any, output: Any, *, le
 
 
 def reset_logging() -> None:
-    """Undo configure_logging (for a process that runs the CLI more than once, like tests)."""
+    """Undo configure_logging (for a process that runs the CLI more than once, like tests).
+
+    structlog's own defaults are restored but for their renderer, whose rich traceback would
+    print every frame's locals (see _console_renderer)."""
     structlog.reset_defaults()
+    defaults = structlog.get_config()["processors"]
+    structlog.configure(
+        processors=[
+            _console_renderer(colors=False) if isinstance(p, structlog.dev.ConsoleRenderer) else p
+            for p in defaults
+        ]
+    )
     root = logging.getLogger()
     for ours in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
         root.removeHandler(ours)

@@ -9,22 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import logging
+import os
+import pty
 import re
+import subprocess
 import sys
 import warnings
 from pathlib import Path
 from typing import ClassVar
 from urllib.parse import parse_qs, quote, quote_plus
 
+import pytest
+import structlog
 from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator import redaction
-from aggregator.logs import configure_logging
+from aggregator.logs import configure_logging, reset_logging
 from aggregator.redaction import Redactor, redact, register_secret
 from aggregator.simulators import GoogleSimulator, SimServer
 from tests.test_secrets import (
@@ -265,3 +271,75 @@ async def test_secrets_echoed_base64_reach_no_output_or_table(
     for name, text in {**outputs, "tables": tables}.items():
         leaked = [s for s in (*SECRETS, *tokens) if revealed(text, s)]
         assert not leaked, f"{name} reveals {leaked}:\n{text[-3000:]}"
+
+
+# --- Tracebacks never render local variables ------------------------------------------------
+
+_LOCAL_VALUE = "S3CRET-held-only-by-a-local"
+_CRASHING_STATUS = f"""
+import sys
+import aggregator.status.command
+
+
+def command(args, settings):
+    batch_of_rows = [("example.com", "2026-01-01", 17)] * 3
+    held_secret = {_LOCAL_VALUE!r}
+    raise RuntimeError("a bug no handler expects")
+
+
+aggregator.status.command.command = command
+from aggregator.cli import main
+
+sys.exit(main(["status"]))
+"""
+
+
+def _crash_output(db: str, *, terminal: bool) -> tuple[int, str]:
+    """A real process whose command fails with a bug; its stderr a terminal or a pipe."""
+    env = {**os.environ, "DATABASE_URL": db, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    if not terminal:
+        process = subprocess.run(
+            [sys.executable, "-c", _CRASHING_STATUS], capture_output=True, env=env, timeout=60
+        )
+        return process.returncode, process.stderr.decode()
+    leader, follower = pty.openpty()
+    with subprocess.Popen(
+        [sys.executable, "-c", _CRASHING_STATUS],
+        stdout=subprocess.DEVNULL,
+        stderr=follower,
+        env=env,
+    ) as process:
+        os.close(follower)
+        chunks = []
+        with contextlib.suppress(OSError):  # EIO once the process has closed the terminal
+            while chunk := os.read(leader, 65536):
+                chunks.append(chunk)
+        os.close(leader)
+    return process.returncode, b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "cron"])
+def test_an_unexpected_exception_shows_no_local_variables(db, terminal: bool) -> None:
+    """A bug escaping a command prints its traceback (in a terminal: structlog's console
+    renderer, whose default rich traceback would list every frame's locals), but never the
+    values of its locals: a batch of rows, or a secret no one registered for masking."""
+    code, err = _crash_output(db, terminal=terminal)
+    assert code == 1, err
+    assert "RuntimeError: a bug no handler expects" in err
+    assert "aggregator.crashed" in err
+    for local in ("batch_of_rows", "held_secret", "example.com", _LOCAL_VALUE):
+        assert local not in err, err
+
+
+def test_a_logger_after_reset_logging_shows_no_local_variables(capsys) -> None:
+    """What reset_logging leaves (structlog's defaults, for the tests and any process that
+    runs the CLI more than once) renders a traceback without locals too."""
+    reset_logging()
+    held = [_LOCAL_VALUE]
+    try:
+        raise RuntimeError("a bug beside a secret in a local")
+    except RuntimeError:
+        structlog.get_logger().exception("unconfigured")
+    out = capsys.readouterr().out
+    assert held and "RuntimeError: a bug beside a secret in a local" in out
+    assert _LOCAL_VALUE not in out, out

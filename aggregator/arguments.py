@@ -262,8 +262,8 @@ def _add_status(commands: argparse._SubParsersAction) -> None:
                 "aggregator status --html report.html",
             ],
             [
-                "0 nothing behind or failing",
-                "1 something is behind or failing",
+                "0 nothing stale (a source failing with data still fresh is listed, exit 0)",
+                "1 something is stale: behind, or failing with data that has aged too",
                 "2 configuration or database unusable, or --html cannot be written",
                 _CLOSED_PIPE,
             ],

@@ -90,7 +90,7 @@ def test_causes_group_the_same_error_across_sites() -> None:
 
 def test_an_error_naming_no_monitored_site_is_reported_as_a_run_failure() -> None:
     report = build_report(TODAY, [], [], {("(run)", "pipeline"): "run lock lost"})
-    assert not report.ok
+    assert not report.ok and report.fresh  # listed, but nothing is stale
     assert "run     failing: pipeline (run): run lock lost" in render.text(report, UTC_ZONE)
 
 
@@ -181,7 +181,10 @@ async def seed_run(conn, errors: list[SiteError]) -> None:
     await storage.finish_run(conn, run_id, status="partial", rows_upserted=7, errors=errors)
 
 
-async def test_cli_exits_0_when_fresh_and_1_when_behind_or_failing(db, conn, tmp_path) -> None:
+async def test_cli_exits_1_only_when_something_is_stale(db, conn, tmp_path) -> None:
+    """The contract: exit 1 if anything is stale. A source the last run failed whose numbers
+    still reach the due day is listed as failing (it needs attention), yet exits 0; one whose
+    numbers have aged too is stale, and so is a source behind."""
     yesterday = today_in(UTC_ZONE) - timedelta(days=1)
     site = await add_site(conn, "fresh.com", matomo_site_id=1)
     await deploy_all(conn, yesterday)
@@ -196,8 +199,18 @@ async def test_cli_exits_0_when_fresh_and_1_when_behind_or_failing(db, conn, tmp
 
     await seed_run(conn, [SiteError("fresh.com", "matomo", "HTTP 500 from Matomo")])
     failing = aggregator("status", env=env, cwd=tmp_path)
-    assert failing.returncode == 1, failing.stderr
+    assert failing.returncode == 0, failing.stderr
+    assert "ATTENTION: 1 behind or failing (every source's data is fresh)" in failing.stdout
     assert "failing  1      HTTP 500 from Matomo" in failing.stdout
+    as_json = json.loads(aggregator("status", "--json", env=env, cwd=tmp_path).stdout)
+    assert as_json["ok"] is False and as_json["stale"] is False
+
+    await conn.execute("delete from daily_analytics where date = $1", yesterday)
+    aged = aggregator("status", "--json", env=env, cwd=tmp_path)
+    assert aged.returncode == 1, aged.stderr
+    assert json.loads(aged.stdout)["stale"] is True
+    assert "HTTP 500 from Matomo" in aged.stdout
+    await storage.upsert_daily_rows(conn, [storage.DailyRow(site, yesterday, matomo=(3, 4))])
 
     await seed_run(conn, [])
     await add_site(conn, "behind.com", matomo_site_id=2)  # nothing stored

@@ -116,7 +116,7 @@ def test_all_lists_every_site_and_json_is_stable(big: str, tmp_path: Path) -> No
         aggregator("status", "--json", "--all", env={"DATABASE_URL": big}, cwd=tmp_path).stdout
     )
     assert set(short) == {
-        "schema", "today", "window_days", "ok", "sources", "runs", "run_errors", "attention",
+        "schema", "today", "window_days", "ok", "stale", "sources", "runs", "run_errors", "attention",
         "sites",
     }  # fmt: skip
     assert set(short["sources"]["gsc"]) == {
@@ -132,7 +132,7 @@ def test_all_lists_every_site_and_json_is_stable(big: str, tmp_path: Path) -> No
     attention = sum(expected[s]["behind"] + expected[s]["failing"] for s in SOURCES)
     assert len(short["sites"]) == attention and len(full["sites"]) == total
     assert sum(c["count"] for c in short["attention"]) == attention
-    assert short["ok"] is False
+    assert short["ok"] is False and short["stale"] is True
 
 
 def test_html_report_at_10000_sites_stays_small(big: str, tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """The `aggregator status` command: read the report, print it as asked (`--html FILE` also
 writes the page), choose the exit status.
 
-Exit status: 0 nothing behind or failing, 1 something is, 2 configuration or database
+Exit status: 0 nothing stale (a source that failed last night but whose numbers still reach
+its due day is listed as failing, yet fresh), 1 something is stale, 2 configuration or database
 unusable (raised as ConfigError/StorageError for cli.main).
 """
 
@@ -40,4 +41,4 @@ def show(args: argparse.Namespace, report: StatusReport, settings: Settings) -> 
 
 
 def exit_status(report: StatusReport) -> int:
-    return EXIT_FRESH if report.ok else EXIT_ATTENTION
+    return EXIT_FRESH if report.fresh else EXIT_ATTENTION

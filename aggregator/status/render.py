@@ -51,6 +51,8 @@ def summary_lines(report: StatusReport, zone: ZoneInfo) -> list[str]:
     """The verdict, one row per source, the run figures."""
     attention = len(report.attention) + len(report.run_errors)
     verdict = "all fresh" if report.ok else f"ATTENTION: {attention} behind or failing"
+    if not report.ok and report.fresh:
+        verdict += " (every source's data is fresh)"
     figures = report.figures()
     rows = []
     for source in SOURCES:
@@ -179,6 +181,7 @@ def as_json(report: StatusReport, *, every_site: bool = False) -> dict[str, Any]
         "today": report.today.isoformat(),
         "window_days": report.window_days,
         "ok": report.ok,
+        "stale": not report.fresh,
         "sources": {source: source_entry(source) for source in SOURCES},
         "runs": {
             "count": figures.runs,

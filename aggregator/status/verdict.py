@@ -71,6 +71,14 @@ class SourceStatus:
         return self.state in ("behind", "failing")
 
     @property
+    def stale(self) -> bool:
+        """Its numbers do not reach the due day though some are expected: behind, or failing
+        with data that has aged too. A source that failed last night with numbers still recent
+        enough needs attention but is not stale."""
+        last = self.facts.last_day
+        return self.expected_days > 0 and (last is None or last < self.due)
+
+    @property
     def cause(self) -> str:
         """What the sites sharing this line have in common; the site's own name is replaced so
         that one error repeated for a thousand sites is one cause."""
@@ -154,7 +162,13 @@ class StatusReport:
 
     @property
     def ok(self) -> bool:
+        """Nothing needs attention: nothing behind or failing, no run-level error."""
         return not self.attention and not self.run_errors
+
+    @property
+    def fresh(self) -> bool:
+        """Nothing is stale, whatever failed: what status's exit code says."""
+        return not any(s.stale for s in self.sources)
 
     def completion(self, source: str | None = None) -> tuple[int, int]:
         """(present, expected) (site, day) cells over each source's window ending at its due

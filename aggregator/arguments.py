@@ -266,6 +266,7 @@ def _add_status(commands: argparse._SubParsersAction) -> None:
                 "1 something is stale: behind, or failing with data that has aged too",
                 "2 configuration or database unusable, or --html cannot be written",
                 _CLOSED_PIPE,
+                "(with stdout closed, `status >&-`, the exit status is still 0 or 1)",
             ],
         ),
     )

@@ -36,6 +36,13 @@ def guard_closed_stdout() -> None:
     sys.stdout = _NoReader()
 
 
+def stdout_closed_at_start() -> bool:
+    """Whether descriptor 1 was closed before the start (`>&-`): nobody can read any output,
+    so a command whose exit status is its verdict need not write it. (Python leaves the
+    original stream None then; guard_closed_stdout and masking replace only sys.stdout.)"""
+    return sys.__stdout__ is None
+
+
 def silence_stdout() -> None:
     """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
     _devnull_onto(sys.stdout.fileno())

@@ -4,6 +4,7 @@ cron and monitors run it (exit 0 fresh, 1 behind or failing, 2 unusable)."""
 import asyncio
 import json
 import os
+import subprocess
 import sys
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -237,6 +238,37 @@ async def test_cli_json_closed_pipe_ends_quietly(db, conn, tmp_path) -> None:
     out, err = await asyncio.wait_for(reader.communicate(), 60)
     assert out.decode() == base.stdout[:10]
     assert err.decode() == ""  # no BrokenPipeError traceback
+
+
+async def test_cli_with_stdout_closed_exits_with_its_verdict(db, conn, tmp_path) -> None:
+    """`aggregator status >&-`: nobody can read the report, so the exit status is the whole
+    answer: 0 fresh, 1 stale, as with a readable stdout; not 141, nothing on stderr."""
+    yesterday = today_in(UTC_ZONE) - timedelta(days=1)
+    site = await add_site(conn, "fresh.com", matomo_site_id=1)
+    await deploy_all(conn, yesterday)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MATOMO_", "GOOGLE_"))}
+
+    def closed(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "aggregator", "status", *args],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**env, "DATABASE_URL": db},
+            cwd=tmp_path,
+            preexec_fn=lambda: os.close(1),
+            timeout=60,
+        )
+
+    for args in ((), ("--json",), ("--all",)):
+        stale = closed(*args)
+        assert (stale.returncode, stale.stderr) == (1, ""), args
+    await storage.upsert_daily_rows(conn, [storage.DailyRow(site, yesterday, matomo=(3, 4))])
+    for args in ((), ("--json",)):
+        fresh = closed(*args)
+        assert (fresh.returncode, fresh.stderr) == (0, ""), args
+    html = closed("--html", str(tmp_path / "report.html"))
+    assert html.returncode == 0 and html.stderr.startswith("report: "), html.stderr
+    assert (tmp_path / "report.html").stat().st_size > 0
 
 
 async def test_cli_json_to_a_full_disk_fails_in_one_line(db, conn, tmp_path) -> None:

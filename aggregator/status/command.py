@@ -15,6 +15,7 @@ import sys
 from datetime import datetime
 
 from aggregator.config import Settings
+from aggregator.output import stdout_closed_at_start
 from aggregator.status import html, html_data, queries, render
 from aggregator.status.verdict import StatusReport
 
@@ -32,7 +33,12 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def show(args: argparse.Namespace, report: StatusReport, settings: Settings) -> int:
-    """Print the report as asked (`--json`, `--all`); return the exit status."""
+    """Print the report as asked (`--json`, `--all`); return the exit status.
+
+    With stdout closed (`status >&-`, a monitor that wants only the verdict) the exit status
+    is the whole answer, so it is given as if the report had been read, not 141."""
+    if stdout_closed_at_start():
+        return exit_status(report)
     if args.json:
         print(json.dumps(render.as_json(report, every_site=args.all), indent=2))
     else:

@@ -36,7 +36,7 @@ from aggregator.search_console.oauth import (
 from aggregator.simulators import GoogleSimulator
 from aggregator.simulators import portfolio as world
 from tests.factories import add_account, add_site, seed
-from tests.test_hostile_network import Redirector
+from tests.test_hostile_network import ForeignHost, Redirector
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRETS = (world.MATOMO_TOKEN, world.CLIENT_SECRET, "demo-refresh-token-")
@@ -626,3 +626,18 @@ async def test_the_columns_check_requires_are_the_migrations_typed_ones(conn) ->
     for (table, column), accepted in typed.items():
         assert found.get((table, column)) in accepted, (table, column, found.get((table, column)))
     assert len(typed) == sum(map(len, check.REQUIRED_COLUMNS.values()))
+
+
+async def test_check_through_a_token_endpoint_answering_a_page_is_a_row_not_a_crash(db) -> None:
+    """A token endpoint answering 200 with a page instead of a token (a captive portal, a
+    wrong GOOGLE_TOKEN_URL): `check` prints its table with a row naming GOOGLE_TOKEN_URL and
+    exits 1, with nothing on stderr."""
+    async with (
+        served(db, world.make_portfolio(4, 2)) as (env, _google),
+        ForeignHost("<html>Please sign in</html>", content_type="text/html") as portal,
+    ):
+        env = {**env, "GOOGLE_TOKEN_URL": f"{portal.url}/token"}
+        code, out, err = await cli("check", env=env)
+    assert code == 1 and err == "", out + err
+    problems = [line for line in out.splitlines() if line.startswith("PROBLEM")]
+    assert problems and all("GOOGLE_TOKEN_URL" in line for line in problems), out

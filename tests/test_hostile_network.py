@@ -298,3 +298,42 @@ async def test_a_trickling_endpoint_is_given_up_within_its_timeout(
     assert outcome.errors, "the trickling endpoint failed its sites"
     # Each byte arrives well within any per-read timeout: only a total deadline ends this.
     assert seconds < 8, f"{endpoint} took {seconds:.1f}s with a 1 s timeout"
+
+
+@pytest.mark.parametrize(
+    ("answer", "content_type"),
+    [
+        ("<html>Please sign in</html>", "text/html"),
+        ('["access_token"]', "application/json"),
+        ('{"access_token": 12345, "expires_in": 3599}', "application/json"),
+        ('{"access_token": "", "expires_in": 3599}', "application/json"),
+        ('{"access_token": "ya29.x", "expires_in": "soon"}', "application/json"),
+        ('{"access_token": "ya29.x", "expires_in": 1e300}', "application/json"),
+    ],
+)
+async def test_a_token_answer_that_holds_no_usable_token_fails_its_accounts_only(
+    stored: Stored, answer: str, content_type: str
+) -> None:
+    """A 200 from the token endpoint that is not an OAuth token answer (a portal's page, a
+    list, a token that is not text, an expiry that is not a number) fails each account with
+    one error naming GOOGLE_TOKEN_URL and records it in gsc_accounts.last_error; Matomo is
+    stored, Search Console's numbers untouched, and the source does not crash."""
+    before = columns(await stored.rows(), GSC_COLUMNS)
+    async with (
+        world.matomo_simulator(stored.portfolio, today=TODAY) as matomo,
+        ForeignHost(answer, content_type=content_type) as portal,
+    ):
+        outcome = await run(stored, matomo.url, portal.url, google_token_url=f"{portal.url}/token")
+    gsc_sites = {s.domain for s in stored.portfolio.sites if s.gsc_account_id is not None}
+    failed = {e.site: e.error for e in outcome.errors if e.source == "gsc"}
+    assert outcome.status == "partial", outcome.errors
+    assert set(failed) == gsc_sites, failed
+    assert all("GOOGLE_TOKEN_URL" in e and "unexpectedly" not in e for e in failed.values())
+    assert not [e for e in outcome.errors if e.source == "matomo"], outcome.errors
+    assert columns(await stored.rows(), GSC_COLUMNS) == before
+    conn = await asyncpg.connect(stored.dsn)
+    try:
+        last_errors = await conn.fetch("select last_error from gsc_accounts")
+    finally:
+        await conn.close()
+    assert all("GOOGLE_TOKEN_URL" in (r["last_error"] or "") for r in last_errors), last_errors

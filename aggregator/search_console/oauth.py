@@ -47,6 +47,13 @@ _TRANSIENT_ERRORS = frozenset({"internal_failure", "server_error", "temporarily_
 _RECONNECT_ERRORS = frozenset({"invalid_grant"})
 # The OAuth client itself is gone or wrong: no account of it can work, so one error says so.
 _BROKEN_CLIENT_ERRORS = frozenset({"invalid_client", "deleted_client"})
+# What google-auth raises on a 200 that is not a token answer (a portal's page, a list, an
+# `expires_in` that is no number): its parser indexes and converts without checking.
+_UNUSABLE_ANSWER_ERRORS = (ValueError, TypeError, KeyError, OverflowError)
+UNUSABLE_TOKEN_ANSWER = (
+    "the token endpoint's answer holds no usable access token: check that GOOGLE_TOKEN_URL is "
+    "Google's token endpoint"
+)
 
 
 async def in_daemon_thread(function: Callable[..., Any], *args: Any) -> Any:
@@ -393,8 +400,14 @@ class AccountToken:
                     rate_limited=isinstance(error, TransientAnswer) and error.status == 429
                 )
                 problem = str(error)
+            except _UNUSABLE_ANSWER_ERRORS:
+                self._stats.failed()
+                problem = UNUSABLE_TOKEN_ANSWER
             else:
-                return credentials
+                if isinstance(credentials.token, str) and credentials.token.strip():
+                    return credentials
+                self._stats.failed()
+                problem = UNUSABLE_TOKEN_ANSWER
             if attempt < settings.http_max_attempts:
                 delay = backoff_delay(attempt)
                 log.warning(

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import date, timedelta
+from datetime import date, datetime, time, timedelta
 
 import pytest
 
-from aggregator.dates import Window
+from aggregator.dates import PACIFIC, Window
 from aggregator.demo import simulated_settings
 from aggregator.pipeline import RunRequest, run_job
+from aggregator.search_console.answers import UNPROVEN_FRESH_DAYS
 from aggregator.simulators import portfolio as world
 from tests.factories import seed, stored_rows
 
@@ -107,6 +108,45 @@ async def test_run_stores_exactly_the_served_numbers_and_isolates_failures(db, c
     assert accounts["seo-team-3@demo.example"]["last_error"]
     assert accounts["seo-team-1@demo.example"]["last_refresh_at"] is not None
     assert accounts["seo-team-1@demo.example"]["last_error"] is None
+
+
+async def test_final_only_stores_the_final_days_a_normal_run_stores(db, conn, seeded):
+    """`--gsc-final-only`: Google omits days without traffic from final data too, so a final
+    day with no row is stored as 0 clicks and 0 impressions (CTR and position NULL), exactly as
+    a normal run stores it; before the fix such days stayed NULL after the newest row."""
+    portfolio = seeded
+    pacific_today = TODAY  # the simulator's today, Search Console's own (Pacific) day
+    now = datetime.combine(pacific_today, time(12), tzinfo=PACIFIC)
+    # Half the days without traffic: many sites end the window on days Google has no row for.
+    quiet = world.google_simulator(portfolio, today=pacific_today, zero_day_share=0.5)
+    async with quiet as google:
+        settings = simulated_settings(
+            db, "http://unused.invalid", google.url, gsc_max_qps_per_client=100
+        )
+        request = RunRequest(WINDOW, sources=("gsc",), final_only=True)
+        await run_job(settings, request, now=now)
+        normal = expected_gsc(google, portfolio, WINDOW)
+    stored = {
+        key: (row["gsc_clicks"], row["gsc_impressions"], row["gsc_ctr"], row["gsc_position"])
+        for key, row in (await stored_rows(conn)).items()
+        if row["gsc_final"] is not None
+    }
+    assert all(row["gsc_final"] for row in (await stored_rows(conn)).values())
+    unproven = pacific_today - timedelta(days=UNPROVEN_FRESH_DAYS)
+    settled = {k: w for k, w in normal.items() if w[4] and date.fromisoformat(k[1]) < unproven}
+    newest_row: dict[int, str] = {}
+    for (site, day), want in normal.items():
+        if want[4] and want[:2] != (0, 0):
+            newest_row[site] = max(day, newest_row.get(site, day))
+    trailing = [
+        k for k, w in settled.items() if w[:2] == (0, 0) and k[1] > newest_row.get(k[0], "")
+    ]
+    assert trailing  # zero days after a site's newest final row: the case the fix is about
+    for key, want in settled.items():
+        assert stored.get(key) == pytest.approx(want[:4]), key
+    # After that, only days Google served final rows for; nothing provisional.
+    for key in stored.keys() - settled.keys():
+        assert normal[key][4] and normal[key][:2] != (0, 0), key
 
 
 async def test_provisional_days_become_final_on_a_later_run(db, conn, seeded):

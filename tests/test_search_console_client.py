@@ -7,6 +7,7 @@ endpoint is the real local server from test_google_oauth. Backoff never really s
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import math
@@ -274,18 +275,34 @@ def test_rows_outside_the_window_are_ignored() -> None:
     assert days == [GscDay(1, day(1), 1, 2, 0.5, 1.0, final=True)]
 
 
-def test_final_only_answers_claim_nothing_after_the_newest_row() -> None:
+def test_final_only_answers_store_final_zeros_as_a_normal_run_does() -> None:
+    """dataState=final answers carry no metadata: a day before Search Console's today minus 3
+    with no row is a final zero (Google omits days without traffic), as in a normal run; later,
+    every row is final and so is a gap before it, and nothing is claimed after the newest."""
+    zero = functools.partial(GscDay, 1, clicks=0, impressions=0, ctr=None, position=None)
     body = answer({"2024-05-01": (3, 30, 0.1, 2.0)})
 
-    days = days_from_search_analytics(1, body, START, END, final_only=True, pacific_today=LATER)
-
-    assert days == [GscDay(1, day(0), 3, 30, 0.1, 2.0, final=True)]
-    assert (
-        days_from_search_analytics(
-            1, EMPTY_ANSWER, START, END, final_only=True, pacific_today=LATER
-        )
-        == []
+    settled = days_from_search_analytics(1, body, START, END, final_only=True, pacific_today=LATER)
+    empty = days_from_search_analytics(
+        1, EMPTY_ANSWER, START, END, final_only=True, pacific_today=LATER
     )
+
+    assert settled == [
+        GscDay(1, day(0), 3, 30, 0.1, 2.0, final=True),
+        zero(day(1), final=True),
+        zero(day(2), final=True),
+    ]
+    assert empty == [zero(day(n), final=True) for n in range(3)]
+    # Search Console's today 2024-05-05: from 2024-05-02 on, a missing day may be one that is
+    # not final yet.
+    recent = date(2024, 5, 5)
+    fresh_row = answer({"2024-05-02": (1, 10, 0.1, 2.0)})
+    assert days_from_search_analytics(
+        1, fresh_row, START, END, final_only=True, pacific_today=recent
+    ) == [zero(day(0), final=True), GscDay(1, day(1), 1, 10, 0.1, 2.0, final=True)]
+    assert days_from_search_analytics(
+        1, EMPTY_ANSWER, START, END, final_only=True, pacific_today=recent
+    ) == [zero(day(0), final=True)]
 
 
 @pytest.mark.parametrize(
@@ -618,6 +635,7 @@ async def test_final_only_asks_for_final_data(
     assert [(d.day, d.clicks, d.final) for d in days_of(records, 1)] == [
         (day(0), 0, True),
         (day(1), 1, True),
+        (day(2), 0, True),  # weeks before Search Console's today: final, and without traffic
     ]
 
 

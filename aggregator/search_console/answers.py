@@ -182,22 +182,22 @@ def days_from_search_analytics(
     which a quiet site's empty fresh days cannot prove: without it, days from `pacific_today`
     (Search Console's today) minus UNPROVEN_FRESH_DAYS on are provisional, earlier ones final.
 
-    `final_only` answers (dataState=final) never carry metadata, yet the last two or three days
-    are missing from them because they are not final yet, not because they had no traffic. So
-    there the day after the newest row is taken as the first incomplete day: gaps before it are
-    zeros, nothing is claimed after it (a site with no rows at all gets no records).
+    `final_only` answers (dataState=final) never carry metadata, so they follow the same rule:
+    a day before `pacific_today` minus UNPROVEN_FRESH_DAYS with no row is a final zero, as a
+    normal run stores it (Google omits days without traffic from final data too). Every row of
+    such an answer is final, and so is a gap before its newest row (final data arrives day by
+    day); a missing day after both is not claimed, since it may only not be final yet.
 
     Google keeps about 16 months: days that far before the first incomplete day yield only the
     rows Google still has, since a missing day there means "deleted", not zero, and must not
     overwrite stored numbers in a long backfill.
     """
     rows = _rows_by_day(body, start, end)
+    unproven = pacific_today - timedelta(days=UNPROVEN_FRESH_DAYS)
     if final_only:
-        first_incomplete = max(rows) + timedelta(days=1) if rows else start
+        first_incomplete = max([unproven, *(day + timedelta(days=1) for day in rows)])
     else:
-        first_incomplete = _first_incomplete_date(body) or pacific_today - timedelta(
-            days=UNPROVEN_FRESH_DAYS
-        )
+        first_incomplete = _first_incomplete_date(body) or unproven
     retained_from = first_incomplete - timedelta(days=RETENTION_DAYS)
     days: list[GscDay] = []
     for day in Window(start, end).days():

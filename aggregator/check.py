@@ -110,6 +110,7 @@ class MatomoFacts:
 class Facts:
     database: str
     schema: SchemaFacts
+    zone_refused: str | None = None  # why the database cannot count days in the timezone
     matomo_configured: bool = False
     gsc_configured: bool = False
     sites: tuple[Site, ...] = ()
@@ -148,6 +149,9 @@ def build_report(facts: Facts) -> Report:
     rows: list[Row] = []
     verified: list[str] = []
     _schema_rows(facts, rows, verified)
+    if facts.zone_refused is not None:
+        problem, _, fix = facts.zone_refused.partition("; fix: ")
+        rows.append(Row("problem", "AGGREGATOR_TIMEZONE", "database", problem, fix))
     checked_accounts = 0
     if facts.schema.usable:
         _site_rows(facts, rows)
@@ -704,14 +708,16 @@ async def gather_facts(settings: Settings) -> Facts:
     try:
         async with pool.acquire() as conn:
             schema = await load_schema(conn)
+            zone_refused = await storage.time_zone_refusal(conn, settings.timezone)
             if not schema.usable:
-                return Facts(database=database, schema=schema)
+                return Facts(database=database, schema=schema, zone_refused=zone_refused)
             sites = tuple(await storage.load_sites(conn))
             accounts = await load_accounts(conn)
             active = await storage.load_active_accounts(conn, settings.gsc_refresh_tokens)
         facts = Facts(
             database=database,
             schema=schema,
+            zone_refused=zone_refused,
             matomo_configured=settings.matomo_configured,
             gsc_configured=settings.gsc_configured,
             sites=sites,

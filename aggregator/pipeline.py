@@ -204,6 +204,7 @@ async def run_job(
     try:
         async with pool.acquire() as conn:
             await storage.require_schema(conn)
+            await storage.require_time_zone(conn, settings.timezone)
             sites = await storage.load_sites(conn, request.domains)
             _check_requested_domains(request.domains, sites)
             accounts = (

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Mappi
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from urllib.parse import parse_qs, urlsplit
+from zoneinfo import ZoneInfo
 
 import asyncpg
 
@@ -172,6 +173,28 @@ async def require_schema(conn: asyncpg.Connection) -> None:
     absent = await missing_columns(conn, required_columns())
     if absent:
         raise StorageError(f"database has no column {absent[0]}: {missing_column_fix(absent[0])}")
+
+
+async def time_zone_refusal(conn: asyncpg.Connection, zone: ZoneInfo) -> str | None:
+    """Why the database cannot count days in `zone` (None when it can). Postgres computes each
+    site's deployment day in AGGREGATOR_TIMEZONE (`at time zone`) from time zone data of its
+    own, which may lack a zone this machine's Python knows (a newer zone, an older server)."""
+    try:
+        await conn.fetchval("select now() at time zone $1", zone.key)
+    except asyncpg.InvalidParameterValueError:
+        return (
+            f"AGGREGATOR_TIMEZONE {zone.key}: the database does not know this time zone (its "
+            "time zone data differs from this machine's); fix: set AGGREGATOR_TIMEZONE to a zone "
+            "with the same clock that the database knows (select name from pg_timezone_names)"
+        )
+    return None
+
+
+async def require_time_zone(conn: asyncpg.Connection, zone: ZoneInfo) -> None:
+    """StorageError (one line, exit 2) unless the database knows AGGREGATOR_TIMEZONE."""
+    refusal = await time_zone_refusal(conn, zone)
+    if refusal is not None:
+        raise StorageError(refusal)
 
 
 async def load_sites(conn: asyncpg.Connection, domains: Sequence[str] = ()) -> list[Site]:

@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,42 @@ async def test_a_column_dropped_after_migrating_is_one_line_not_a_crash(
         assert f"database has no column {column}: run `aggregator migrate`" in line
         assert f"alter table {table} add column {name} " in line
     assert await conn.fetchval("select count(*) from aggregator_runs") == 0
+
+
+async def test_a_timezone_the_database_does_not_know_is_one_line(db, conn, tmp_path) -> None:
+    """AGGREGATOR_TIMEZONE that Python knows and Postgres does not (time zone data of another
+    age on either side; here a zone file only this machine has): each command that counts
+    days in the database stops with one line naming the setting, exit 2, no run row; `check`
+    reports it as a problem; commands that count no days there are unaffected."""
+    zones = tmp_path / "zoneinfo"
+    (zones / "America").mkdir(parents=True)
+    shutil.copy(Path("/usr/share/zoneinfo/America/Santiago"), zones / "America" / "Newer_Zone")
+    await add_site(conn, "example.com")
+    env = {
+        "DATABASE_URL": db,
+        "AGGREGATOR_TIMEZONE": "America/Newer_Zone",
+        "PYTHONTZPATH": f"{zones}{os.pathsep}/usr/share/zoneinfo",
+    }
+    for command in (
+        ["run", "--lookback", "1"],
+        ["run", "--dry-run"],
+        ["status"],
+        ["status", "--json"],
+        ["status", "--html", str(tmp_path / "report.html")],
+    ):
+        line = one_line_error(aggregator(*command, env=env, cwd=tmp_path))
+        assert line.startswith(
+            "aggregator: error: AGGREGATOR_TIMEZONE America/Newer_Zone: the database does not "
+            "know this time zone"
+        ), command
+        assert "fix: set AGGREGATOR_TIMEZONE to a zone" in line
+    assert await conn.fetchval("select count(*) from aggregator_runs") == 0
+    check = aggregator("check", env=env, cwd=tmp_path)
+    assert check.returncode == 1 and "Traceback" not in check.stderr
+    assert "PROBLEM  AGGREGATOR_TIMEZONE  database  AGGREGATOR_TIMEZONE America/Newer_Zone" in (
+        check.stdout
+    )
+    assert aggregator("accounts", "list", env=env, cwd=tmp_path).returncode == 0
 
 
 async def test_migrate_then_dry_run(empty_db, tmp_path) -> None:

@@ -168,6 +168,7 @@ async def gather(
     conn: asyncpg.Connection, today: date, zone: ZoneInfo, now: datetime
 ) -> StatusReport:
     """The whole report from one connection (`today` in `zone`, runs since `now` - 30 days)."""
+    await storage.require_time_zone(conn, zone)  # deployment days are counted in it
     facts = await load_facts(conn, today, zone)
     runs = await load_runs(conn, now - timedelta(days=WINDOW_DAYS))
     return build_report(today, facts, runs, await load_last_errors(conn))

@@ -274,7 +274,7 @@ def _add_status(commands: argparse._SubParsersAction) -> None:
     status.add_argument("--all", action="store_true", help="list every site")
     status.add_argument(
         "--html",
-        type=Path,
+        type=_report_file,
         metavar="FILE",
         help="also write a self-contained HTML report: sites x days per source, runs, accounts",
     )
@@ -406,7 +406,7 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
     )
     demo.add_argument(
         "--report",
-        type=Path,
+        type=_report_file,
         metavar="FILE",
         help="where to write the HTML status report of the demo data "
         f"(default {default_report_path()})",
@@ -423,6 +423,15 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
         "(the embedded PostgreSQL runs only while a demo command does)",
     )
     demo.add_argument("-v", "--verbose", action="store_true", help="show the job's logs")
+
+
+def _report_file(text: str) -> Path:
+    """A path whose last part names the file to write: `''`, `.`, `/` and `..` name a
+    directory, which the report's write-then-rename cannot replace."""
+    path = Path(text)
+    if path.name in ("", ".."):
+        raise argparse.ArgumentTypeError(f"must name a file, got {text!r}")
+    return path
 
 
 def _positive(text: str) -> int:

@@ -9,6 +9,8 @@ import sys
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+import pytest
+
 from aggregator import storage
 from aggregator.dates import due_day, today_in
 from aggregator.model import SiteError
@@ -303,3 +305,16 @@ def test_html_report_to_an_unwritable_place_is_one_line_exit_2(db, tmp_path) -> 
     )
     assert line == f"aggregator: error: cannot write --html {target}: No such file or directory"
     assert not target.parent.exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "option"), [(["status", "--html"], "--html"), (["demo", "--report"], "--report")]
+)
+@pytest.mark.parametrize("path", ["", ".", "/", ".."])
+def test_a_report_path_that_names_no_file_is_one_line_exit_2(db, tmp_path, command, option, path):
+    """`--html ''` (an empty variable in a script), `.`, `/` or `..` name a directory, not a
+    file: one usage line, exit 2, before anything runs (it was a traceback)."""
+    result = aggregator(*command, path, env={"DATABASE_URL": db}, cwd=tmp_path)
+    line = one_line_error(result)
+    assert f"argument {option}: must name a file, got {path!r}" in line
+    assert result.stdout == "" and list(tmp_path.iterdir()) == []

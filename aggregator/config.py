@@ -31,6 +31,8 @@ _REFRESH_TOKEN_PREFIX = "GSC_REFRESH_TOKEN_"
 _ACCOUNT_ID = re.compile(r"0|[1-9][0-9]*")
 _MAX_ACCOUNT_ID = 2**63 - 1
 _HOST_LABEL = re.compile(r"(?!-)[\w-]{1,63}(?<!-)")
+_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
+_DECIMAL_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 Kind = Literal["dsn", "url", "secret", "text", "zone", "number", "count"]
 
@@ -121,9 +123,14 @@ class Setting:
         return value
 
     def _number(self, value: str) -> float | int:
+        spelling = _WHOLE_NUMBER if self.kind == "count" else _DECIMAL_NUMBER
+        # Only the plain ASCII spellings the table documents: int() and float() also take
+        # Python's `1_000` and any script's digits (`٣`), which no operator means as a setting.
         try:
+            if not spelling.fullmatch(value):
+                raise ValueError(value)
             number: float | int = int(value) if self.kind == "count" else float(value)
-        except ValueError:
+        except ValueError:  # int() also refuses more than 4,300 digits
             number = math.nan
         # Compared as is (not through float()): a 400-digit whole number is out of range, not
         # an OverflowError; NaN fails every comparison.
@@ -492,6 +499,12 @@ def _check_url(variable: str, value: str) -> None:
     if "@" in parts.netloc:
         raise ConfigError(
             f"{variable} must not carry user:password@ (it would be printed and sent on)"
+        )
+    if "?" in value or "#" in value:
+        # Never echoed: a pasted Matomo address may carry token_auth in its query.
+        raise ConfigError(
+            f"{variable} must not carry a ?query or #fragment (the job adds its own "
+            "parameters; a token belongs in its own setting): http(s)://HOST[:PORT][/PATH]"
         )
     _check_host(variable, parts, required=True)
 

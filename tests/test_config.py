@@ -187,7 +187,15 @@ def test_env_file_is_read_and_the_environment_wins(tmp_path, monkeypatch) -> Non
 # --- Every setting is checked at start-up against its documented range ----------------------
 
 ROOT = Path(__file__).resolve().parent.parent
-NUMBER_GARBAGE = ("", "  ", "fast", "nan", "NaN", "inf", "-inf", "-Infinity", "-1", "1e300")
+NUMBER_GARBAGE = (
+    *("", "  ", "fast", "nan", "NaN", "inf", "-inf", "-Infinity", "-1", "1e300"),
+    *(
+        "1_0",
+        "\u0663",
+        "\uff15",
+        "0x10",
+    ),  # Python's own spellings: 1_0, Arabic-Indic and fullwidth digits
+)
 BAD_URLS = (
     "matomo.example.com",
     "ftp://h.example/x",
@@ -202,6 +210,9 @@ BAD_URLS = (
     "http://bad_host!/",
     "http://-h.example/",
     "http://h..example/",
+    "http://h.example/index.php?module=API&token_auth=pw-xyz",
+    "http://h.example/?",
+    "http://h.example/#pw-xyz",
 )
 BAD_DSNS = (
     "mysql://x@y/z",

@@ -5,6 +5,8 @@ The job drops into Supabase projects that already exist, so `migrate` must
 - apply every pending file in one transaction: a failure leaves the database as it was;
 - check an existing `sites` (and any other table it would reuse) before touching anything, and
   name the table, the column and the fix in one line when it cannot work with it;
+- add back a column of its tables dropped after its migration was recorded, as that migration
+  defined it (aggregator.column_repair), in the same transaction;
 - secure only what it creates: every table created by a migration gets row level security and
   no privilege for Supabase's `anon`/`authenticated`, whoever wrote the file; a table it did not
   create keeps its row level security, grants and policies;
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import asyncpg
 
-from aggregator import storage
+from aggregator import column_repair, storage
 from aggregator.config import Settings
 from aggregator.graceful import run_until_stopped
 from aggregator.storage import StorageError
@@ -128,14 +130,13 @@ def required_columns() -> dict[str, tuple[str, ...]]:
 
 
 def missing_column_fix(name: str) -> str:
-    """How to get `table.column` back: migrate adds what a pending migration creates, but a
-    column dropped after its migration was recorded needs adding back by hand."""
+    """How to get `table.column` back: migrate adds it, whether its migration is pending or
+    was recorded before the column was dropped, unless no value can be made up for it."""
     table, _, column = name.partition(".")
-    types = {**EXPECTED_COLUMNS.get(table, {}), **LATER_COLUMNS.get(table, {})}[column]
-    return (
-        f"run `aggregator migrate`; if it says the schema is up to date, the column was dropped "
-        f"since: add it back with `alter table {table} add column {column} {types[0]}`"
-    )
+    known = column_repair.COLUMNS.get(table, {}).get(column)
+    if known is None or known.definition is not None:
+        return "run `aggregator migrate`: it adds the column back"
+    return column_repair.refusal(table, column, known).partition("; fix: ")[2]
 
 
 class MigrationError(StorageError):
@@ -243,9 +244,17 @@ def read_grant_sql(role: str) -> str:
     )
 
 
-def migration_script(pending: Sequence[Migration], readers: Sequence[str] = ()) -> str:
-    """The SQL `migrate` runs for these pending migrations, as one file (what --sql prints)."""
+def migration_script(
+    pending: Sequence[Migration], readers: Sequence[str] = (), repairs: Sequence[str] = ()
+) -> str:
+    """The SQL `migrate` runs for these pending migrations, as one file (what --sql prints):
+    first the columns of recorded migrations it adds back (`repairs`)."""
     parts = []
+    if repairs:
+        parts.append(
+            "-- Columns of the aggregator's tables dropped since their migration: added back.\n"
+            + "".join(f"{statement}\n" for statement in repairs)
+        )
     if pending:
         parts.append(_PROLOGUE)
         parts += [f"-- aggregator migration {m.version}\n{_recorded(m)}" for m in pending]
@@ -554,10 +563,19 @@ async def applied_versions(conn: asyncpg.Connection) -> frozenset[str] | None:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What migrate does: add back the dropped columns of recorded migrations, then apply the
+    pending ones."""
+
+    pending: list[Migration]
+    repair: column_repair.Repair
+
+
 async def _plan(
     conn: asyncpg.Connection, migrations: Sequence[Migration], readers: Sequence[str]
-) -> list[Migration]:
-    """The pending migrations, once the database is known to fit them (MigrationError if not)."""
+) -> Plan:
+    """The plan, once the database is known to fit it (MigrationError if not)."""
     applied = await applied_versions(conn) or frozenset()
     pending = [m for m in migrations if m.version not in applied]
     facts = await catalog_facts(conn)
@@ -565,6 +583,9 @@ async def _plan(
         conflicts = schema_conflicts(facts) + owner_conflicts(facts)
     else:
         conflicts = upsert_key_conflicts(facts)
+    missing = await storage.missing_columns(conn, column_repair.columns_by_table())
+    repair = column_repair.plan_repair(missing, applied)
+    conflicts += [*repair.conflicts, *_unalterable_sites_conflicts(facts, repair)]
     if conflicts:
         raise MigrationError(f"cannot migrate, nothing was changed: {_summed_up(conflicts)}")
     for role in readers:
@@ -574,7 +595,15 @@ async def _plan(
             raise MigrationError(
                 f"--grant-read {role}: no such role in this database; nothing was changed"
             )
-    return pending
+    return Plan(pending, repair)
+
+
+def _unalterable_sites_conflicts(facts: CatalogFacts, repair: column_repair.Repair) -> list[str]:
+    """An adopted sites owned by another role: its columns are added back by that role."""
+    sites = facts.tables.get(ADOPTED_TABLE)
+    if sites is None or not any(n.startswith(f"{ADOPTED_TABLE}.") for n in repair.restored):
+        return []
+    return _missing_column_conflicts(facts, ADOPTED_TABLE, sites, EXPECTED_COLUMNS[ADOPTED_TABLE])
 
 
 def _summed_up(conflicts: Sequence[str]) -> str:
@@ -646,15 +675,31 @@ async def _lock(conn: asyncpg.Connection) -> None:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Migrated:
+    versions: list[str]  # the migrations applied
+    restored: tuple[str, ...]  # "table.column" added back
+
+
 async def apply_migrations(
     conn: asyncpg.Connection, sql_dir: Path = SQL_DIR, *, readers: Sequence[str] = ()
 ) -> list[str]:
-    """Apply the pending migrations (and the read grants asked for) in one transaction; return
-    the versions applied. MigrationError, with the database unchanged, when anything fails."""
+    """migrate_schema, returning the versions applied."""
+    return (await migrate_schema(conn, sql_dir, readers=readers)).versions
+
+
+async def migrate_schema(
+    conn: asyncpg.Connection, sql_dir: Path = SQL_DIR, *, readers: Sequence[str] = ()
+) -> Migrated:
+    """Add back dropped columns, apply the pending migrations (and the read grants asked for)
+    in one transaction. MigrationError, with the database unchanged, when anything fails."""
     migrations = load_migrations(sql_dir)
     async with _explained(), conn.transaction():
         await _lock(conn)
-        pending = await _plan(conn, migrations, readers)
+        plan = await _plan(conn, migrations, readers)
+        pending = plan.pending
+        if plan.repair.statements:
+            await _execute(conn, "adding back dropped columns", "\n".join(plan.repair.statements))
         if pending:
             await _execute(conn, "migration bookkeeping", _PROLOGUE)
             for migration in pending:
@@ -663,7 +708,7 @@ async def apply_migrations(
         await _refuse_unreadable_sites(conn, readers)
         for role in readers:
             await _execute(conn, f"--grant-read {role}", read_grant_sql(role))
-    return [m.version for m in pending]
+    return Migrated([m.version for m in pending], plan.repair.restored)
 
 
 async def pending_sql(
@@ -672,9 +717,9 @@ async def pending_sql(
     """What apply_migrations would run on this database, as one SQL file; nothing is changed."""
     migrations = load_migrations(sql_dir)
     async with _explained(), conn.transaction(readonly=True):
-        pending = await _plan(conn, migrations, readers)
+        plan = await _plan(conn, migrations, readers)
         await _refuse_unreadable_sites(conn, readers)
-    return migration_script(pending, readers)
+    return migration_script(plan.pending, readers, plan.repair.statements)
 
 
 def command(args: argparse.Namespace, settings: Settings) -> int:
@@ -689,13 +734,15 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
                 if args.sql:
                     print(await pending_sql(conn, readers=readers), end="")
                     return 0
-                applied = await apply_migrations(conn, readers=readers)
+                migrated = await migrate_schema(conn, readers=readers)
         finally:
             await pool.close()
         where = storage.describe_dsn(dsn)
-        if applied:
-            print(f"applied {', '.join(applied)} to {where}")
-        else:
+        if migrated.restored:
+            print(f"added back {', '.join(migrated.restored)} to {where}")
+        if migrated.versions:
+            print(f"applied {', '.join(migrated.versions)} to {where}")
+        elif not migrated.restored:
             print(f"schema of {where} is up to date")
         for role in readers:
             print(f"{role} may read daily_analytics (the rows of the sites it can read)")

@@ -420,8 +420,7 @@ async def test_missing_column_is_reported(db, conn) -> None:
     assert [(r.problem, r.fix) for r in report.rows] == [
         (
             "missing column sites.gsc_property; sites and accounts not checked",
-            "run `aggregator migrate`; if it says the schema is up to date, the column was "
-            "dropped since: add it back with `alter table sites add column gsc_property text`",
+            "run `aggregator migrate`: it adds the column back",
         )
     ]
 

@@ -36,7 +36,7 @@ from aggregator.search_console.oauth import (
 from aggregator.simulators import GoogleSimulator
 from aggregator.simulators import portfolio as world
 from tests.factories import add_account, add_site, seed
-from tests.test_hostile_network import ForeignHost, Redirector
+from tests.test_hostile_network import ForeignHost, Redirector, garbled_sites_list
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRETS = (world.MATOMO_TOKEN, world.CLIENT_SECRET, "demo-refresh-token-")
@@ -640,3 +640,16 @@ async def test_check_through_a_token_endpoint_answering_a_page_is_a_row_not_a_cr
     assert code == 1 and err == "", out + err
     problems = [line for line in out.splitlines() if line.startswith("PROBLEM")]
     assert problems and all("GOOGLE_TOKEN_URL" in line for line in problems), out
+
+
+async def test_check_through_a_sites_list_that_is_no_listing_is_one_row_per_account(db) -> None:
+    portfolio = world.make_portfolio(4, 2)
+    await seed(db, portfolio)
+    async with (
+        world.matomo_simulator(portfolio) as matomo_sim,
+        garbled_sites_list(portfolio, "sc-domain:site00001.example") as google_sim,
+    ):
+        report = await run_check(settings_for(db, matomo_sim, google_sim))
+    problems = [r for r in report.rows if r.level == "problem"]
+    assert sorted(r.subject for r in problems) == [a.email for a in portfolio.accounts]
+    assert all("sites.list with unusable data" in r.problem for r in problems), problems

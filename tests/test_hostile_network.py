@@ -24,7 +24,7 @@ from aggregator.dates import Window
 from aggregator.demo import simulated_settings
 from aggregator.pipeline import RunOutcome, RunRequest, run_job
 from aggregator.redirects import REDIRECT_STATUSES, refused_redirect
-from aggregator.simulators import SimServer
+from aggregator.simulators import GoogleSimulator, SimServer
 from aggregator.simulators import portfolio as world
 from tests.factories import seed
 
@@ -337,3 +337,47 @@ async def test_a_token_answer_that_holds_no_usable_token_fails_its_accounts_only
     finally:
         await conn.close()
     assert all("GOOGLE_TOKEN_URL" in (r["last_error"] or "") for r in last_errors), last_errors
+
+
+def garbled_sites_list(portfolio: world.Portfolio, site_entry: object) -> GoogleSimulator:
+    """The Google simulator, but sites.list (after its real token check) answers `siteEntry`
+    with `site_entry`."""
+    google = world.google_simulator(portfolio, today=TODAY)
+    listed = google._sites_list
+
+    async def garbled(request: web.Request) -> web.StreamResponse:
+        await listed(request)
+        return web.json_response({"siteEntry": site_entry})
+
+    google._sites_list = garbled  # type: ignore[method-assign]
+    return google
+
+
+GARBLED_SITE_ENTRIES = [
+    "sc-domain:site00001.example",
+    {"siteUrl": "sc-domain:site00001.example"},
+    [{"siteUrl": 5, "permissionLevel": "siteOwner"}],
+    [["sc-domain:site00001.example", "siteOwner"]],
+]
+
+
+@pytest.mark.parametrize("site_entry", GARBLED_SITE_ENTRIES)
+async def test_a_sites_list_that_is_no_listing_fails_the_accounts_sites(
+    stored: Stored, site_entry: object
+) -> None:
+    """A sites.list answer whose `siteEntry` is not a list of {siteUrl, permissionLevel} says
+    nothing about the account's properties: each of its sites fails naming the unusable answer
+    (not skipped as if the account had no property), and nothing is written."""
+    before = columns(await stored.rows(), GSC_COLUMNS)
+    async with (
+        world.matomo_simulator(stored.portfolio, today=TODAY) as matomo,
+        garbled_sites_list(stored.portfolio, site_entry) as google,
+    ):
+        outcome = await run(stored, matomo.url, google.url)
+    gsc_sites = {s.domain for s in stored.portfolio.sites if s.gsc_account_id is not None}
+    failed = {e.site: e.error for e in outcome.errors if e.source == "gsc"}
+    assert set(failed) == gsc_sites, failed
+    assert all("sites.list with unusable data" in e for e in failed.values()), failed
+    figures = outcome.stats["gsc"]
+    assert (figures.sites_failed, figures.sites_skipped) == (len(gsc_sites), 0)
+    assert columns(await stored.rows(), GSC_COLUMNS) == before

@@ -68,13 +68,20 @@ def candidate_properties(domain: str) -> tuple[str, str, str]:
 
 
 def site_listing(sites_list: Mapping[str, Any]) -> dict[str, str]:
-    """Property -> permission level from a sites.list answer (malformed entries left out)."""
+    """Property -> permission level from a sites.list answer (no `siteEntry`: no property).
+
+    GscDataError when `siteEntry` is not a list of entries with a `siteUrl`: such an answer
+    says nothing about the account's properties, and read leniently it would look like an
+    account without the site's property, skipping the site with the wrong fix."""
     entries = sites_list.get("siteEntry", [])
-    return {
-        entry["siteUrl"]: str(entry.get("permissionLevel", ""))
-        for entry in (entries if isinstance(entries, list) else [])
-        if isinstance(entry, Mapping) and isinstance(entry.get("siteUrl"), str)
-    }
+    if not isinstance(entries, list):
+        raise GscDataError(f"'siteEntry' is {type(entries).__name__}, expected a list")
+    listing = {}
+    for entry in entries:
+        if not (isinstance(entry, Mapping) and isinstance(entry.get("siteUrl"), str)):
+            raise GscDataError("a siteEntry has no siteUrl")
+        listing[entry["siteUrl"]] = str(entry.get("permissionLevel", ""))
+    return listing
 
 
 class ReadableProperties:

@@ -55,12 +55,12 @@ from aggregator.search_console.account_run import (
 from aggregator.search_console.answers import (
     GscDataError,
     ReadableProperties,
-    accessible_properties,
     candidate_properties,
     days_from_search_analytics,
     host_access,
     is_unverified,
     page_rows,
+    readable,
     search_analytics_request,
     site_listing,
 )
@@ -344,7 +344,7 @@ class _SearchConsole:
             answer = await self._call(
                 run, "GET", "/webmasters/v3/sites", None, subject="sites.list"
             )
-            return site_listing(answer)
+            return listing_of(answer)
 
         return list_sites
 
@@ -640,6 +640,15 @@ class AccountAccess:
     refresh: AccountRefresh | None = None
 
 
+def listing_of(answer: Mapping[str, Any]) -> dict[str, str]:
+    """The property -> permission listing of a sites.list answer; one that is no listing fails
+    the account's sites (their properties cannot be known) with a message safe to store."""
+    try:
+        return site_listing(answer)
+    except GscDataError as bad:
+        raise SiteFailure(f"Search Console answered sites.list with unusable data: {bad}") from None
+
+
 async def account_access(
     accounts: Sequence[GscAccount], settings: Settings, session: aiohttp.ClientSession
 ) -> list[AccountAccess]:
@@ -662,6 +671,7 @@ async def account_access(
             answer = await console._call(
                 run, "GET", "/webmasters/v3/sites", None, subject="sites.list"
             )
+            properties = readable(listing_of(answer))
         except ClientBroken as broken:
             return AccountAccess(account, client_error=str(broken), refresh=token.outcome)
         except TokenError as failure:
@@ -669,6 +679,6 @@ async def account_access(
         except SiteFailure as failure:
             error = console._redact(str(failure))
             return AccountAccess(account, list_error=error, refresh=token.outcome)
-        return AccountAccess(account, accessible_properties(answer), refresh=token.outcome)
+        return AccountAccess(account, properties, refresh=token.outcome)
 
     return list(await asyncio.gather(*(one(account) for account in accounts)))

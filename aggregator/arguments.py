@@ -220,7 +220,7 @@ def _add_migrate(commands: argparse._SubParsersAction) -> None:
                 "_aggregator.sql",
             ],
             [
-                "0 applied, or already up to date",
+                "0 applied, or already up to date (with stdout closed, `migrate >&-`, too)",
                 "2 nothing was changed: configuration, database unreachable, or a conflict "
                 "(one line naming the fix)",
             ],
@@ -302,6 +302,7 @@ def _add_check(commands: argparse._SubParsersAction) -> None:
                 "1 some problem, a missing or outdated schema included",
                 "2 configuration invalid or database unreachable",
                 _CLOSED_PIPE,
+                "(with stdout closed, `check >&-`, the exit status is still 0 or 1)",
             ],
         ),
     )

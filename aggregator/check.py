@@ -34,6 +34,7 @@ import asyncpg
 from aggregator import matomo, migrations, storage, token_health
 from aggregator.config import Settings, default_of
 from aggregator.model import Site
+from aggregator.output import stdout_closed_at_start
 from aggregator.search_console import client as gsc
 from aggregator.search_console.answers import ReadableProperties, candidate_properties
 from aggregator.search_console.oauth import (
@@ -754,8 +755,10 @@ async def run_check(settings: Settings) -> Report:
 
 
 def command(args: argparse.Namespace, settings: Settings, out: TextIO | None = None) -> int:
-    out = out or sys.stdout
     report = asyncio.run(run_check(settings))
+    if out is None and stdout_closed_at_start():
+        return report.exit_code  # `check >&-`: the exit status is the whole answer
+    out = out or sys.stdout
     if args.json:
         print(json.dumps(as_json(report), indent=2, ensure_ascii=False), file=out)
     else:

@@ -30,6 +30,7 @@ import asyncpg
 from aggregator import column_repair, storage
 from aggregator.config import Settings
 from aggregator.graceful import run_until_stopped
+from aggregator.output import stdout_closed_at_start
 from aggregator.storage import StorageError
 
 MIGRATIONS_TABLE = "aggregator_schema_migrations"
@@ -737,6 +738,8 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
                 migrated = await migrate_schema(conn, readers=readers)
         finally:
             await pool.close()
+        if stdout_closed_at_start():
+            return 0  # `migrate >&-`: the schema is migrated, the report has no reader
         where = storage.describe_dsn(dsn)
         if migrated.restored:
             print(f"added back {', '.join(migrated.restored)} to {where}")

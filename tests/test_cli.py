@@ -20,17 +20,25 @@ from tests.test_signals import job_environment
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def aggregator(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None):
+def aggregator(
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    stdout_closed: bool = False,
+):
+    """The CLI in a real process; `stdout_closed`: as `aggregator ... >&-` (no stdout read)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("MATOMO_", "GOOGLE_", "GSC_"))}
     base.pop("DATABASE_URL", None)
     base.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "aggregator", *args],
-        capture_output=True,
+        stdout=None if stdout_closed else subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env=base,
         cwd=cwd or ROOT,
         timeout=60,
+        preexec_fn=(lambda: os.close(1)) if stdout_closed else None,
     )
 
 
@@ -142,6 +150,24 @@ async def test_a_timezone_the_database_does_not_know_is_one_line(db, conn, tmp_p
         check.stdout
     )
     assert aggregator("accounts", "list", env=env, cwd=tmp_path).returncode == 0
+
+
+def test_migrate_and_check_with_stdout_closed_exit_with_their_outcome(empty_db, tmp_path) -> None:
+    """`migrate >&-` migrates and exits 0, `check >&-` exits with its verdict, as `run` and
+    `status` do: nobody reads their report, but the work is done (not 141, nothing on stderr)."""
+    env = {"DATABASE_URL": empty_db}
+    outcomes = {}
+    for args in (["check"], ["migrate"], ["check"], ["check", "--json"]):
+        result = aggregator(*args, env=env, cwd=tmp_path, stdout_closed=True)
+        outcomes.setdefault(" ".join(args), []).append((result.returncode, result.stderr))
+    # check before migrate: no schema, a problem (1); migrate: done (0); then all is well (0).
+    assert outcomes == {
+        "check": [(1, ""), (0, "")],
+        "migrate": [(0, "")],
+        "check --json": [(0, "")],
+    }
+    up_to_date = aggregator("migrate", env=env, cwd=tmp_path)
+    assert up_to_date.stdout.startswith("schema of ") and "is up to date" in up_to_date.stdout
 
 
 async def test_migrate_then_dry_run(empty_db, tmp_path) -> None:

@@ -197,23 +197,34 @@ async def require_time_zone(conn: asyncpg.Connection, zone: ZoneInfo) -> None:
         raise StorageError(refusal)
 
 
+def site_name_sql(alias: str) -> str:
+    """SQL naming a site as every command does: its domain or, when it has none (an adopted
+    sites table need not require one: NULL or blank), `site <id> without a domain`, so runs,
+    errors, `status` and `check` can still say which site."""
+    return (
+        f"case when btrim(coalesce({alias}.domain, '')) = '' "
+        f"then 'site ' || {alias}.id::text || ' without a domain' else {alias}.domain end"
+    )
+
+
 async def load_sites(conn: asyncpg.Connection, domains: Sequence[str] = ()) -> list[Site]:
     """Monitored sites (active and deployed), optionally only those named (case-insensitive)."""
     rows = await conn.fetch(
-        """
-        select id, domain, matomo_site_id, gsc_account_id, gsc_property
-        from sites
-        where is_active and deployed_at is not null
+        f"""
+        select s.id, {site_name_sql("s")} as name, s.matomo_site_id, s.gsc_account_id,
+               s.gsc_property
+        from sites s
+        where s.is_active and s.deployed_at is not null
           and (cardinality($1::text[]) = 0
-               or lower(rtrim(btrim(domain), '.')) = any($1::text[]))
-        order by id
+               or lower(rtrim(btrim(s.domain), '.')) = any($1::text[]))
+        order by s.id
         """,
         [domain_key(d) for d in domains],
     )
     return [
         Site(
             id=row["id"],
-            domain=row["domain"],
+            domain=row["name"],
             matomo_site_id=row["matomo_site_id"],
             gsc_account_id=row["gsc_account_id"],
             gsc_property=row["gsc_property"],

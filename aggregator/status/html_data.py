@@ -126,8 +126,8 @@ def site_cells(
 
 # --- database edge ---------------------------------------------------------------------------
 
-_SITES = """
-select s.id, s.domain, a.email as account,
+_SITES = f"""
+select s.id, {storage.site_name_sql("s")} as domain, a.email as account,
        s.matomo_site_id is not null as has_matomo, s.gsc_account_id is not null as has_gsc,
        (s.deployed_at at time zone $1)::date as deployed_on
 from sites s

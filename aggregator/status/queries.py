@@ -27,8 +27,8 @@ from aggregator.status.verdict import (
 
 # Per monitored site (the filter of storage.load_sites): its sources' newest days ever and how
 # many days of each source's window ($2..$3 Matomo, $4..$5 Search Console) hold numbers.
-_FACTS = """
-select s.domain, a.email as account,
+_FACTS = f"""
+select {storage.site_name_sql("s")} as domain, a.email as account,
        s.matomo_site_id is not null as has_matomo, s.gsc_account_id is not null as has_gsc,
        (s.deployed_at at time zone $1)::date as deployed_on,
        max(d.date) filter (where d.matomo_visits is not null) as matomo_last,
@@ -45,7 +45,7 @@ left join gsc_accounts a on a.id = s.gsc_account_id
 left join daily_analytics d on d.site_id = s.id
 where s.is_active and s.deployed_at is not null
 group by s.id, a.email
-order by s.domain
+order by 1
 """
 
 
@@ -144,13 +144,13 @@ async def load_last_errors(conn: asyncpg.Connection) -> dict[tuple[str, str], st
     """The errors of the newest finished run, by (site, source), leaving out sites no longer
     monitored (deactivated or undeployed since): their failure needs no attention."""
     rows = await conn.fetch(
-        """
+        f"""
         select e ->> 'site' as site, e ->> 'source' as source, e ->> 'error' as error
         from (select errors from aggregator_runs where finished_at is not null
               order by started_at desc, id desc limit 1) r,
              jsonb_array_elements(r.errors) e
         where not exists (select 1 from sites s
-                          where s.domain = e ->> 'site'
+                          where {storage.site_name_sql("s")} = e ->> 'site'
                             and not (s.is_active and s.deployed_at is not null))
         """
     )

@@ -1,5 +1,6 @@
-"""Store while fetching: the DailyTable is flushed whenever it is full and at least every
-AGGREGATOR_FLUSH_SECONDS, each flush one transaction that first re-checks the run's lease.
+"""Store while fetching: the DailyTable is flushed whenever it is full, at least every
+AGGREGATOR_FLUSH_SECONDS, and every EAGER_SECONDS while it has rows to store; each flush is one
+transaction that first re-checks the run's lease.
 
 So a killed run loses at most the last flush interval, memory is bounded by the flush size
 (a full table is flushed in the background while the sources go on; one twice full makes
@@ -26,6 +27,11 @@ FIRST_BACKOFF_SECONDS = 0.25
 # A flush attempt also ends on the client side a little after its statements' own bound, in
 # case the connection itself hangs (a black-holed network, a pooler that stopped answering).
 CLIENT_MARGIN_SECONDS = 5.0
+# Rows ready to store are stored within about a second, not held until AGGREGATOR_FLUSH_SECONDS:
+# a run shorter than that interval otherwise wrote everything after its last answer (`make
+# bench`: 0.6 s of a 17 s run spent storing 20,000 rows after the fetching was done), and the
+# dashboard sees a night's numbers as they come.
+EAGER_SECONDS = 1.0
 
 
 class StoreFailed(Exception):
@@ -61,6 +67,7 @@ class Flusher:
         # Resolved (and replaced) each time a flush takes the table's rows in.
         self._took: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.last_started = time.monotonic()
+        self._last_eager = self.last_started
         self.rows_sent = 0
         self.failure: str | None = None
 
@@ -92,27 +99,36 @@ class Flusher:
 
     async def flush_every(self, seconds: float) -> None:
         """Flush at least every `seconds` until cancelled (a flush for fullness resets it), and
-        when a row held for its other half has waited `seconds`: nothing fetched waits longer."""
+        when a row held for its other half has waited `seconds`: nothing fetched waits longer.
+        In between, every EAGER_SECONDS, store what is ready (rows not held), if anything."""
         while True:
             due = self._due(seconds)
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
-            if time.monotonic() >= self._due(seconds):
-                await self.flush()
+            await asyncio.sleep(max(0.0, min(due, self._eager_due()) - time.monotonic()))
+            await self.flush(eager=time.monotonic() < self._due(seconds))
+
+    def _eager_due(self) -> float:
+        return max(self.last_started, self._last_eager) + EAGER_SECONDS
 
     def _due(self, seconds: float) -> float:
         held = self._table.oldest_held
         since = self.last_started if held is None else min(held, self.last_started)
         return since + seconds
 
-    async def flush(self, *, last: bool = False) -> None:
+    async def flush(self, *, last: bool = False, eager: bool = False) -> None:
         """Store what the table holds now (`last`: everything, no row held for its other
         half). A batch that could not be stored goes back to the table (cancelled mid-way, or
-        failed), so a later flush may still store it."""
+        failed), so a later flush may still store it. An `eager` flush with nothing to store
+        writes nothing, and leaves the periodic one (which renews the run row) due."""
         async with self._lock:
             if self.failure is not None:
                 return
-            self.last_started = time.monotonic()
-            batch = self._table.take(self.last_started, hold=not last)
+            now = time.monotonic()
+            batch = self._table.take(now, hold=not last)
+            if eager:
+                self._last_eager = now
+                if not batch:
+                    return
+            self.last_started = now
             took, self._took = self._took, asyncio.get_running_loop().create_future()
             took.set_result(None)
             try:

@@ -12,7 +12,7 @@ from datetime import timedelta
 import asyncpg
 import pytest
 
-from aggregator import pipeline, storage
+from aggregator import flushing, pipeline, storage
 from aggregator.demo import simulated_settings
 from aggregator.model import AccountRefresh, GscDay, MatomoDay, SiteError, SourceRecord
 from aggregator.pipeline import RunRequest, SourceInput, run_job
@@ -277,3 +277,47 @@ async def test_a_half_waiting_for_its_other_half_is_stored_within_the_flush_inte
     assert still_running, outcome.errors
     assert stored == days
     assert outcome.status == "partial" and "signal" in outcome.interrupted
+
+
+async def test_rows_ready_to_store_are_stored_within_a_second_not_the_flush_interval(
+    db, conn, monkeypatch
+) -> None:
+    """Both halves of every day are in while the sources are still open: they are stored by
+    an eager flush, long before AGGREGATOR_FLUSH_SECONDS (an hour here), not after the run."""
+    monkeypatch.setattr(flushing, "EAGER_SECONDS", 0.05)
+    sites = await _portfolio(conn)
+    days = len(sites) * len(WINDOW.days())
+    release = asyncio.Event()
+
+    async def matomo(given: SourceInput) -> AsyncIterator[SourceRecord]:
+        for site in given.sites:
+            for day in WINDOW.days():
+                yield MatomoDay(site.id, day, site.id, 2 * site.id)
+        await release.wait()
+
+    async def gsc(given: SourceInput) -> AsyncIterator[SourceRecord]:
+        for site in given.sites:
+            for day in WINDOW.days():
+                yield GscDay(site.id, day, 1, 10, 0.1, 2.0, True)
+        await release.wait()
+
+    run = asyncio.create_task(
+        run_job(
+            settings_for(db, flush_seconds=3600),
+            RunRequest(WINDOW),
+            sources={"matomo": matomo, "gsc": gsc},
+        )
+    )
+    for _ in range(1000):  # bounded: 10 s
+        stored = await conn.fetchval(
+            "select count(*) from daily_analytics where matomo_visits is not null"
+            " and gsc_clicks is not null"
+        )
+        if stored == days or run.done():
+            break
+        await asyncio.sleep(0.01)
+    still_running = not run.done()
+    release.set()
+    outcome = await run
+    assert still_running and stored == days
+    assert outcome.status == "ok" and outcome.rows_upserted == days  # each day written once

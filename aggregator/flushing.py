@@ -68,6 +68,7 @@ class Flusher:
         self._took: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.last_started = time.monotonic()
         self._last_eager = self.last_started
+        self._errors_stored = 0  # how many of the table's errors the run row holds
         self.rows_sent = 0
         self.failure: str | None = None
 
@@ -166,6 +167,9 @@ class Flusher:
                 raise StoreFailed(_failed(batch, exc)) from None
 
     async def _transaction(self, batch: Batch, seconds: float) -> None:
+        # The run's errors only grow: rewrite them into the run row only when some came since
+        # the last flush, not every second (a night with Matomo down holds thousands).
+        errors = len(self._table.errors)
         async with self._pool.acquire() as conn, conn.transaction():
             await storage.bound_statements(conn, seconds)
             # First: the lease (and the run row's lock until commit), then the data.
@@ -174,13 +178,14 @@ class Flusher:
                 self._lease.run_id,
                 self._lease.seconds,
                 add_rows=len(batch.rows),
-                errors=self._table.errors,
+                errors=self._table.errors if errors != self._errors_stored else None,
                 stats={name: figures.as_json() for name, figures in self._table.stats.items()},
             )
             if not held:
                 raise LeaseLost()
             flushed = await storage.stage_and_upsert(conn, batch.rows.values())
             await storage.record_account_refreshes(conn, batch.refreshes)
+        self._errors_stored = errors
         self.rows_sent += flushed.rows
         log.info(
             "store.flushed",

@@ -366,3 +366,28 @@ def test_a_limit_learned_on_a_bad_night_is_outgrown_within_a_minute() -> None:
     serve(throttle, 0.0, 60.0, limit=20)
     assert throttle.refusals > 0
     assert 0.8 * 20 <= throttle.rate <= 20
+
+
+def test_a_lone_refusal_at_the_operators_ceiling_holds_and_keeps_the_rate() -> None:
+    """At a ceiling that held PROBE_AFTER calm seconds, one refusal is jitter (arrivals
+    bunched on the way): the scope waits for Google's window to drain and goes on at the
+    ceiling. A second refusal within PROBE_AFTER is a quota under the ceiling: it cuts."""
+    throttle = Throttle(start=None, ceiling=20.0)
+    now = serve(throttle, 0.0, rates.PROBE_AFTER + 1)
+    assert throttle.rate == 20.0
+    throttle.sent(now)
+    throttle.refused(now + 0.1, now)
+    assert throttle.rate == 20.0 and throttle.limit is None
+    assert now - 1.0 < throttle.resume_at <= now + 0.1, "held until the window drained"
+    now = serve(throttle, now + 0.1, rates.PROBE_AFTER / 2)
+    throttle.refused(now, now)
+    assert throttle.rate < 20.0 and throttle.limit is not None
+
+
+def test_a_refusal_soon_after_reaching_the_ceiling_cuts() -> None:
+    """A quota under the operator's ceiling refuses within the first seconds: that is no
+    jitter, and the rate comes down to what Google accepted."""
+    throttle = Throttle(start=None, ceiling=20.0)
+    now = serve(throttle, 0.0, 1.0)
+    throttle.refused(now, now)
+    assert throttle.rate < 20.0

@@ -203,6 +203,19 @@ async def test_a_flush_failing_with_a_bug_stops_the_run_like_a_refused_one(
     assert 0 < stored == run["rows_upserted"] == outcome.rows_upserted
 
 
+async def _stored_while_running(
+    conn: asyncpg.Connection, run: asyncio.Task, condition: str, wanted: int
+) -> tuple[int, bool]:
+    """Poll (bounded: 10 s) until `wanted` rows meeting `condition` are stored or the run
+    ends: how many were stored, and whether the run was still going then."""
+    for _ in range(1000):
+        stored = await conn.fetchval(f"select count(*) from daily_analytics where {condition}")
+        if stored == wanted or run.done():
+            break
+        await asyncio.sleep(0.01)
+    return stored, not run.done()
+
+
 def _one_source_then_the_other(hang: bool = False) -> dict:
     """Matomo delivers every site-day first; Search Console then completes them (or, with
     `hang`, never answers while it is still expected to)."""
@@ -264,14 +277,9 @@ async def test_a_half_waiting_for_its_other_half_is_stored_within_the_flush_inte
             stop=stop,
         )
     )
-    for _ in range(1000):  # bounded: 10 s
-        stored = await conn.fetchval(
-            "select count(*) from daily_analytics where matomo_visits is not null"
-        )
-        if stored == days or run.done():
-            break
-        await asyncio.sleep(0.01)
-    still_running = not run.done()
+    stored, still_running = await _stored_while_running(
+        conn, run, "matomo_visits is not null", days
+    )
     stop.set()
     outcome = await run
     assert still_running, outcome.errors
@@ -308,15 +316,9 @@ async def test_rows_ready_to_store_are_stored_within_a_second_not_the_flush_inte
             sources={"matomo": matomo, "gsc": gsc},
         )
     )
-    for _ in range(1000):  # bounded: 10 s
-        stored = await conn.fetchval(
-            "select count(*) from daily_analytics where matomo_visits is not null"
-            " and gsc_clicks is not null"
-        )
-        if stored == days or run.done():
-            break
-        await asyncio.sleep(0.01)
-    still_running = not run.done()
+    stored, still_running = await _stored_while_running(
+        conn, run, "matomo_visits is not null and gsc_clicks is not null", days
+    )
     release.set()
     outcome = await run
     assert still_running and stored == days

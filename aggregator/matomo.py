@@ -533,15 +533,17 @@ def decode_answer(status: int, content_type: str, body: bytes) -> Any:
         raise MatomoRateLimited("HTTP 429")
     if status >= 500 or status in _RETRYABLE_STATUSES:
         raise MatomoTransientError(f"HTTP {status}")
+    if status == 200 and content_type != "application/json":
+        # Matomo serves JSON as application/json: another type is someone else's page, even
+        # one that happens to parse, and no number is read from it.
+        raise MatomoTransientError(f"non-JSON answer ({content_type})")
     try:
         answer = json.loads(body)
     except RecursionError:
         raise MatomoError("Matomo answer is nested too deeply to be metrics") from None
     except ValueError:
         if status == 200:
-            if content_type == "application/json":
-                raise MatomoTransientError("malformed JSON") from None
-            raise MatomoTransientError(f"non-JSON answer ({content_type})") from None
+            raise MatomoTransientError("malformed JSON") from None
         answer = None
     if status != 200:
         message = error_message(answer)

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 
 import asyncpg
 import pytest
@@ -381,3 +382,24 @@ async def test_a_sites_list_that_is_no_listing_fails_the_accounts_sites(
     figures = outcome.stats["gsc"]
     assert (figures.sites_failed, figures.sites_skipped) == (len(gsc_sites), 0)
     assert columns(await stored.rows(), GSC_COLUMNS) == before
+
+
+async def test_a_matomo_answer_not_served_as_json_is_not_data(stored: Stored) -> None:
+    """A well-formed per-site bulk answer served as text/html (a portal or proxy page that
+    happens to parse) is not Matomo's answer: Matomo serves JSON as application/json. Every
+    site of the batch fails naming the content type, and the stored visits are untouched."""
+    days = {
+        (FROM + timedelta(days=n)).isoformat(): {"nb_visits": 1, "nb_actions": 2}
+        for n in range((TO - FROM).days + 1)
+    }
+    matomo_sites = [s for s in stored.portfolio.sites if s.matomo_site_id is not None]
+    before = columns(await stored.rows(), MATOMO_COLUMNS)
+    async with (
+        world.google_simulator(stored.portfolio, today=TODAY) as google,
+        ForeignHost(json.dumps([days] * len(matomo_sites)), content_type="text/html") as portal,
+    ):
+        outcome = await run(stored, portal.url, google.url)
+    failed = {e.site: e.error for e in outcome.errors if e.source == "matomo"}
+    assert set(failed) == {s.domain for s in matomo_sites}, outcome.errors
+    assert all("non-JSON answer (text/html)" in e for e in failed.values()), failed
+    assert columns(await stored.rows(), MATOMO_COLUMNS) == before

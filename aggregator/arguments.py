@@ -146,12 +146,14 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
     when = run.add_argument_group(f"window (default: --lookback {LOOKBACK_DAYS}, self-healing)")
     when.add_argument(
         "--from",
+        action=_Once,
         dest="date_from",
         metavar="YYYY-MM-DD",
         help="first day; without --to, up to yesterday",
     )
     when.add_argument(
         "--to",
+        action=_Once,
         dest="date_to",
         metavar="YYYY-MM-DD",
         help="last day (inclusive); today is allowed: its numbers so far, completed by the "
@@ -159,12 +161,14 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
     )
     when.add_argument(
         "--date",
+        action=_Once,
         metavar="YYYY-MM-DD",
         help="a single day; today is allowed: its numbers so far, completed by the next "
         "nightly run",
     )
     when.add_argument(
         "--lookback",
+        action=_Once,
         type=int,
         metavar="N",
         help=f"with no dates: the last N full days ending yesterday (default {LOOKBACK_DAYS}), "
@@ -424,6 +428,22 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
         "(the embedded PostgreSQL runs only while a demo command does)",
     )
     demo.add_argument("-v", "--verbose", action="store_true", help="show the job's logs")
+
+
+class _Once(argparse.Action):
+    """A window option given twice (`--date A --date B`) is refused: argparse would keep the
+    last value silently, and the run would fetch a window the operator did not ask for."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            raise argparse.ArgumentError(self, "given more than once: give it once")
+        setattr(namespace, self.dest, values)
 
 
 def _report_file(text: str) -> Path:

@@ -62,6 +62,10 @@ def one_line_error(result) -> str:
         (["run", "--lookback", "x"], "invalid int value"),
         (["run", "--source", "ga4"], "invalid choice"),
         (["frobnicate"], "invalid choice"),
+        (["run", "--date", "2024-03-01", "--date", "2024-03-02"], "--date: given more than once"),
+        (["run", "--from", "2024-03-01", "--from", "2024-02-01"], "--from: given more than once"),
+        (["run", "--to", "2024-03-01", "--to", "2024-03-02"], "--to: given more than once"),
+        (["--lookback", "2", "--lookback", "30"], "--lookback: given more than once"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(tmp_path, args, expected) -> None:

@@ -369,11 +369,11 @@ def test_a_limit_learned_on_a_bad_night_is_outgrown_within_a_minute() -> None:
 
 
 def test_a_lone_refusal_at_the_operators_ceiling_holds_and_keeps_the_rate() -> None:
-    """At a ceiling that held PROBE_AFTER calm seconds, one refusal is jitter (arrivals
-    bunched on the way): the scope waits for Google's window to drain and goes on at the
-    ceiling. A second refusal within PROBE_AFTER is a quota under the ceiling: it cuts."""
+    """At the operator's ceiling, one refusal is jitter (arrivals bunched on the way): the
+    scope waits for Google's window to drain and goes on at the ceiling. A second refusal
+    within PROBE_AFTER is a quota under the ceiling: it cuts."""
     throttle = Throttle(start=None, ceiling=20.0)
-    now = serve(throttle, 0.0, rates.PROBE_AFTER + 1)
+    now = serve(throttle, 0.0, 1.0)
     assert throttle.rate == 20.0
     throttle.sent(now)
     throttle.refused(now + 0.1, now)
@@ -384,10 +384,12 @@ def test_a_lone_refusal_at_the_operators_ceiling_holds_and_keeps_the_rate() -> N
     assert throttle.rate < 20.0 and throttle.limit is not None
 
 
-def test_a_refusal_soon_after_reaching_the_ceiling_cuts() -> None:
-    """A quota under the operator's ceiling refuses within the first seconds: that is no
-    jitter, and the rate comes down to what Google accepted."""
-    throttle = Throttle(start=None, ceiling=20.0)
-    now = serve(throttle, 0.0, 1.0)
-    throttle.refused(now, now)
-    assert throttle.rate < 20.0
+def test_a_quota_under_the_ceiling_costs_one_refusal_more_than_without_one() -> None:
+    """A ceiling set above Google's limit: the first refusal only holds, the next one cuts,
+    and the rate settles under the limit as it does with no ceiling."""
+    capped = Throttle(start=None, ceiling=40.0)
+    serve(capped, 0.0, 20.0, limit=20)
+    assert 0.9 * 20 <= capped.rate <= 20
+    free = Throttle(start=LearnedRate(40.0, limit_shown=False), ceiling=None)
+    serve(free, 0.0, 20.0, limit=20)
+    assert capped.refusals <= free.refusals + 1

@@ -20,13 +20,14 @@ eating it) is found again within a minute; only a limit that then held PROBE_AFT
 counts as learned. What it learned is stored by the
 pipeline and is where the next run starts.
 
-The operator's ceiling (GSC_MAX_QPS_*) is a rate they vouch for: a lone refusal there, after
-PROBE_AFTER calm seconds at it, is taken for jitter (arrivals bunched on the way, so that a
+The operator's ceiling (GSC_MAX_QPS_*) is a rate they vouch for: a lone refusal there (none
+other within PROBE_AFTER) is taken for jitter (arrivals bunched on the way, so that a
 per-second count sees one query more than was sent in any second): the scope holds until the
 window has drained and keeps its rate. A second refusal within PROBE_AFTER is no jitter (the
-quota sits under the ceiling, or a neighbour eats it) and cuts as any other. Cutting for each
-lone one cost the hand-tuned `make bench` row about a third of a second per refusal, and the
-night ends with its slowest account.
+quota sits under the ceiling, or a neighbour eats it: either refuses again at once) and cuts
+as any other, so a ceiling set too high costs one refusal more. Cutting for each lone one cost
+the hand-tuned `make bench` row about a third of a second per refusal, and the night ends with
+its slowest account.
 
 Pure apart from the clock, which the caller passes in (the event loop's monotonic time).
 """
@@ -76,6 +77,7 @@ class Throttle:
         self._grown_at: float | None = None
         self._first_sent = -math.inf
         self._cut_at = -math.inf
+        self._refused_at = -math.inf
         self.resume_at = -math.inf  # after a cut, when the quota's window has drained
         self._calm_since: float | None = None
         self._probe_step = PROBE_STEP
@@ -130,8 +132,8 @@ class Throttle:
         over the window before that (counted by send time, as Google counts arrivals); cut
         under it, unless this belongs to the overload already cut for."""
         self.refusals += 1
-        calm = self._calm_since is not None and now - self._calm_since >= PROBE_AFTER
-        self._calm_since = now
+        lone = now - self._refused_at >= PROBE_AFTER
+        self._refused_at = self._calm_since = now
         if now - self._cut_at < COOLDOWN:
             return
         window = self.window()
@@ -140,19 +142,16 @@ class Throttle:
         # those leaves it, whatever is sent is refused as well.
         recent = [at for at in counted if at > sent_at - QUOTA_WINDOW]
         self.resume_at = min(recent) + QUOTA_WINDOW if recent else now
-        if calm and self.ceiling < MAX_RATE and self.rate >= _REACHED * self.ceiling:
+        if lone and self.ceiling < MAX_RATE and self.rate >= _REACHED * self.ceiling:
             return  # jitter at the operator's ceiling (see above): hold, keep the rate
         self._cut_at = now
-        if self.limit is None and self.rate < self.ceiling:
-            # A slow start overshoots: what Google accepted over the window says where it
-            # stopped. One less than counted: send times are taken a little before the query
-            # is on the wire.
-            estimate = (len(counted) - 1) / window
-        else:
-            # Refused at a rate it held: that rate is the limit for now. A refusal from jitter
-            # (arrivals bunched on the way) costs SETTLE, not a tenth; a quota that really
-            # shrank (a neighbour eating it) refuses again, lower each time, until it fits.
-            estimate = self.rate
+        # A slow start overshoots, or the operator's ceiling did not hold (refused twice): what
+        # Google accepted over the window says where it stopped, one less than counted (send
+        # times are taken a little before the query is on the wire). Refused at a limit it
+        # held: that rate is the limit for now. A refusal from jitter (arrivals bunched on the
+        # way) costs SETTLE, not a tenth; a quota that really shrank (a neighbour eating it)
+        # refuses again, lower each time, until it fits.
+        estimate = (len(counted) - 1) / window if self.limit is None else self.rate
         # Refused at a rate well under the estimate (a per-minute quota filling up, a neighbour
         # eating the quota): the current rate is what was too fast.
         estimate = max(min(estimate, self.rate), MIN_RATE)

@@ -403,3 +403,41 @@ async def test_a_matomo_answer_not_served_as_json_is_not_data(stored: Stored) ->
     assert set(failed) == {s.domain for s in matomo_sites}, outcome.errors
     assert all("non-JSON answer (text/html)" in e for e in failed.values()), failed
     assert columns(await stored.rows(), MATOMO_COLUMNS) == before
+
+
+class Flood(Trickle):
+    """Answers 200 and streams `megabytes` MiB of JSON whitespace as fast as it can, then
+    holds the connection open without another byte."""
+
+    def __init__(self, megabytes: int) -> None:
+        super().__init__()
+        self.megabytes = megabytes
+
+    async def _trickle(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        for _ in range(self.megabytes):
+            await response.write(b" " * (1024 * 1024))
+        await self._closing.wait()
+        return response
+
+
+async def test_a_flooding_token_endpoint_is_cut_off_at_its_size_cap(stored: Stored) -> None:
+    """A token answer is about a kilobyte: one of megabytes is refused as soon as it passes
+    the cap, naming GOOGLE_TOKEN_URL, instead of being read into memory until the timeout."""
+    async with (
+        world.matomo_simulator(stored.portfolio, today=TODAY) as matomo,
+        Flood(megabytes=16) as flood,
+    ):
+        began = time.monotonic()
+        outcome = await run(
+            stored,
+            matomo.url,
+            flood.url,
+            google_token_url=f"{flood.url}/token",
+            gsc_timeout=20,
+        )
+        seconds = time.monotonic() - began
+    failed = [e.error for e in outcome.errors if e.source == "gsc"]
+    assert failed and all("GOOGLE_TOKEN_URL" in e and "exceeds" in e for e in failed), failed
+    assert seconds < 10, f"the flood was read for {seconds:.1f}s"

@@ -50,6 +50,8 @@ _BROKEN_CLIENT_ERRORS = frozenset({"invalid_client", "deleted_client"})
 # What google-auth raises on a 200 that is not a token answer (a portal's page, a list, an
 # `expires_in` that is no number): its parser indexes and converts without checking.
 _UNUSABLE_ANSWER_ERRORS = (ValueError, TypeError, KeyError, OverflowError)
+# A token answer is about a kilobyte; a body past this is no token answer and is not read on.
+MAX_TOKEN_ANSWER_BYTES = 1024 * 1024
 UNUSABLE_TOKEN_ANSWER = (
     "the token endpoint's answer holds no usable access token: check that GOOGLE_TOKEN_URL is "
     "Google's token endpoint"
@@ -116,6 +118,11 @@ class TokenEndpointRedirected(TokenError):
     """The token endpoint answered with a redirect, which is refused (see aggregator.redirects)."""
 
 
+class TokenAnswerTooBig(TokenEndpointUnavailable):
+    """The token endpoint's answer passed MAX_TOKEN_ANSWER_BYTES: a flood, not a token (what to
+    check is GOOGLE_TOKEN_URL, as for an endpoint that keeps failing)."""
+
+
 class TransientAnswer(google_exceptions.TransportError):
     """The token endpoint answered with a status or error worth retrying (see
     _TRANSIENT_STATUSES); `status` says whether it was a 429."""
@@ -178,10 +185,10 @@ class UrllibRequest(transport.Request):
         request = urllib.request.Request(url, data=body, headers=dict(headers or {}), method=method)
         try:
             with _OPENER.open(request, timeout=timeout or self._timeout) as answer:
-                response = _Response(answer.status, dict(answer.headers), answer.read())
+                response = _Response(answer.status, dict(answer.headers), _read_capped(answer))
         except urllib.error.HTTPError as error:
             with error:
-                response = _Response(error.code, dict(error.headers), error.read())
+                response = _Response(error.code, dict(error.headers), _read_capped(error))
         except (OSError, http.client.HTTPException) as error:
             # URLError, timeouts and resets are all OSError; the reason never includes the body.
             reason = getattr(error, "reason", error)
@@ -203,6 +210,17 @@ class UrllibRequest(transport.Request):
         if code is not None:
             raise TransientAnswer(response.status, f" {code}")
         return response
+
+
+def _read_capped(answer: Any) -> bytes:
+    """The body of a urllib answer, refused as soon as it passes MAX_TOKEN_ANSWER_BYTES."""
+    body = answer.read(MAX_TOKEN_ANSWER_BYTES + 1)
+    if len(body) > MAX_TOKEN_ANSWER_BYTES:
+        raise TokenAnswerTooBig(
+            f"the token endpoint's answer exceeds {MAX_TOKEN_ANSWER_BYTES // 1024} kB, which no "
+            "token answer does: check that GOOGLE_TOKEN_URL is Google's token endpoint"
+        )
+    return body
 
 
 def _transient_error_code(response: _Response) -> str | None:
@@ -377,10 +395,10 @@ class AccountToken:
                 # endpoint would hold the account until the run's deadline without this.
                 async with asyncio.timeout(settings.gsc_timeout):
                     await in_daemon_thread(credentials.refresh, request)
-            except TokenEndpointRedirected as error:
+            except (TokenEndpointRedirected, TokenAnswerTooBig) as error:
                 self._stats.failed()
                 raise self._safe(
-                    TokenEndpointRedirected(
+                    type(error)(
                         f"cannot refresh the token of Google account {self.account.email}: {error}"
                     )
                 ) from None

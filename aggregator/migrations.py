@@ -288,6 +288,7 @@ class TableFacts:
     keys: tuple[UniqueKey, ...]
     may_reference_id: bool  # the migrating role may create a foreign key to its `id`
     readable: bool  # the migrating role may select from it
+    api_readers: tuple[str, ...] = ()  # Supabase's API roles that may read its rows
 
     @property
     def unique_keys(self) -> frozenset[frozenset[str]]:
@@ -319,7 +320,7 @@ def schema_conflicts(facts: CatalogFacts) -> list[str]:
         fundamental += _type_conflicts(table, existing, expected, sites)
         if not keyless:
             additions += _missing_column_conflicts(facts, table, existing, expected)
-    found = fundamental + additions
+    found = fundamental + additions + _exposed_token_conflicts(facts)
     if sites is not None:
         found += _site_access_conflicts(facts, sites)
     if not facts.may_create and len(facts.tables) < len(EXPECTED_COLUMNS):
@@ -330,6 +331,20 @@ def schema_conflicts(facts: CatalogFacts) -> list[str]:
             "or run migrate as the schema's owner (on Supabase: postgres)"
         )
     return found
+
+
+def _exposed_token_conflicts(facts: CatalogFacts) -> list[str]:
+    """An existing gsc_accounts whose rows Supabase's API roles can read would hand every
+    refresh token to the dashboard's users: migrate does not change the security of a table it
+    did not create, so it refuses to adopt it until the operator has closed it."""
+    existing = facts.tables.get("gsc_accounts")
+    if existing is None or not existing.api_readers:
+        return []
+    roles = ", ".join(existing.api_readers)
+    return [
+        f"table gsc_accounts: its rows (refresh tokens) are readable by {roles}; fix: revoke all "
+        f"on gsc_accounts from {roles}"
+    ]
 
 
 def _site_access_conflicts(facts: CatalogFacts, sites: TableFacts) -> list[str]:
@@ -517,7 +532,15 @@ select t.name, pg_get_userbyid(c.relowner) as owner,
               group by i.indexrelid, ic.relname, i.indisprimary) k) as keys,
        exists (select 1 from pg_attribute a where a.attrelid = c.oid and a.attname = 'id'
                and has_column_privilege(c.oid, a.attnum, 'REFERENCES')) as may_reference_id,
-       has_table_privilege(c.oid, 'SELECT') as readable
+       has_table_privilege(c.oid, 'SELECT') as readable,
+       array(select r.rolname from pg_roles r
+             where r.rolname = any($2::text[]) and has_table_privilege(r.oid, c.oid, 'SELECT')
+               and (not c.relrowsecurity
+                    or exists (select 1 from pg_policy p
+                               where p.polrelid = c.oid and p.polpermissive
+                                 and p.polcmd in ('r', '*')
+                                 and (0 = any(p.polroles) or r.oid = any(p.polroles))))
+             order by r.rolname) as api_readers
 from unnest($1::text[]) as t(name)
 join pg_class c on c.relname = t.name and c.relkind in ('r', 'p')
 join pg_namespace n on n.oid = c.relnamespace and n.nspname = current_schema()
@@ -535,7 +558,7 @@ async def catalog_facts(conn: asyncpg.Connection) -> CatalogFacts:
             "existing schema; fix: create the schema or correct search_path"
         )
     tables = {}
-    for row in await conn.fetch(_FACTS, list(EXPECTED_COLUMNS)):
+    for row in await conn.fetch(_FACTS, list(EXPECTED_COLUMNS), list(SUPABASE_API_ROLES)):
         tables[row["name"]] = TableFacts(
             owner=row["owner"],
             owned=row["owned"],
@@ -546,6 +569,7 @@ async def catalog_facts(conn: asyncpg.Connection) -> CatalogFacts:
             ),
             may_reference_id=row["may_reference_id"],
             readable=row["readable"],
+            api_readers=tuple(row["api_readers"]),
         )
     return CatalogFacts(schema=schema, role=role, may_create=may_create, tables=tables)
 

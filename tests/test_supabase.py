@@ -298,7 +298,25 @@ _DAILY_COLUMNS = (
     " matomo_updated_at timestamptz, gsc_updated_at timestamptz"
 )
 
+_GSC_ACCOUNTS = (
+    "create table gsc_accounts (id bigint primary key, email text unique, refresh_token text,"
+    " is_active boolean default true, last_refresh_at timestamptz, last_error text)"
+)
 CONFLICTS = {
+    "a gsc_accounts the API roles can read": (
+        f"{_GSC_ACCOUNTS}; grant select on gsc_accounts to anon, authenticated",
+        OWNER,
+        "table gsc_accounts: its rows (refresh tokens) are readable by anon, authenticated; fix: "
+        "revoke all on gsc_accounts from anon, authenticated",
+    ),
+    "a gsc_accounts with row level security and a policy for anon": (
+        f"{_GSC_ACCOUNTS}; grant select on gsc_accounts to anon, authenticated;"
+        " alter table gsc_accounts enable row level security;"
+        " create policy everyone on gsc_accounts for select to anon using (true)",
+        OWNER,
+        "table gsc_accounts: its rows (refresh tokens) are readable by anon; fix: revoke all on "
+        "gsc_accounts from anon",
+    ),
     "a column of the wrong type": (
         "create table sites (id bigint primary key, domain text unique, matomo_site_id text)",
         OWNER,

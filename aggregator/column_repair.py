@@ -139,5 +139,10 @@ def repairable(name: str) -> bool:
     return known is not None and known.definition is not None
 
 
+def created_by(table: str) -> str:
+    """The migration that creates `table`: the earliest one defining a column of it."""
+    return min(column.version for column in COLUMNS[table].values())
+
+
 def columns_by_table() -> dict[str, tuple[str, ...]]:
     return {table: tuple(columns) for table, columns in COLUMNS.items()}

@@ -7,6 +7,10 @@ The job drops into Supabase projects that already exist, so `migrate` must
   name the table, the column and the fix in one line when it cannot work with it;
 - add back a column of its tables dropped after its migration was recorded, as that migration
   defined it (aggregator.column_repair), in the same transaction;
+- re-create a table of a recorded migration that is missing (dropped by hand) by applying every
+  migration again: the files are idempotent, so the tables that exist are left as they are and
+  the missing one comes back exactly as a fresh migrate makes it (keys, indexes, comments, row
+  level security and no privilege for the API roles, through the same epilogue);
 - secure only what it creates: every table created by a migration gets row level security and
   no privilege for Supabase's `anon`/`authenticated`, whoever wrote the file; a table it did not
   create keeps its row level security, grants and policies;
@@ -246,15 +250,24 @@ def read_grant_sql(role: str) -> str:
 
 
 def migration_script(
-    pending: Sequence[Migration], readers: Sequence[str] = (), repairs: Sequence[str] = ()
+    pending: Sequence[Migration],
+    readers: Sequence[str] = (),
+    repairs: Sequence[str] = (),
+    recreated: Sequence[str] = (),
 ) -> str:
     """The SQL `migrate` runs for these pending migrations, as one file (what --sql prints):
-    first the columns of recorded migrations it adds back (`repairs`)."""
+    first the columns of recorded migrations it adds back (`repairs`); `recreated` names the
+    missing tables that applying the migrations again brings back."""
     parts = []
     if repairs:
         parts.append(
             "-- Columns of the aggregator's tables dropped since their migration: added back.\n"
             + "".join(f"{statement}\n" for statement in repairs)
+        )
+    if recreated:
+        parts.append(
+            "-- Tables missing since their migration was recorded, re-created by applying every\n"
+            f"-- migration again (they are idempotent): {', '.join(recreated)}.\n"
         )
     if pending:
         parts.append(_PROLOGUE)
@@ -591,10 +604,12 @@ async def applied_versions(conn: asyncpg.Connection) -> frozenset[str] | None:
 @dataclass(frozen=True, slots=True)
 class Plan:
     """What migrate does: add back the dropped columns of recorded migrations, then apply the
-    pending ones."""
+    pending ones, or every one when a table of a recorded migration is missing."""
 
-    pending: list[Migration]
+    pending: list[Migration]  # not recorded yet
     repair: column_repair.Repair
+    recreated: tuple[str, ...]  # tables of recorded migrations that are missing
+    applying: list[Migration]  # pending, or every migration when a table is re-created
 
 
 async def _plan(
@@ -603,6 +618,11 @@ async def _plan(
     """The plan, once the database is known to fit it (MigrationError if not)."""
     applied = await applied_versions(conn) or frozenset()
     pending = [m for m in migrations if m.version not in applied]
+    recreated = tuple(
+        table
+        for table in await storage.missing_tables(conn)
+        if column_repair.created_by(table) in applied
+    )
     facts = await catalog_facts(conn)
     if any(m.version == SCHEMA_MIGRATION for m in pending):
         conflicts = schema_conflicts(facts) + owner_conflicts(facts)
@@ -620,7 +640,7 @@ async def _plan(
             raise MigrationError(
                 f"--grant-read {role}: no such role in this database; nothing was changed"
             )
-    return Plan(pending, repair)
+    return Plan(pending, repair, recreated, list(migrations) if recreated else pending)
 
 
 def _unalterable_sites_conflicts(facts: CatalogFacts, repair: column_repair.Repair) -> list[str]:
@@ -667,11 +687,15 @@ async def _execute(conn: asyncpg.Connection, what: str, sql: str) -> None:
     try:
         await conn.execute(sql)
     except asyncpg.PostgresError as exc:
-        fix = (
-            "; fix: run migrate as the owner of the tables (on Supabase: the postgres role)"
-            if isinstance(exc, asyncpg.InsufficientPrivilegeError)
-            else ""
-        )
+        fix = ""
+        if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+            fix = "; fix: run migrate as the owner of the tables (on Supabase: the postgres role)"
+        elif isinstance(exc, asyncpg.DuplicateTableError):
+            fix = (
+                "; fix: rename the relation that holds the name (a table renamed to keep a copy "
+                "keeps its indexes' names: alter index NAME rename to NEW_NAME), then run "
+                "migrate again"
+            )
         raise MigrationError(
             f"{what} cannot apply, nothing was changed: {_one_line(exc)}{fix}"
         ) from None
@@ -702,8 +726,9 @@ async def _lock(conn: asyncpg.Connection) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Migrated:
-    versions: list[str]  # the migrations applied
+    versions: list[str]  # the migrations applied for the first time
     restored: tuple[str, ...]  # "table.column" added back
+    recreated: tuple[str, ...]  # tables re-created
 
 
 async def apply_migrations(
@@ -722,18 +747,17 @@ async def migrate_schema(
     async with _explained(), conn.transaction():
         await _lock(conn)
         plan = await _plan(conn, migrations, readers)
-        pending = plan.pending
         if plan.repair.statements:
             await _execute(conn, "adding back dropped columns", "\n".join(plan.repair.statements))
-        if pending:
+        if plan.applying:
             await _execute(conn, "migration bookkeeping", _PROLOGUE)
-            for migration in pending:
+            for migration in plan.applying:
                 await _execute(conn, f"migration {migration.version}", _recorded(migration))
             await _execute(conn, "securing the new tables", _EPILOGUE)
         await _refuse_unreadable_sites(conn, readers)
         for role in readers:
             await _execute(conn, f"--grant-read {role}", read_grant_sql(role))
-    return Migrated([m.version for m in pending], plan.repair.restored)
+    return Migrated([m.version for m in plan.pending], plan.repair.restored, plan.recreated)
 
 
 async def pending_sql(
@@ -744,7 +768,7 @@ async def pending_sql(
     async with _explained(), conn.transaction(readonly=True):
         plan = await _plan(conn, migrations, readers)
         await _refuse_unreadable_sites(conn, readers)
-    return migration_script(plan.pending, readers, plan.repair.statements)
+    return migration_script(plan.applying, readers, plan.repair.statements, plan.recreated)
 
 
 def command(args: argparse.Namespace, settings: Settings) -> int:
@@ -767,9 +791,11 @@ def command(args: argparse.Namespace, settings: Settings) -> int:
         where = storage.describe_dsn(dsn)
         if migrated.restored:
             print(f"added back {', '.join(migrated.restored)} to {where}")
+        if migrated.recreated:
+            print(f"re-created {', '.join(migrated.recreated)} in {where}")
         if migrated.versions:
             print(f"applied {', '.join(migrated.versions)} to {where}")
-        elif not migrated.restored:
+        elif not migrated.restored and not migrated.recreated:
             print(f"schema of {where} is up to date")
         for role in readers:
             print(f"{role} may read daily_analytics (the rows of the sites it can read)")

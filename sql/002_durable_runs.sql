@@ -19,5 +19,16 @@ set status = 'failed',
         'error', 'the process running this run died before it could close it'))
 where status = 'running' and lease_until is null;
 
-create unique index if not exists aggregator_runs_one_running
-    on aggregator_runs (status) where status = 'running';
+-- Created unless aggregator_runs has it: `create index if not exists` would also skip it when
+-- another table's index holds the name (a copy kept by renaming aggregator_runs), and migrate,
+-- applying this file again to re-create a dropped aggregator_runs, would leave runs unguarded.
+do $$
+begin
+    if not exists (select 1 from pg_index i join pg_class c on c.oid = i.indexrelid
+                   where i.indrelid = 'aggregator_runs'::regclass
+                     and c.relname = 'aggregator_runs_one_running') then
+        create unique index aggregator_runs_one_running
+            on aggregator_runs (status) where status = 'running';
+    end if;
+end
+$$;

@@ -670,7 +670,16 @@ async def load_schema(conn: asyncpg.Connection) -> SchemaFacts:
         applied=applied,
         key_conflicts=()
         if "daily_analytics" in missing_tables
-        else tuple(migrations.upsert_key_conflicts(await migrations.catalog_facts(conn))),
+        else _conflicts(await migrations.catalog_facts(conn)),
+    )
+
+
+def _conflicts(catalog: migrations.CatalogFacts) -> tuple[str, ...]:
+    """What makes a migrated schema unfit: keys that defeat the upsert, refresh tokens the
+    API roles can read."""
+    return (
+        *migrations.upsert_key_conflicts(catalog),
+        *migrations.exposed_token_conflicts(catalog),
     )
 
 

@@ -333,7 +333,7 @@ def schema_conflicts(facts: CatalogFacts) -> list[str]:
         fundamental += _type_conflicts(table, existing, expected, sites)
         if not keyless:
             additions += _missing_column_conflicts(facts, table, existing, expected)
-    found = fundamental + additions + _exposed_token_conflicts(facts)
+    found = fundamental + additions + exposed_token_conflicts(facts)
     if sites is not None:
         found += _site_access_conflicts(facts, sites)
     if not facts.may_create and len(facts.tables) < len(EXPECTED_COLUMNS):
@@ -346,10 +346,11 @@ def schema_conflicts(facts: CatalogFacts) -> list[str]:
     return found
 
 
-def _exposed_token_conflicts(facts: CatalogFacts) -> list[str]:
-    """An existing gsc_accounts whose rows Supabase's API roles can read would hand every
-    refresh token to the dashboard's users: migrate does not change the security of a table it
-    did not create, so it refuses to adopt it until the operator has closed it."""
+def exposed_token_conflicts(facts: CatalogFacts) -> list[str]:
+    """A gsc_accounts whose rows Supabase's API roles can read hands every refresh token to the
+    dashboard's users: migrate does not change the security of a table it did not create, so it
+    refuses to adopt it (or, opened after migrating, to call the schema up to date) until the
+    operator has closed it; check names it too."""
     existing = facts.tables.get("gsc_accounts")
     if existing is None or not existing.api_readers:
         return []
@@ -627,7 +628,7 @@ async def _plan(
     if any(m.version == SCHEMA_MIGRATION for m in pending):
         conflicts = schema_conflicts(facts) + owner_conflicts(facts)
     else:
-        conflicts = upsert_key_conflicts(facts)
+        conflicts = upsert_key_conflicts(facts) + exposed_token_conflicts(facts)
     missing = await storage.missing_columns(conn, column_repair.columns_by_table())
     repair = column_repair.plan_repair(missing, applied)
     conflicts += [*repair.conflicts, *_unalterable_sites_conflicts(facts, repair)]

@@ -37,6 +37,7 @@ from aggregator.simulators import GoogleSimulator
 from aggregator.simulators import portfolio as world
 from tests.factories import add_account, add_site, seed
 from tests.test_hostile_network import ForeignHost, Redirector, garbled_sites_list
+from tests.test_supabase import _ROLES as SUPABASE_ROLES
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRETS = (world.MATOMO_TOKEN, world.CLIENT_SECRET, "demo-refresh-token-")
@@ -653,3 +654,28 @@ async def test_check_through_a_sites_list_that_is_no_listing_is_one_row_per_acco
     problems = [r for r in report.rows if r.level == "problem"]
     assert sorted(r.subject for r in problems) == [a.email for a in portfolio.accounts]
     assert all("sites.list with unusable data" in r.problem for r in problems), problems
+
+
+async def test_a_gsc_accounts_opened_to_the_api_roles_after_migrating_is_a_problem(
+    db, conn
+) -> None:
+    """Row level security turned off and a grant to anon after migrating hand every refresh
+    token to Supabase's API: check names it as a problem with the revoke, and migrate refuses
+    to call the schema up to date."""
+    await conn.execute(SUPABASE_ROLES)
+    await conn.execute(
+        "alter table gsc_accounts disable row level security; grant select on gsc_accounts to anon"
+    )
+    report = await run_check(Settings(database_url=Secret(db)))
+    assert [(r.level, r.problem, r.fix) for r in report.rows if r.check == "schema"] == [
+        (
+            "problem",
+            "table gsc_accounts: its rows (refresh tokens) are readable by anon",
+            "revoke all on gsc_accounts from anon",
+        )
+    ]
+    assert report.exit_code == 1
+    with pytest.raises(migrations.MigrationError, match="revoke all on gsc_accounts from anon"):
+        await migrations.apply_migrations(conn)
+    await conn.execute("revoke all on gsc_accounts from anon")
+    assert not [r for r in (await run_check(Settings(database_url=Secret(db)))).rows]

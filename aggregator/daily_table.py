@@ -165,10 +165,13 @@ class DailyTable:
         """`source` delivers nothing more (done, failed or cut short)."""
         self._expected.pop(source, None)
 
-    def take(self, now: float, *, hold: bool = True) -> Batch:
+    def take(self, now: float, *, hold: bool = True, bounded: bool = True) -> Batch:
         """Empty the table of what is to be stored now (errors stay: the run row holds them
         all). With `hold`, half rows still expected to be completed stay, within the bounds
-        above; without, everything goes (the run's last flush)."""
+        above; without, everything goes (the run's last flush). Not `bounded` (an eager
+        flush, see flushing): every half still expected stays, however many, and fullness
+        still counts from the last bounded take, which is what keeps memory bounded; storing
+        the excess halves early would only write their days twice."""
         rows, held, held_since = self.rows, {}, {}
         if hold and self._expected and self._hold_seconds > 0:
             batch: dict[Key, StagedRow] = {}
@@ -179,7 +182,7 @@ class DailyTable:
             # upper bound of its wait, so no row waits longer than hold_seconds.
             arrived = self._last_take
             too_old = now - self._hold_seconds
-            room = self.limit
+            room = self.limit if bounded else len(rows)
             for key, row in rows.items():
                 if row[MATOMO_FLAG] is not row[GSC_FLAG] and room:
                     windows = gsc if row[MATOMO_FLAG] else matomo
@@ -196,7 +199,8 @@ class DailyTable:
             batch = rows
         self.rows, self._held_since = held, held_since
         self.oldest_held = min(held_since.values(), default=None)
-        self._room = self._alarm = len(held) + self.limit
+        if bounded:
+            self._room = self._alarm = len(held) + self.limit
         self._last_take = now
         taken = Batch(batch, self.refreshes)
         self.refreshes = []

@@ -124,7 +124,7 @@ class Flusher:
             if self.failure is not None:
                 return
             now = time.monotonic()
-            batch = self._table.take(now, hold=not last)
+            batch = self._table.take(now, hold=not last, bounded=not eager)
             if eager:
                 self._last_eager = now
                 if not batch:

@@ -108,3 +108,17 @@ def test_a_batch_given_back_keeps_newer_halves() -> None:
     table.add(MatomoDay(1, D1, 7, 8))  # a newer Matomo answer arrived meanwhile
     table.give_back(batch)
     assert table.daily_rows() == [DailyRow(1, D1, (7, 8), (3, 40, 0.075, 4.5, True))]
+
+
+def test_an_eager_take_stores_only_whole_days_and_leaves_every_expected_half() -> None:
+    """A flush for time or fullness leaves at most a flush's worth of halves waiting; the
+    eager one stores only what is ready and leaves every expected half, however many, with
+    fullness still counted from the last bounded take (memory stays bounded by that one)."""
+    table = _table(limit=3, sites=range(1, 10))
+    for site in range(1, 6):
+        table.add(MatomoDay(site, D1, 1, 1))
+    table.add(_gsc(1, D1))
+    assert list(table.take(1.0, bounded=False).rows) == [(1, D1)]
+    assert list(table.rows) == [(2, D1), (3, D1), (4, D1), (5, D1)]
+    assert table.full, "4 rows since the start: the bounded flush for fullness is due"
+    assert list(table.take(2.0).rows) == [(5, D1)]

@@ -764,12 +764,31 @@ async def migrate_schema(
 async def pending_sql(
     conn: asyncpg.Connection, sql_dir: Path = SQL_DIR, *, readers: Sequence[str] = ()
 ) -> str:
-    """What apply_migrations would run on this database, as one SQL file; nothing is changed."""
+    """What apply_migrations would run on this database, as one SQL file; nothing is changed.
+
+    With read grants the script is rehearsed in a transaction that is rolled back: whether a
+    reader can read sites is known only once the script has run (the sites it creates is
+    closed to the API roles), and a grant migrate refuses is not printed either."""
     migrations = load_migrations(sql_dir)
     async with _explained(), conn.transaction(readonly=True):
         plan = await _plan(conn, migrations, readers)
         await _refuse_unreadable_sites(conn, readers)
+    if readers and (plan.applying or plan.repair.statements):
+        changes = migration_script(plan.applying, (), plan.repair.statements, plan.recreated)
+        await _rehearse(conn, changes, readers)
     return migration_script(plan.applying, readers, plan.repair.statements, plan.recreated)
+
+
+async def _rehearse(conn: asyncpg.Connection, script: str, readers: Sequence[str]) -> None:
+    """Run `script`, check that `readers` can read sites after it, and roll it all back."""
+    rehearsal = conn.transaction()
+    await rehearsal.start()
+    try:
+        async with _explained():
+            await conn.execute(script)
+            await _refuse_unreadable_sites(conn, readers)
+    finally:
+        await rehearsal.rollback()
 
 
 def command(args: argparse.Namespace, settings: Settings) -> int:

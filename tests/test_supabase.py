@@ -657,3 +657,20 @@ def test_a_wrong_key_or_type_is_reported_before_the_columns_to_add() -> None:
     keyless = table({"domain": "text"})
     (line, *_) = migrations.schema_conflicts(facts(sites=keyless))
     assert line.startswith("table sites, column id: missing, and every site is keyed by it")
+
+
+async def test_printed_sql_with_a_read_grant_is_refused_where_migrate_refuses_it(
+    supabase: SupabaseDb,
+) -> None:
+    """A project without sites: the sites the migrations create is closed to the API roles, so
+    `--grant-read authenticated` could only give the dashboard permission errors. `migrate`
+    refuses it, and `--sql` (which prints what migrate would apply) refuses it alike instead
+    of printing a script with that grant; neither changes anything."""
+    async with connected(supabase.owner) as owner:
+        with pytest.raises(migrations.MigrationError) as applied:
+            await migrations.apply_migrations(owner, readers=["authenticated"])
+        with pytest.raises(migrations.MigrationError) as printed:
+            await migrations.pending_sql(owner, readers=["authenticated"])
+        assert await owner.fetchval("select to_regclass('sites') is null")
+    assert str(printed.value) == str(applied.value)
+    assert "role authenticated cannot read table sites" in str(printed.value)

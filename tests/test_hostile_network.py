@@ -310,6 +310,8 @@ async def test_a_trickling_endpoint_is_given_up_within_its_timeout(
         ('{"access_token": "", "expires_in": 3599}', "application/json"),
         ('{"access_token": "ya29.x", "expires_in": "soon"}', "application/json"),
         ('{"access_token": "ya29.x", "expires_in": 1e300}', "application/json"),
+        ('{"access_token": "ya29.x", "expires_in": 0}', "application/json"),
+        ('{"access_token": "ya29.x", "expires_in": -3600}', "application/json"),
     ],
 )
 async def test_a_token_answer_that_holds_no_usable_token_fails_its_accounts_only(

@@ -212,6 +212,17 @@ class UrllibRequest(transport.Request):
         return response
 
 
+def _usable(credentials: Credentials) -> bool:
+    """A token of text that has not expired yet: one born expired (`expires_in` 0 or less)
+    would be refreshed again before every request, one token request per query."""
+    expiry = credentials.expiry  # google-auth's expiry is naive UTC
+    return (
+        isinstance(credentials.token, str)
+        and bool(credentials.token.strip())
+        and (expiry is None or expiry > datetime.now(UTC).replace(tzinfo=None))
+    )
+
+
 def _read_capped(answer: Any) -> bytes:
     """The body of a urllib answer, refused as soon as it passes MAX_TOKEN_ANSWER_BYTES."""
     body = answer.read(MAX_TOKEN_ANSWER_BYTES + 1)
@@ -422,7 +433,7 @@ class AccountToken:
                 self._stats.failed()
                 problem = UNUSABLE_TOKEN_ANSWER
             else:
-                if isinstance(credentials.token, str) and credentials.token.strip():
+                if _usable(credentials):
                     return credentials
                 self._stats.failed()
                 problem = UNUSABLE_TOKEN_ANSWER

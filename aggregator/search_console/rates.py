@@ -78,7 +78,7 @@ class Throttle:
         self._first_sent = -math.inf
         self._cut_at = -math.inf
         self._refused_at = -math.inf
-        self.resume_at = -math.inf  # after a cut, when the quota's window has drained
+        self.resume_at = -math.inf  # after a refusal, when the quota's window has drained
         self._calm_since: float | None = None
         self._probe_step = PROBE_STEP
 
@@ -130,7 +130,8 @@ class Throttle:
     def refused(self, now: float, sent_at: float) -> None:
         """Google refused a query sent at `sent_at`: the limit is about the rate it accepted
         over the window before that (counted by send time, as Google counts arrivals); cut
-        under it, unless this belongs to the overload already cut for."""
+        under it, unless this belongs to the overload already cut for or is a lone refusal at
+        the operator's ceiling (then only hold until the window has drained)."""
         self.refusals += 1
         lone = now - self._refused_at >= PROBE_AFTER
         self._refused_at = self._calm_since = now

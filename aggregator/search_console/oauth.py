@@ -52,9 +52,9 @@ _BROKEN_CLIENT_ERRORS = frozenset({"invalid_client", "deleted_client"})
 _UNUSABLE_ANSWER_ERRORS = (ValueError, TypeError, KeyError, OverflowError)
 # A token answer is about a kilobyte; a body past this is no token answer and is not read on.
 MAX_TOKEN_ANSWER_BYTES = 1024 * 1024
+_CHECK_TOKEN_URL = "check that GOOGLE_TOKEN_URL is Google's token endpoint"
 UNUSABLE_TOKEN_ANSWER = (
-    "the token endpoint's answer holds no usable access token: check that GOOGLE_TOKEN_URL is "
-    "Google's token endpoint"
+    f"the token endpoint's answer holds no usable access token: {_CHECK_TOKEN_URL}"
 )
 
 
@@ -215,12 +215,18 @@ class UrllibRequest(transport.Request):
 def _usable(credentials: Credentials) -> bool:
     """A token of text that has not expired yet: one born expired (`expires_in` 0 or less)
     would be refreshed again before every request, one token request per query."""
-    expiry = credentials.expiry  # google-auth's expiry is naive UTC
     return (
         isinstance(credentials.token, str)
         and bool(credentials.token.strip())
-        and (expiry is None or expiry > datetime.now(UTC).replace(tzinfo=None))
+        and not _expires_within(credentials, timedelta(0))
     )
+
+
+def _expires_within(credentials: Credentials, margin: timedelta) -> bool:
+    """Whether the token expires within `margin` from now (google-auth's expiry is naive
+    UTC; None: it never does)."""
+    expiry = credentials.expiry
+    return expiry is not None and expiry - margin <= datetime.now(UTC).replace(tzinfo=None)
 
 
 def _read_capped(answer: Any) -> bytes:
@@ -229,7 +235,7 @@ def _read_capped(answer: Any) -> bytes:
     if len(body) > MAX_TOKEN_ANSWER_BYTES:
         raise TokenAnswerTooBig(
             f"the token endpoint's answer exceeds {MAX_TOKEN_ANSWER_BYTES // 1024} kB, which no "
-            "token answer does: check that GOOGLE_TOKEN_URL is Google's token endpoint"
+            f"token answer does: {_CHECK_TOKEN_URL}"
         )
     return body
 
@@ -349,7 +355,7 @@ class AccountToken:
     async def get(self) -> str:
         async with self._lock:
             self._raise_remembered_failure()
-            if self._credentials is None or self._expires_soon(self._credentials):
+            if self._credentials is None or _expires_within(self._credentials, _EXPIRY_MARGIN):
                 await self._refresh()
             assert self._credentials is not None and self._credentials.token
             return self._credentials.token
@@ -456,11 +462,3 @@ class AccountToken:
 
     def _safe(self, error: TokenError) -> TokenError:
         return type(error)(self._redact(str(error)))
-
-    @staticmethod
-    def _expires_soon(credentials: Credentials) -> bool:
-        # google-auth's expiry is naive UTC.
-        expiry = credentials.expiry
-        return expiry is not None and expiry - _EXPIRY_MARGIN <= datetime.now(UTC).replace(
-            tzinfo=None
-        )
